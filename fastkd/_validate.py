@@ -1,0 +1,82 @@
+"""Argument checks shared by every fastkd op.
+
+Each check raises a ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, value or
+device) whose message starts with the argument's name. Checks on types, shapes and devices read no
+tensor data and always run; checks on tensor values (a temperature <= 0, say) read device memory,
+which synchronizes a CUDA stream: they run when ``validate_args`` is true and are skipped inside
+``torch.compile``, where data-dependent Python control flow would break the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_logits(logits: object, name: str = "logits") -> None:
+    """A floating-point tensor of at least one dimension (the classes)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of class scores, got {logits.dtype}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} dtype {logits.dtype} is not supported: use float16, bfloat16, float32 or float64")
+    if logits.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a 0-d tensor")
+
+
+def check_dim(dim: object, ndim: int, name: str = "dim") -> int:
+    """An int in [-ndim, ndim); returned non-negative."""
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimension(s)")
+    return dim % ndim
+
+
+def should_check_values(validate_args: bool) -> bool:
+    """Whether to run the checks that read tensor data (see the module doc)."""
+    return validate_args and not torch.compiler.is_compiling()
+
+
+def check_temperature(
+    temperature: object, logits: torch.Tensor, dim: int, *, check_values: bool, name: str = "temperature"
+) -> float | torch.Tensor:
+    """A temperature for softmax(logits / T) along ``dim``: finite and > 0.
+
+    Accepts a Python number, a one-element tensor, or a tensor with one value per row: the shape of
+    ``logits`` without ``dim`` (or with size 1 at ``dim``). Returns a float, a 0-d tensor, or a tensor
+    of the row shape, on the logits' device (a 0-d CPU tensor is moved there, as PyTorch treats CPU
+    scalars).
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
+    if not isinstance(temperature, torch.Tensor):
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {temperature}")
+        return float(temperature)
+
+    if not temperature.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {temperature.dtype}")
+    row_shape = logits.shape[:dim] + logits.shape[dim + 1 :]
+    if temperature.numel() == 1:
+        temperature = temperature.reshape(())
+    elif temperature.shape == logits.shape[:dim] + (1,) + logits.shape[dim + 1 :]:
+        temperature = temperature.squeeze(dim)
+    elif temperature.shape != row_shape:
+        raise ValueError(
+            f"{name} must be a scalar or hold one value per row, shape {tuple(row_shape)} (the logits' "
+            f"shape {tuple(logits.shape)} without dim={dim}); got shape {tuple(temperature.shape)}"
+        )
+    if temperature.device != logits.device:
+        if temperature.dim() != 0 or temperature.device.type != "cpu":
+            raise ValueError(f"{name} is on {temperature.device} but logits are on {logits.device}")
+        temperature = temperature.to(logits.device)
+    if check_values:
+        bad = ~(torch.isfinite(temperature) & (temperature > 0))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be finite and > 0, got {temperature[bad].flatten()[0].item()}")
+    return temperature
