@@ -1,0 +1,60 @@
+"""Shared test settings: device, backends, tolerances by dtype, and the ``gpu`` marker.
+
+Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors: ``TRITON_INTERPRET=1`` is
+set here, before any test imports ``fastkd.kernels``. With CUDA the same tests run the compiled
+kernels on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+BACKENDS = ["torch", "triton"]
+
+# Tolerance by input dtype, for every output and gradient compared with a float64 computation on the
+# same (already rounded) inputs: |actual - expected| <= TOL * (|expected| + max |expected|). That is a
+# relative error of TOL, measured against the tensor's scale for entries near zero. The float16 and
+# bfloat16 values are a few units of the output's rounding (2^-11 and 2^-8).
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOL)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> None:
+    """``actual`` is within ``TOL[dtype]`` of the float64 ``expected`` (NaN where it is NaN).
+
+    ``scale`` replaces max |expected| in the absolute tolerance: for a sum whose terms cancel, pass
+    the sum of the terms' magnitudes (a relative error of TOL in each term).
+    """
+    tol = TOL[dtype]
+    if scale is None:
+        finite = expected.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        scale = finite.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """Tests name their backends: a FASTKD_BACKEND in the caller's environment must not change them."""
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,28 @@
+"""Packaging: the Triton kernels in kernels/ are installed as the subpackage fastkd.kernels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import fastkd.kernels.softmax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_subpackage_comes_from_kernels_dir():
+    assert Path(fastkd.kernels.softmax.__file__).resolve() == ROOT / "kernels" / "softmax.py"
+
+
+def test_wheel_holds_fastkd_and_its_kernels(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("fastkd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"fastkd/__init__.py", "fastkd/softmax.py", "fastkd/kernels/__init__.py", "fastkd/kernels/softmax.py"} <= names
+    assert not any(name.startswith(("kernels/", "tests/")) for name in names)

@@ -1,0 +1,262 @@
+"""Tempered softmax / log-softmax: every backend against float64, outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastkd
+from fastkd import reference
+
+WIDTHS = [1, 7, 1000, 4097, 32000, 70001]  # one block (odd sizes), the two-pass loop, and over 65536
+TEMPERATURES = [0.5, 1.0, 4.0]
+OPS = {False: fastkd.tempered_softmax, True: fastkd.tempered_log_softmax}
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=gen)).to(DEVICE, dtype)
+
+
+def run(log, x, temperature=1.0, grad=None, dim=-1, backend="torch"):
+    """(output, dL/dx, dL/dT or None) of the op at x, with L = sum(output * grad)."""
+    x = x.detach().clone().requires_grad_()
+    t = temperature.detach().clone().requires_grad_() if isinstance(temperature, torch.Tensor) else temperature
+    y = OPS[log](x, t, dim, backend=backend)
+    grad = torch.randn_like(y) if grad is None else grad
+    y.backward(grad)
+    return y.detach(), x.grad, (t.grad if isinstance(t, torch.Tensor) else None)
+
+
+def exact(log, x, temperature=1.0, grad=None, dim=-1):
+    """``run`` by the reference in float64 on the same inputs."""
+    t = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
+    return run(log, x.double(), t, None if grad is None else grad.double(), dim)
+
+
+def check(log, x, temperature=1.0, dim=-1, backend="torch", grad=None):
+    """Output and gradients of ``backend`` are within the dtype's tolerance of float64."""
+    grad = randn(*x.shape, dtype=x.dtype, seed=99, scale=1.0) if grad is None else grad
+    got = run(log, x, temperature, grad, dim, backend)
+    want = exact(log, x, temperature, grad, dim)
+    assert_close(got[0], want[0], x.dtype)
+    assert_close(got[1], want[1], x.dtype)
+    if want[2] is not None:
+        assert_close(got[2], want[2], x.dtype, scale=temperature_grad_scale(x, want[1], temperature, dim))
+    return got
+
+
+def temperature_grad_scale(x, dx, temperature, dim) -> float:
+    """The size of the terms of dL/dT = -(1/T) sum_j x_j dL/dx_j, which cancel: max over T's entries of
+    sum_j |x_j dL/dx_j| / T (-inf logits contribute nothing)."""
+    terms = torch.where(torch.isneginf(x), 0.0, x.double() * dx).abs()
+    if isinstance(temperature, torch.Tensor) and temperature.numel() > 1:
+        return (terms.sum(dim) / temperature.double().reshape(terms.sum(dim).shape)).max().item()
+    return terms.sum().item() / float(temperature)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_matches_float64(backend, width, temperature, dtype, log):
+    rows = 2 if width > 10000 else 5
+    x = randn(rows, width, dtype=dtype, seed=width)
+    y, _, _ = check(log, x, temperature, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("width", [1000, 70001])
+def test_masked_logits(backend, width, log):
+    """-inf logits (a masked vocabulary), including whole leading blocks of a wide row."""
+    x = randn(3, width, seed=1)
+    x[:, : width // 3] = float("-inf")
+    x[randn(3, width, seed=2) > 4] = float("-inf")
+    grad = randn(3, width, seed=3, scale=1.0)  # nonzero at the masked entries too
+    temperature = torch.tensor([0.5, 2.0, 3.0], device=DEVICE)
+    y, dx, dt = check(log, x, temperature, backend=backend, grad=grad)
+    masked = torch.isneginf(x)
+    assert (y[masked] == (float("-inf") if log else 0.0)).all()
+    assert torch.isfinite(dx).all() and torch.isfinite(dt).all()
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("width", [7, 70001])
+def test_all_masked_row_is_nan(backend, width, log):
+    x = randn(3, width, seed=4)
+    x[1] = float("-inf")
+    y, dx, _ = run(log, x, 2.0, backend=backend)
+    assert y[1].isnan().all() and dx[1].isnan().all()
+    assert torch.isfinite(y[[0, 2]]).all() and torch.isfinite(dx[[0, 2]]).all()
+    torch.testing.assert_close(y, OPS[log](x, 2.0, backend="torch"), equal_nan=True)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [1000, 70001])
+def test_extreme_logits(backend, width, dtype, log):
+    x = randn(3, width, seed=5)
+    x[:, ::97] = 1e4
+    x[:, 1::89] = -1e4
+    x[1] = -1e4  # a row whose logits are all -1e4
+    check(log, x.to(dtype), 0.5, backend=backend)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_shift_invariance(backend, log):
+    x = (randn(4, 5000, seed=6) * 64).round() / 64  # + 100 is exact on these values
+    a = OPS[log](x, 3.0, backend=backend)
+    b = OPS[log](x + 100, 3.0, backend=backend)
+    assert_close(a, b.double(), torch.float32)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize(
+    "layout", ["transposed", "strided_columns", "strided_rows", "middle_dim"]
+)  # fmt: skip
+def test_non_contiguous(backend, layout, log):
+    base = randn(6, 300, 8, seed=7)
+    x, dim = {
+        "transposed": (base[:, :, 0].t(), 0),  # classes along dim 0
+        "strided_columns": (base[:, ::2, 1], 1),  # column stride 16
+        "strided_rows": (base[::2, :, 2], -1),  # row stride 2 * 300 * 8
+        "middle_dim": (base, 1),  # (6, 300, 8), classes in the middle
+    }[layout]
+    assert x.stride(dim) != 1 or not x.is_contiguous()
+    check(log, x, 2.0, dim=dim, backend=backend)
+
+
+def test_expanded_gradient(backend):
+    """dL/dy with stride 0, as ``y.sum().backward()`` produces."""
+    x = randn(4, 1000, seed=8).requires_grad_()
+    fastkd.tempered_log_softmax(x, 2.0, backend=backend).sum().backward()
+    x_exact = x.detach().double().requires_grad_()
+    reference.tempered_log_softmax(x_exact, 2.0).sum().backward()
+    assert_close(x.grad, x_exact.grad, torch.float32)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", ["per_row", "keepdim", "scalar", "one_element"])
+@pytest.mark.parametrize("width", [300, 70001])
+def test_tensor_temperature(backend, width, shape, log):
+    """A temperature tensor, one per row or shared, and its gradient."""
+    x = randn(2, 3, width, seed=9)
+    t_rows = torch.rand(2, 3, generator=torch.Generator().manual_seed(10)).to(DEVICE) * 3 + 0.5
+    temperature = {
+        "per_row": t_rows,
+        "keepdim": t_rows[..., None],
+        "scalar": torch.tensor(2.5, device=DEVICE),
+        "one_element": torch.tensor([2.5], device=DEVICE),
+    }[shape]
+    _, _, dt = check(log, x, temperature, backend=backend)
+    assert dt.shape == temperature.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_low_precision_temperature_tensor(backend, dtype):
+    x = randn(4, 100, dtype=dtype, seed=11)
+    temperature = torch.full((4,), 2.0, device=DEVICE, dtype=dtype)
+    _, _, dt = check(True, x, temperature, backend=backend)
+    assert dt.dtype == dtype
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", [(0, 10), (3, 0), (1, 1), (5,)])
+def test_empty_and_single(backend, shape, log):
+    x = randn(*shape, seed=12)
+    y, dx, dt = check(log, x, torch.tensor(2.0, device=DEVICE), backend=backend)
+    assert y.shape == x.shape and dx.shape == x.shape and dt.shape == ()
+
+
+def test_reference_gradcheck():
+    """The oracle's own gradients (logits and per-row temperature) against finite differences."""
+    x = randn(3, 17, dtype=torch.float64, seed=13)
+    x[0, 3] = float("-inf")
+    t = torch.tensor([0.7, 1.0, 3.0], dtype=torch.float64, device=DEVICE)
+    for fn in (reference.tempered_softmax, reference.tempered_log_softmax):
+        inputs = (x.clone().requires_grad_(), t.clone().requires_grad_())
+        assert torch.autograd.gradcheck(lambda a, b: fn(a, b, -1).nan_to_num(neginf=0.0), inputs)
+
+
+def test_reference_matches_torch_softmax():
+    x = randn(5, 33, seed=14)
+    torch.testing.assert_close(reference.tempered_softmax(x, 4.0), torch.softmax(x / 4.0, dim=-1))
+    torch.testing.assert_close(reference.tempered_log_softmax(x, 4.0), torch.log_softmax(x / 4.0, dim=-1))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_torch_compile_fullgraph(backend, log):
+    """No graph break over the op; the compiled function and its gradient match eager."""
+    op = OPS[log]
+
+    def f(x, t):
+        return (op(x, t, backend=backend) * 2).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = randn(4, 1000, seed=15)
+    t = torch.tensor([1.0, 2.0, 3.0, 4.0], device=DEVICE)
+    got = run_scalar_fn(compiled, x, t)
+    want = run_scalar_fn(f, x, t)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def run_scalar_fn(f, x, t):
+    x, t = x.clone().requires_grad_(), t.clone().requires_grad_()
+    y = f(x, t)
+    y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
+    return y.detach(), x.grad, t.grad
+
+
+def test_registered_ops_opcheck():
+    """Schema, fake-tensor and dispatch registration of the ops torch.compile sees."""
+    x = randn(3, 50, seed=16)
+    t = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
+    for log in (False, True):
+        torch.library.opcheck(torch.ops.fastkd.tempered_softmax_fwd, (x, t, 1.0, log, True))
+        torch.library.opcheck(torch.ops.fastkd.tempered_softmax_fwd, (x, None, 0.5, log, False))
+        y, lse = torch.ops.fastkd.tempered_softmax_fwd(x, t, 1.0, log, True)
+        torch.library.opcheck(torch.ops.fastkd.tempered_softmax_bwd, (torch.randn_like(y), y, t, 1.0, lse, log, True))
+
+
+def test_module(backend):
+    x = randn(3, 40, seed=17)
+    t = torch.nn.Parameter(torch.tensor(2.0, device=DEVICE))
+    module = fastkd.TemperedSoftmax(t, log=True, backend=backend)
+    assert list(module.parameters()) == [t]
+    y = module(x)
+    assert_close(y, reference.tempered_log_softmax(x.double(), 2.0), torch.float32)
+    y[:, 0].sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+    width=st.integers(1, 300),
+    data=st.data(),
+    temperature=st.floats(0.05, 20.0),
+    dtype=st.sampled_from(DTYPES),
+    log=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_shapes_triton(shape, width, data, temperature, dtype, log, seed):
+    """Random shapes, class dims, temperatures and dtypes: the Triton kernels against float64."""
+    full = shape + (width,)
+    dim = data.draw(st.integers(-len(full), len(full) - 1), label="dim")
+    x = randn(*full, dtype=dtype, seed=seed).movedim(-1, dim)
+    check(log, x, temperature, dim=dim, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_over_2_31_elements_gpu(log):
+    """Row offsets past 2^31 elements (int64 addressing), checked on the last rows."""
+    rows, width = 2**31 // 65536 + 2, 65536 + 3
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    y = OPS[log](x, 2.0, backend="triton")
+    assert_close(y[-3:], exact(log, x[-3:], 2.0)[0], torch.bfloat16)
