@@ -11,12 +11,18 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+# Hypothesis: HYPOTHESIS_PROFILE=thorough for a long search; CI runs the default.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("thorough", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 BACKENDS = ["torch", "triton"]
 
 # Tolerance by input dtype, for every output and gradient compared with a float64 computation on the
@@ -30,8 +36,8 @@ DTYPES = list(TOL)
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> None:
     """``actual`` is within ``TOL[dtype]`` of the float64 ``expected`` (NaN where it is NaN).
 
-    ``scale`` replaces max |expected| in the absolute tolerance: for a sum whose terms cancel, pass
-    the sum of the terms' magnitudes (a relative error of TOL in each term).
+    ``scale`` replaces max |expected| in the absolute tolerance: for a result computed from terms that
+    cancel, pass the size of those terms (a relative error of TOL in each term).
     """
     tol = TOL[dtype]
     if scale is None:
