@@ -6,7 +6,7 @@ import argparse
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fastkd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastkd", description="fastkd: fused kernels for knowledge distillation")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="show the tempered softmax, the first op of fastkd, at work")
     parser.parse_args(argv)

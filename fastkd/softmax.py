@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from fastkd import reference
 from fastkd._backend import resolve_backend
@@ -73,6 +74,7 @@ class TemperedSoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
         y, t_tensor, lse = ctx.saved_tensors
         need_dt = ctx.needs_input_grad[1]

@@ -235,6 +235,15 @@ def test_registered_ops_opcheck():
         torch.library.opcheck(torch.ops.fastkd.tempered_softmax_bwd, (torch.randn_like(y), y, t, 1.0, lse, log, True))
 
 
+def test_double_backward_is_refused():
+    """The kernels' backward is not differentiable: a second derivative must fail, not come out wrong."""
+    x = randn(3, 50, seed=18).requires_grad_()
+    w = randn(3, 50, seed=19).requires_grad_()
+    (dx,) = torch.autograd.grad((fastkd.tempered_softmax(x, 2.0, backend="triton") * w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.sum().backward()
+
+
 def test_module(backend):
     x = randn(3, 40, seed=17)
     t = torch.nn.Parameter(torch.tensor(2.0, device=DEVICE))
