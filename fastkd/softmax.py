@@ -20,66 +20,94 @@ from fastkd._backend import resolve_backend
 from fastkd._validate import check_dim, check_logits, check_temperature, should_check_values
 
 
+# Each op takes the temperature as a tensor or, when that is None, the float that follows it: the
+# schema of a torch.library op has no union of the two.
 @torch.library.custom_op("fastkd::tempered_softmax_fwd", mutates_args=())
 def _fwd_op(
-    x: Tensor, temperature: Tensor | None, t_value: float, log: bool, store_lse: bool
+    x: Tensor, t_tensor: Tensor | None, t_value: float, log: bool, store_stats: bool
 ) -> tuple[Tensor, Tensor]:
     from fastkd.kernels.softmax import tempered_softmax_forward
 
-    return tempered_softmax_forward(x, temperature, t_value, log, store_lse)
+    return tempered_softmax_forward(x, t_value if t_tensor is None else t_tensor, log, store_stats)
 
 
 @_fwd_op.register_fake
-def _(x, temperature, t_value, log, store_lse):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0] if store_lse else 0, dtype=torch.float32)
+def _(x, t_tensor, t_value, log, store_stats):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0] if store_stats else 0, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastkd::tempered_softmax_bwd", mutates_args=())
 def _bwd_op(
-    grad: Tensor, y: Tensor, temperature: Tensor | None, t_value: float, lse: Tensor, log: bool, need_dt: bool
+    grad: Tensor,
+    saved: Tensor,
+    t_tensor: Tensor | None,
+    t_value: float,
+    stats: Tensor,
+    log: bool,
+    need_dx: bool,
+    need_dt: bool,
 ) -> tuple[Tensor, Tensor]:
     from fastkd.kernels.softmax import tempered_softmax_backward
 
-    return tempered_softmax_backward(grad, y, temperature, t_value, lse, log, need_dt)
+    temperature = t_value if t_tensor is None else t_tensor
+    dx, dt = tempered_softmax_backward(grad, saved, temperature, stats, log, need_dx, need_dt)
+    return (saved.new_empty(0) if dx is None else dx), (saved.new_empty(0, dtype=torch.float32) if dt is None else dt)
 
 
 @_bwd_op.register_fake
-def _(grad, y, temperature, t_value, lse, log, need_dt):
-    return y.new_empty(y.shape), y.new_empty(y.shape[0] if need_dt else 0, dtype=torch.float32)
+def _(grad, saved, t_tensor, t_value, stats, log, need_dx, need_dt):
+    dx = saved.new_empty(saved.shape if need_dx else 0)
+    return dx, saved.new_empty(saved.shape[0] if need_dt else 0, dtype=torch.float32)
 
 
-def _launchers():
-    """(forward, backward): the registered ops while compiling, the kernel launchers otherwise."""
+def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
+    """The ops' (t_tensor, t_value) pair for a temperature."""
+    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, temperature)
+
+
+def _forward(x, temperature, log, store_stats):
+    """The forward launcher, reached through its op while compiling (see the module doc)."""
     if torch.compiler.is_compiling():
-        return _fwd_op, _bwd_op
-    from fastkd.kernels.softmax import tempered_softmax_backward, tempered_softmax_forward
+        return _fwd_op(x, *_split(temperature), log, store_stats)
+    from fastkd.kernels.softmax import tempered_softmax_forward
 
-    return tempered_softmax_forward, tempered_softmax_backward
+    return tempered_softmax_forward(x, temperature, log, store_stats)
+
+
+def _backward(grad, saved, temperature, stats, log, need_dx, need_dt):
+    """The backward launcher, reached through its op while compiling."""
+    if torch.compiler.is_compiling():
+        dx, dt = _bwd_op(grad, saved, *_split(temperature), stats, log, need_dx, need_dt)
+        return (dx if need_dx else None), (dt if need_dt else None)
+    from fastkd.kernels.softmax import tempered_softmax_backward
+
+    return tempered_softmax_backward(grad, saved, temperature, stats, log, need_dx, need_dt)
 
 
 class TemperedSoftmaxFunction(torch.autograd.Function):
     """softmax(x / T), or its log, over the rows of x (N, V) with the Triton kernels.
 
     ``temperature`` is a float, a one-element tensor or an (N,) tensor; a tensor gets a gradient.
+    The backward keeps the output y (as ``torch.softmax`` does) or, when T needs a gradient, the
+    logits x and two floats per row (see ``fastkd.kernels.softmax``).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, temperature: float | Tensor, log: bool) -> Tensor:
+        need_dt = ctx.needs_input_grad[1]
+        y, stats = _forward(x, temperature, log, store_stats=need_dt)
         t_tensor = temperature if isinstance(temperature, Tensor) else None
-        t_value = 1.0 if t_tensor is not None else temperature
-        forward, _ = _launchers()
-        y, lse = forward(x, t_tensor, t_value, log, log and ctx.needs_input_grad[1])
-        ctx.save_for_backward(y, t_tensor, lse)
-        ctx.t_value, ctx.log = t_value, log
+        ctx.save_for_backward(x if need_dt else y, t_tensor, stats)
+        ctx.t_value, ctx.log = temperature if t_tensor is None else None, log
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
-        y, t_tensor, lse = ctx.saved_tensors
-        need_dt = ctx.needs_input_grad[1]
-        _, backward = _launchers()
-        dx, dt_rows = backward(grad, y, t_tensor, ctx.t_value, lse, ctx.log, need_dt)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        saved, t_tensor, stats = ctx.saved_tensors
+        need_dx, need_dt = ctx.needs_input_grad[:2]
+        temperature = ctx.t_value if t_tensor is None else t_tensor
+        dx, dt_rows = _backward(grad, saved, temperature, stats, ctx.log, need_dx, need_dt)
         if not need_dt:
             return dx, None, None
         dt = dt_rows.sum() if t_tensor.dim() == 0 else dt_rows
@@ -94,7 +122,7 @@ def _tempered_softmax(logits, temperature, dim, log, backend, validate_args) -> 
         return (reference.tempered_log_softmax if log else reference.tempered_softmax)(logits, temperature, dim)
     x = logits.movedim(dim, -1)
     if isinstance(temperature, Tensor) and temperature.dim() > 0:
-        temperature = temperature.reshape(-1)
+        temperature = temperature.reshape(-1)  # one per row; may keep a stride, which the kernels take
     y = TemperedSoftmaxFunction.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), temperature, log)
     return y.reshape(x.shape).movedim(-1, dim)
 
@@ -115,11 +143,13 @@ def tempered_softmax(
         temperature: T > 0, finite. A float, a one-element tensor, or a tensor with one temperature per
             row: the shape of ``logits`` without ``dim`` (or with size 1 at ``dim``). A tensor
             temperature gets a gradient, ``dL/dT = -(1/T) sum_j (x_j / T) dL/du_j`` with ``u = x / T``.
-        dim: the class dimension.
+        dim: the class dimension. For ``dim`` other than the last, the kernels work on the logits with
+            ``dim`` moved last and return that layout viewed back: a non-contiguous result.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
-        validate_args: check the values of a tensor temperature (a host sync on CUDA; skipped inside
-            ``torch.compile``). Types, shapes and devices are always checked. Without the check, a
-            temperature <= 0 gives an unspecified result.
+        validate_args: check the values of a tensor temperature (a host sync on CUDA). Types,
+            shapes, devices and float temperatures are always checked. Tensor values are not checked
+            inside ``torch.compile``, where an exception cannot depend on them: there, and with
+            ``validate_args=False``, the rows of a temperature that is not finite and > 0 come out NaN.
 
     A -inf logit (a masked class) gets probability 0 and is a constant of T. A row whose logits are
     all -inf has no distribution: its result is NaN, as with ``torch.softmax``.
@@ -145,18 +175,24 @@ def tempered_log_softmax(
 class TemperedSoftmax(nn.Module):
     """``tempered_softmax`` (``tempered_log_softmax`` with ``log=True``) as a module.
 
-    A tensor ``temperature`` (an ``nn.Parameter`` to learn it) is used as given, on every call.
+    A tensor ``temperature`` is registered as a buffer (an ``nn.Parameter`` as a parameter, to learn
+    it), so it follows the module's ``.to()`` and ``state_dict``.
     """
 
     def __init__(
         self, temperature: float | Tensor = 1.0, dim: int = -1, *, log: bool = False, backend: str = "auto"
     ):
         super().__init__()
-        self.temperature, self.dim, self.log, self.backend = temperature, dim, log, backend
+        if isinstance(temperature, Tensor) and not isinstance(temperature, nn.Parameter):
+            self.register_buffer("temperature", temperature)
+        else:
+            self.temperature = temperature
+        self.dim, self.log, self.backend = dim, log, backend
 
     def forward(self, logits: Tensor) -> Tensor:
         fn = tempered_log_softmax if self.log else tempered_softmax
         return fn(logits, self.temperature, self.dim, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, dim={self.dim}, log={self.log}, backend={self.backend!r}"
+        t = "tensor" if isinstance(self.temperature, Tensor) else self.temperature
+        return f"temperature={t}, dim={self.dim}, log={self.log}, backend={self.backend!r}"

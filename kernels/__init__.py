@@ -5,6 +5,12 @@ interpreter (CPU tensors) is fixed when they are defined, by ``TRITON_INTERPRET=
 this package is first imported; ``INTERPRET`` records which.
 """
 
-from triton import knobs
+import triton
 
-INTERPRET: bool = bool(knobs.runtime.interpret)
+
+@triton.jit
+def _probe():
+    pass
+
+
+INTERPRET: bool = not isinstance(_probe, triton.runtime.JITFunction)

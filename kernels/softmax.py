@@ -1,32 +1,42 @@
 """Triton kernels for the tempered softmax and log-softmax over the rows of an (N, V) matrix.
 
-For a row x of width V and temperature T (math in fp32, in base 2 with the log2(e) folded into the
-scale k = log2(e) / T, and the row max m subtracted *before* scaling so that logits of +-1e4 lose no
+For a row x of width V and temperature T (math in fp32, in base 2 with log2(e) folded into the scale
+k = log2(e) / T, and the row max m subtracted *before* scaling so that logits of +-1e4 keep their
 precision):
 
-    m = max_j x_j,    d = sum_j 2^((x_j - m) k),    lse = m / T + ln d      (natural log of sum e^(x/T))
+    m = max_j x_j,    d = sum_j 2^((x_j - m) k) = sum_j e^((x_j - m) / T)
     softmax       y_j = 2^((x_j - m) k) / d
     log_softmax   y_j = ((x_j - m) k - log2 d) ln 2
 
-Backward, with g = dL/dy, u = x / T and p = softmax(u):
+Backward, with g = dL/dy, u = (x - m) / T and p = softmax(u):
 
     softmax       dL/du_j = p_j (g_j - c),  c = sum_k g_k p_k
     log_softmax   dL/du_j = g_j - p_j c,    c = sum_k g_k
     dL/dx_j = dL/du_j / T
-    dL/dT   = -(1/T) sum_j u_j dL/du_j          (one value per row; -inf logits are constants)
+    dL/dT   = -(1/T) sum_j u_j dL/du_j      one value per row, over the j whose logit is not -inf
 
-dL/dT is computed from the saved output alone. Writing u_j = log p_j + lse:
-    softmax       dL/dT = -(1/T) (A - c B),          A = sum p g log p,  B = sum p log p
-    log_softmax   dL/dT = -(1/T) (A - c B - lse Z),  A = sum g log p,    Z = sum of g at -inf logits
-with sums over the entries where p > 0 (log_softmax: log p > -inf).
+(A -inf logit is a constant of T. Its log-probability is -inf, so L is infinite unless dL/dy is 0
+there; the shift by m only fixes which constant, the same one in ``fastkd.reference``.)
+
+The gradient wrt x alone is computed from the saved output y, as PyTorch's softmax does. When T needs
+a gradient, the backward reads the logits instead, with the row stats (m, ln d) saved by the forward,
+and recomputes p and log p = (x - m)/T - ln d in fp32: same traffic, and no error from a rounded y.
+Writing u_j = log p_j + ln d, and using sum_j p_j = 1 (exact math, so no rounding of sum p enters):
+
+    softmax       dL/dT = -(1/T) (A - c B),             A = sum_j p_j g_j log p_j,  B = sum_j p_j log p_j
+    log_softmax   dL/dT = -(1/T) (A - c B - Z ln d),    A = sum_j g_j log p_j,      Z = sum of g_j at -inf x_j
+
+with A and B over the entries whose logit is not -inf.
 
 A row narrower than ``MAX_ONE_BLOCK`` is held in registers and read once per kernel (several rows per
-program for small widths); a wider row is read twice (an online max/sum pass, then the output pass).
-A row whose logits are all -inf has no distribution: its outputs are NaN, as with ``torch.softmax``.
+program for small widths); a wider row is read twice. A row whose logits are all -inf has no
+distribution: its outputs and gradients are NaN, as with ``torch.softmax``. So are the rows of a
+temperature that is not finite and > 0 (such values reach a kernel only unchecked).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -42,9 +52,10 @@ LOOP_BLOCK = 4096  # columns per step when a row is wider
 
 @triton.jit
 def _row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T: tl.constexpr):
-    """1/T for each of the ``ROWS`` rows: from the tensor T (stride 0 for one shared value) or a float."""
+    """1/T for each of the ``ROWS`` rows, from the tensor T or the float; NaN where T is not finite > 0."""
     if HAS_T:
-        return 1.0 / tl.load(T + rows * stride_t, mask=row_ok, other=1.0).to(tl.float32)
+        t = tl.load(T + rows * stride_t, mask=row_ok, other=1.0).to(tl.float32)
+        return tl.where((t > 0) & (t < float("inf")), 1.0 / t, float("nan"))
     return tl.full(rows.shape, inv_temperature, tl.float32)
 
 
@@ -67,17 +78,17 @@ def _softmax_out(x, m, log2_d, k, LOG: tl.constexpr):
 def tempered_softmax_fwd_kernel(
     X,  # (N, V) logits, unit column stride
     Y,  # (N, V) output, in the logits' dtype
-    T,  # (N,) or (1,) temperatures, or None when the temperature is the float below
-    LSE,  # (N,) fp32 log-sum-exp of x / T, written when STORE_LSE
+    T,  # (N,) temperatures (stride_t apart; 0 for one shared value), or None for the float below
+    STATS,  # (N, 2) fp32 row stats (m, ln d), written when STORE_STATS
     inv_temperature,  # 1 / T when T is None
     n_rows,
     n_cols,
     stride_x,  # row strides, in elements
     stride_y,
-    stride_t,  # 0 for one temperature shared by all rows, 1 for one per row
+    stride_t,
     HAS_T: tl.constexpr,
     LOG: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_STATS: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program
     BLOCK: tl.constexpr,  # columns per step (the whole row when ONE_BLOCK)
     ONE_BLOCK: tl.constexpr,
@@ -111,59 +122,67 @@ def tempered_softmax_fwd_kernel(
             x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             tl.store(y_ptr + start + cols, _softmax_out(x, m, log2_d, k, LOG).to(Y.dtype.element_ty), mask=mask)
 
-    if STORE_LSE:
-        tl.store(LSE + rows, (m * k + log2_d) * LN2, mask=row_ok)
+    if STORE_STATS:
+        tl.store(STATS + rows.to(tl.int64) * 2, m, mask=row_ok)
+        tl.store(STATS + rows.to(tl.int64) * 2 + 1, log2_d * LN2, mask=row_ok)
 
 
 @triton.jit
-def _bwd_terms(g, y, LOG: tl.constexpr, NEED_DT: tl.constexpr):
-    """The terms, per entry of a [ROWS, BLOCK] tile, of the row sums c and A, B, Z (see the module doc)."""
+def _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG: tl.constexpr, NEED_DT: tl.constexpr):
+    """p and the per-entry terms of the row sums c, A, B, Z for a [ROWS, BLOCK] tile.
+
+    ``s`` is the saved tile: the logits x when NEED_DT (p recomputed from the row stats), else the
+    output y. Returns (p, c, a, b, z) terms; a, b, z are zero unless NEED_DT.
+    """
+    if NEED_DT:
+        live = s > float("-inf")
+        log_p = (s - m_sub[:, None]) * inv_t[:, None] - ln_d[:, None]
+        p = tl.exp(log_p)
+    elif LOG:
+        p = tl.exp(s)
+    else:
+        p = s
     if LOG:
         c = g
     else:
-        c = g * y
+        c = g * p
     a = tl.zeros_like(c)
     b = tl.zeros_like(c)
     z = tl.zeros_like(c)
     if NEED_DT:
+        a = tl.where(live, c * log_p, 0.0)
+        b = tl.where(live, p * log_p, 0.0)
         if LOG:
-            live = y > float("-inf")
-            log_p = tl.where(live, y, 0.0)
-            a = tl.where(live, g * log_p, 0.0)
-            b = tl.where(live, tl.exp(log_p) * log_p, 0.0)
             z = tl.where(live, 0.0, g)
-        else:
-            log_p = tl.log(tl.where(y > 0, y, 1.0))
-            a = c * log_p
-            b = y * log_p
-    return c, a, b, z
+    return p, c, a, b, z
 
 
 @triton.jit
-def _bwd_dx(g, y, c, inv_t, LOG: tl.constexpr):
-    """dL/dx of a [ROWS, BLOCK] tile."""
+def _bwd_dx(g, p, c, inv_t, LOG: tl.constexpr):
+    """dL/dx of a [ROWS, BLOCK] tile, given p and the rows' c."""
     if LOG:
-        return (g - tl.exp(y) * c[:, None]) * inv_t[:, None]
-    return y * (g - c[:, None]) * inv_t[:, None]
+        return (g - p * c[:, None]) * inv_t[:, None]
+    return p * (g - c[:, None]) * inv_t[:, None]
 
 
 @triton.jit
 def tempered_softmax_bwd_kernel(
     G,  # (N, V) dL/dy, unit column stride
-    Y,  # (N, V) forward output
-    DX,  # (N, V) dL/dx, in the logits' dtype
-    T,  # (N,) or (1,) temperatures, or None
-    LSE,  # (N,) fp32 log-sum-exp from the forward; read when LOG and NEED_DT
+    S,  # (N, V) saved for backward: the logits x when NEED_DT, else the output y
+    DX,  # (N, V) dL/dx, in S's dtype, written when NEED_DX
+    T,  # (N,) temperatures, or None
+    STATS,  # (N, 2) fp32 row stats (m, ln d) from the forward; read when NEED_DT
     DT,  # (N,) fp32 dL/dT per row, written when NEED_DT
     inv_temperature,
     n_rows,
     n_cols,
     stride_g,
-    stride_y,
+    stride_s,
     stride_dx,
     stride_t,
     HAS_T: tl.constexpr,
     LOG: tl.constexpr,
+    NEED_DX: tl.constexpr,
     NEED_DT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -173,18 +192,25 @@ def tempered_softmax_bwd_kernel(
     row_ok = rows < n_rows
     inv_t = _row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T)
     g_ptr = G + rows.to(tl.int64)[:, None] * stride_g
-    y_ptr = Y + rows.to(tl.int64)[:, None] * stride_y
-    dx_ptr = DX + rows.to(tl.int64)[:, None] * stride_dx
+    s_ptr = S + rows.to(tl.int64)[:, None] * stride_s
+    if NEED_DX:
+        dx_ptr = DX + rows.to(tl.int64)[:, None] * stride_dx
     cols = tl.arange(0, BLOCK)[None, :]
-    y_other = float("-inf") if LOG else 0.0
+    s_other = 0.0 if (not LOG and not NEED_DT) else float("-inf")  # p = 0 past the row's end
+    m_sub = tl.zeros([ROWS], tl.float32)
+    ln_d = tl.zeros([ROWS], tl.float32)
+    if NEED_DT:
+        m_sub = _safe_max(tl.load(STATS + rows.to(tl.int64) * 2, mask=row_ok, other=0.0))
+        ln_d = tl.load(STATS + rows.to(tl.int64) * 2 + 1, mask=row_ok, other=0.0)
 
     if ONE_BLOCK:
         mask = row_ok[:, None] & (cols < n_cols)
         g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + cols, mask=mask, other=y_other).to(tl.float32)
-        c, a, b, z = _bwd_terms(g, y, LOG, NEED_DT)
+        s = tl.load(s_ptr + cols, mask=mask, other=s_other).to(tl.float32)
+        p, c, a, b, z = _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG, NEED_DT)
         c, a, b, z = tl.sum(c, 1), tl.sum(a, 1), tl.sum(b, 1), tl.sum(z, 1)
-        tl.store(dx_ptr + cols, _bwd_dx(g, y, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
+        if NEED_DX:
+            tl.store(dx_ptr + cols, _bwd_dx(g, p, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
     else:
         # Accumulate the terms lane by lane and reduce once, after the loop.
         c = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -194,26 +220,27 @@ def tempered_softmax_bwd_kernel(
         for start in range(0, n_cols, BLOCK):
             mask = row_ok[:, None] & (start + cols < n_cols)
             g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + start + cols, mask=mask, other=y_other).to(tl.float32)
-            c_i, a_i, b_i, z_i = _bwd_terms(g, y, LOG, NEED_DT)
+            s = tl.load(s_ptr + start + cols, mask=mask, other=s_other).to(tl.float32)
+            _, c_i, a_i, b_i, z_i = _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG, NEED_DT)
             c += c_i
             a += a_i
             b += b_i
             z += z_i
         c, a, b, z = tl.sum(c, 1), tl.sum(a, 1), tl.sum(b, 1), tl.sum(z, 1)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_ok[:, None] & (start + cols < n_cols)
-            g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + start + cols, mask=mask, other=y_other).to(tl.float32)
-            tl.store(dx_ptr + start + cols, _bwd_dx(g, y, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
+        if NEED_DX:
+            for start in range(0, n_cols, BLOCK):
+                mask = row_ok[:, None] & (start + cols < n_cols)
+                g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + start + cols, mask=mask, other=s_other).to(tl.float32)
+                p, _, _, _, _ = _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG, NEED_DT)
+                tl.store(dx_ptr + start + cols, _bwd_dx(g, p, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
 
     if NEED_DT:
         dt = a - c * b
         if LOG:
-            # Z is 0 unless dL/dy is nonzero at a -inf logit: only then is the lse needed.
-            lse = tl.load(LSE + rows, mask=row_ok & (z != 0), other=0.0)
-            dt -= tl.where(z != 0, lse * z, 0.0)
-        tl.store(DT + rows, -inv_t * dt, mask=row_ok)
+            dt -= tl.where(z != 0, ln_d * z, 0.0)  # Z is 0 unless dL/dy is nonzero at a -inf logit
+        dt = tl.where(ln_d > float("-inf"), -inv_t * dt, float("nan"))  # NaN for an all -inf row
+        tl.store(DT + rows, dt, mask=row_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,66 +254,74 @@ def launch_config(n_cols: int) -> tuple[int, int, bool, int]:
     return rows, block, True, 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
 
-def _temperature_args(temperature: torch.Tensor | None, t_value: float) -> dict:
-    if temperature is None:
-        return dict(T=None, inv_temperature=1.0 / t_value, stride_t=0, HAS_T=False)
-    return dict(T=temperature, inv_temperature=1.0, stride_t=0 if temperature.numel() == 1 else 1, HAS_T=True)
+def _temperature_args(temperature: float | torch.Tensor) -> dict:
+    if isinstance(temperature, torch.Tensor):
+        stride = temperature.stride(0) if temperature.dim() else 0
+        return dict(T=temperature, inv_temperature=1.0, stride_t=stride, HAS_T=True)
+    return dict(T=None, inv_temperature=1.0 / temperature, stride_t=0, HAS_T=False)
 
 
 def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on x's GPU, not whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def tempered_softmax_forward(
-    x: torch.Tensor, temperature: torch.Tensor | None, t_value: float, log: bool, store_lse: bool
+    x: torch.Tensor, temperature: float | torch.Tensor, log: bool, store_stats: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(x / T) (or its log) over the rows of x (N, V).
 
-    The temperature is the tensor ``temperature`` ((N,) or one element) or, when that is None, the
-    float ``t_value``. Returns the output (N, V) in x's dtype and, when ``store_lse``, the fp32
-    log-sum-exp of x / T per row (an empty tensor otherwise).
+    ``temperature``: a float, or a tensor of one element or of N (any stride). Returns the output
+    (N, V) in x's dtype and, when ``store_stats``, the fp32 row stats (N, 2) = (max x, ln d) that the
+    backward needs for dL/dT (an empty tensor otherwise).
     """
     x = _unit_column_stride(x)
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    lse = torch.empty(n_rows if store_lse else 0, dtype=torch.float32, device=x.device)
+    stats = torch.empty((n_rows, 2) if store_stats else (0, 2), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return y, lse.fill_(float("-inf"))
+        return y, stats
     rows, block, one_block, num_warps = launch_config(n_cols)
-    tempered_softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-        x, y, LSE=lse if store_lse else None, n_rows=n_rows, n_cols=n_cols,
-        stride_x=x.stride(0), stride_y=y.stride(0), LOG=log, STORE_LSE=store_lse,
-        ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
-        **_temperature_args(temperature, t_value),
-    )  # fmt: skip
-    return y, lse
+    with _on_device(x):
+        tempered_softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            x, y, STATS=stats if store_stats else None, n_rows=n_rows, n_cols=n_cols,
+            stride_x=x.stride(0), stride_y=y.stride(0), LOG=log, STORE_STATS=store_stats,
+            ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+            **_temperature_args(temperature),
+        )  # fmt: skip
+    return y, stats
 
 
 def tempered_softmax_backward(
     grad: torch.Tensor,
-    y: torch.Tensor,
-    temperature: torch.Tensor | None,
-    t_value: float,
-    lse: torch.Tensor,
+    saved: torch.Tensor,
+    temperature: float | torch.Tensor,
+    stats: torch.Tensor,
     log: bool,
+    need_dx: bool,
     need_dt: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dL/dx (N, V) in y's dtype and, when ``need_dt``, dL/dT per row (N,) fp32 (else empty).
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dx (N, V) in the saved tensor's dtype, dL/dT per row (N,) fp32); None where not needed.
 
-    ``grad`` is dL/dy, ``y`` the forward output and ``lse`` its per-row log-sum-exp (needed only for
-    dL/dT of the log-softmax).
+    ``grad`` is dL/dy. ``saved`` is the logits x with their ``stats`` from the forward when
+    ``need_dt``, else the output y (``stats`` unused).
     """
     grad = _unit_column_stride(grad)
-    n_rows, n_cols = y.shape
-    dx = torch.empty((n_rows, n_cols), dtype=y.dtype, device=y.device)
-    dt = torch.zeros(n_rows if need_dt else 0, dtype=torch.float32, device=y.device)
-    if y.numel() == 0:
-        return dx, dt
+    n_rows, n_cols = saved.shape
+    dx = torch.empty((n_rows, n_cols), dtype=saved.dtype, device=saved.device) if need_dx else None
+    if saved.numel() == 0:  # no rows, or rows of no classes (on which L does not depend)
+        return dx, torch.zeros(n_rows, device=saved.device) if need_dt else None
+    dt = torch.empty(n_rows, dtype=torch.float32, device=saved.device) if need_dt else None
     rows, block, one_block, num_warps = launch_config(n_cols)
-    tempered_softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
-        grad, y, dx, LSE=lse if log and need_dt else None, DT=dt if need_dt else None,
-        n_rows=n_rows, n_cols=n_cols, stride_g=grad.stride(0), stride_y=y.stride(0),
-        stride_dx=dx.stride(0), LOG=log, NEED_DT=need_dt, ROWS=rows, BLOCK=block,
-        ONE_BLOCK=one_block, num_warps=num_warps, **_temperature_args(temperature, t_value),
-    )  # fmt: skip
+    with _on_device(saved):
+        tempered_softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
+            grad, saved, dx, STATS=stats if need_dt else None, DT=dt, n_rows=n_rows, n_cols=n_cols,
+            stride_g=grad.stride(0), stride_s=saved.stride(0), stride_dx=dx.stride(0) if need_dx else 0,
+            LOG=log, NEED_DX=need_dx, NEED_DT=need_dt, ROWS=rows, BLOCK=block, ONE_BLOCK=one_block,
+            num_warps=num_warps, **_temperature_args(temperature),
+        )  # fmt: skip
     return dx, dt
