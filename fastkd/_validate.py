@@ -48,16 +48,16 @@ def check_temperature(
     """A temperature for softmax(logits / T) along ``dim``: finite and > 0.
 
     Accepts a Python number, a one-element tensor, or a tensor with one value per row: the shape of
-    ``logits`` without ``dim`` (or with size 1 at ``dim``). Returns a float, a 0-d tensor, or a tensor
-    of the row shape, on the logits' device (a 0-d CPU tensor is moved there, as PyTorch treats CPU
-    scalars).
+    ``logits`` without ``dim`` (or with size 1 at ``dim``). Returns the number as given, or a 0-d
+    tensor or a tensor of the row shape on the logits' device (a 0-d CPU tensor is moved there, as
+    PyTorch treats CPU scalars).
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
     if not isinstance(temperature, torch.Tensor):
-        if not (math.isfinite(temperature) and temperature > 0):
+        if not 0 < temperature < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
             raise ValueError(f"{name} must be finite and > 0, got {temperature}")
-        return float(temperature)
+        return temperature
 
     if not temperature.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {temperature.dtype}")

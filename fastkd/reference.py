@@ -17,19 +17,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def scale_logits(logits: torch.Tensor, temperature: float | torch.Tensor, dim: int) -> torch.Tensor:
-    """logits / T in the compute dtype, with a tensor T of one value per row broadcast along ``dim``.
+    """(logits - row max) / T in the compute dtype, whose softmax along ``dim`` is softmax(logits / T).
 
-    A -inf logit (a masked class) is -inf at every temperature: it is treated as a constant of T, so
-    that dL/dT stays finite (autograd would otherwise form -x/T^2 * 0 = inf * 0 = NaN there).
+    Subtracting the row max first (a constant of the row: softmax does not change) keeps logits of
+    +-1e4 precise and dL/dT well conditioned. A tensor T holds one value or one per row (broadcast
+    along ``dim``); an entry that is not finite and > 0 gives NaN. A -inf logit (a masked class) is
+    -inf at every temperature: it is divided by a T cut from the graph, so that it is a constant of T
+    (autograd would otherwise form -x/T^2 * 0 = inf * 0 = NaN in dL/dT).
     """
     x = logits.to(compute_dtype(logits.dtype))
+    if x.shape[dim] > 0:
+        x = x - x.amax(dim, keepdim=True).detach()
     if not isinstance(temperature, torch.Tensor):
         return x / temperature
     t = temperature.to(x.dtype)
+    t = torch.where((t > 0) & torch.isfinite(t), t, torch.nan)
     if t.dim() > 0:
         t = t.unsqueeze(dim)
-    masked = torch.isneginf(x)
-    return torch.where(masked, 0.0, x) / t + torch.where(masked, x, 0.0) / t.detach()
+    return x / torch.where(torch.isneginf(x), t.detach(), t)
 
 
 def tempered_softmax(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, dim: int = -1) -> torch.Tensor:
