@@ -34,12 +34,15 @@ DTYPES = list(TOL)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> None:
-    """``actual`` is within ``TOL[dtype]`` of the float64 ``expected`` (NaN where it is NaN).
+    """``actual`` is within ``TOL[dtype]`` of the float64 ``expected`` (NaN where it is NaN, +-inf where
+    it is beyond the range of ``actual``'s dtype). ``dtype`` is the inputs' dtype.
 
     ``scale`` replaces max |expected| in the absolute tolerance: for a result computed from terms that
     cancel, pass the size of those terms (a relative error of TOL in each term).
     """
     tol = TOL[dtype]
+    rounded = expected.to(actual.dtype).double()
+    expected = torch.where(rounded.isinf(), rounded, expected)  # past actual's dtype's range: its +-inf
     if scale is None:
         finite = expected.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         scale = finite.abs().max().item() if expected.numel() else 0.0

@@ -2,15 +2,15 @@
 
 The interpreter that runs the kernels in CI accepts code that the GPU compiler rejects; this script
 closes that gap. Each case calls a launcher on meta tensors (no memory, nothing runs) with the kernel
-replaced by a recorder; every recorded launch is then compiled, with the same arguments, constexprs and
-num_warps, to a cubin for sm_90 by Triton's own toolchain, and ``cuobjdump`` reads its resource usage.
-Prints one JSON object per launch. Run it with TRITON_INTERPRET unset (the kernels must be JIT
-functions): ``python tests/sm90_compile.py``.
+replaced by a recorder; every recorded launch is then specialized by Triton's own argument binder (as
+``JITFunction.run`` does in Triton 3.6: int and alignment specialization included) and compiled to a
+cubin for sm_90 with Triton's bundled toolchain, and ``cuobjdump`` reads its resource usage. Prints
+one JSON object per launch. Run it with TRITON_INTERPRET unset (the kernels must be JIT functions):
+``python tests/sm90_compile.py``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 import fastkd.kernels.softmax as softmax_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 class Recorder:
@@ -43,38 +43,18 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def signature_type(value) -> str:
-    if value is None:
-        return "constexpr"
-    if isinstance(value, torch.Tensor):
-        return "*" + TRITON_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {value!r}")
-
-
 def compile_call(kernel, args, kwargs) -> dict:
-    options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-    bound = inspect.signature(kernel.fn).bind(*args, **kwargs).arguments
-    constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
-    signature, constexprs = {}, {}
-    for i, (name, value) in enumerate(bound.items()):
-        if name in constexpr_names or value is None:
-            signature[name], constexprs[(i,)] = "constexpr", value
-        else:
-            signature[name] = signature_type(value)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET, options=options)
+    binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(BACKEND, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     regs, stack, local = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", usage).groups())
-    config = {name: value for name, value in bound.items() if name in constexpr_names}
-    return dict(kernel=kernel.fn.__name__, **config, **options, registers=regs, spill_bytes=stack + local)
+    config = {p.name: bound[p.name] for p in kernel.params if p.is_constexpr}
+    return dict(kernel=kernel.fn.__name__, **config, num_warps=options.num_warps, registers=regs, spill_bytes=stack + local)
 
 
 def record(module, kernel_names: list[str], launch) -> Iterator[dict]:
@@ -89,20 +69,27 @@ def record(module, kernel_names: list[str], launch) -> Iterator[dict]:
             setattr(module, name, recorder.kernel)
     for recorder in recorders.values():
         for args, kwargs in recorder.calls:
-            yield compile_call(recorder.kernel, args, dict(kwargs))
+            yield compile_call(recorder.kernel, args, kwargs)
+
+
+SOFTMAX_WIDTHS = [2**i for i in range(14)] + [131072]  # every launch config: 1 to MAX_ONE_BLOCK, then the loop
 
 
 def softmax_launches():
-    """Forward and backward at each launch config, each dtype, softmax and log-softmax, float and tensor T."""
-    for n_rows, width in [(256, 100), (4096, 1000), (1024, 8192), (16384, 131072)]:
-        for dtype in TRITON_TYPES:
-            x = torch.empty(n_rows, width, dtype=dtype, device="meta")
-            t = torch.empty(n_rows, dtype=torch.float32, device="meta")
-            for log in (False, True):
-                y, lse = softmax_kernels.tempered_softmax_forward(x, None, 4.0, log, False)
-                softmax_kernels.tempered_softmax_forward(x, t, 1.0, log, True)
-                softmax_kernels.tempered_softmax_backward(y, y, None, 4.0, lse, log, False)
-                softmax_kernels.tempered_softmax_backward(y, y, t, 1.0, lse, log, True)
+    """Every launch config in bfloat16, three of them in float16 and float32 too; for each: softmax and
+    log-softmax, forward with a float and a tensor temperature, backward from y, and from x with dL/dT."""
+    cases = [(w, torch.bfloat16) for w in SOFTMAX_WIDTHS]
+    cases += [(w, dtype) for w in (128, 8192, 131072) for dtype in (torch.float16, torch.float32)]
+    for width, dtype in cases:
+        n_rows = 16384 if width > 8192 else 4096
+        x = torch.empty(n_rows, width, dtype=dtype, device="meta")
+        t = torch.empty(n_rows, dtype=torch.float32, device="meta")
+        for log in (False, True):
+            y, _ = softmax_kernels.tempered_softmax_forward(x, 4.0, log, False)
+            _, stats = softmax_kernels.tempered_softmax_forward(x, t, log, True)
+            softmax_kernels.tempered_softmax_backward(y, y, 4.0, stats, log, True, False)
+            softmax_kernels.tempered_softmax_backward(y, x, t, stats, log, True, True)
+            softmax_kernels.tempered_softmax_backward(y, x, t, stats, log, False, True)
 
 
 CASES = [

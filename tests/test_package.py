@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,8 +18,10 @@ def test_kernels_subpackage_comes_from_kernels_dir():
 
 
 def test_wheel_holds_fastkd_and_its_kernels(tmp_path):
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside setup.py
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path, source],
         check=True,
         cwd=tmp_path,
     )

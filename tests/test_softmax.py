@@ -53,8 +53,12 @@ def check(log, x, temperature=1.0, dim=-1, backend="torch", grad=None):
     dx_terms = (g.abs() + p * c.abs()) if log else p * (g.abs() + c.abs())  # dL/dx = (1/T)(these, signed)
     assert_close(got[0], y, x.dtype)
     assert_close(got[1], dx, x.dtype, scale=(dx_terms / t).max().item() if x.numel() else 0.0)
-    if dt is not None:  # dL/dT = -(1/T) sum_j x_j dL/dx_j, over the -inf-free entries
-        dt_terms = torch.where(torch.isneginf(x), 0.0, x.double() * dx).abs() / t
+    if dt is not None and x.numel():
+        # dL/dT = -sum_j u_j dL/dx_j over the entries whose logit is not -inf, with u = x/T shifted by a
+        # row constant (the sum of dL/dx is 0): by the max (u = (x - max x)/T) or by the lse (u = log p).
+        u = (x.double() - x.double().amax(dim, keepdim=True)) / t
+        u = torch.maximum(u.abs(), (y if log else y.log()).abs())
+        dt_terms = torch.where(torch.isneginf(x), 0.0, (u * dx.abs()).nan_to_num(nan=0.0))  # p = 0: inf * 0
         dt_scale = dt_terms.sum() if temperature.numel() == 1 else dt_terms.sum(dim).max()
         assert_close(got[2], dt, x.dtype, scale=dt_scale.item())
     return got
@@ -101,21 +105,42 @@ def test_masked_logits(backend, width, log):
 def test_all_masked_row_is_nan(backend, width, log):
     x = randn(3, width, seed=4)
     x[1] = float("-inf")
-    y, dx, _ = run(log, x, 2.0, backend=backend)
-    assert y[1].isnan().all() and dx[1].isnan().all()
-    assert torch.isfinite(y[[0, 2]]).all() and torch.isfinite(dx[[0, 2]]).all()
+    y, dx, dt = run(log, x, torch.tensor([2.0, 2.0, 2.0], device=DEVICE), backend=backend)
+    assert y[1].isnan().all() and dx[1].isnan().all() and dt[1].isnan()
+    assert torch.isfinite(y[[0, 2]]).all() and torch.isfinite(dx[[0, 2]]).all() and torch.isfinite(dt[[0, 2]]).all()
     torch.testing.assert_close(y, OPS[log](x, 2.0, backend="torch"), equal_nan=True)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("temperature", [0.3, "per_row"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", [1000, 70001])
-def test_extreme_logits(backend, width, dtype, log):
+def test_extreme_logits(backend, width, dtype, temperature, log):
+    """Logits of +-1e4 beside ordinary ones, and a row of all -1e4; the per-row temperature is 0.25
+    (log-probabilities of -8e4 overflow float16 to -inf, unlike a masked logit) to 3."""
     x = randn(3, width, seed=5)
     x[:, ::97] = 1e4
     x[:, 1::89] = -1e4
-    x[1] = -1e4  # a row whose logits are all -1e4
-    check(log, x.to(dtype), 0.5, backend=backend)
+    x[1] = -1e4
+    if temperature == "per_row":
+        temperature = torch.tensor([0.25, 1.0, 3.0], device=DEVICE)
+    check(log, x.to(dtype), temperature, backend=backend)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_temperature_gradient_with_large_offset(backend, dtype, log):
+    """dL/dT of logits that share a large offset, recomputed from the logits in fp32, not from a
+    rounded output: accurate to the dtype's tolerance of its own (small, shifted) terms."""
+    x = (randn(4, 4000, seed=20, scale=50.0) + 2e4).to(dtype)
+    check(log, x, torch.tensor([16.0, 4.0, 1.0, 0.5], device=DEVICE), backend=backend)
+
+
+def test_widest_rows(backend):
+    """Rows of 262144 classes and a few more (the widest vocabularies), bfloat16."""
+    x = randn(2, 262147, dtype=torch.bfloat16, seed=21)
+    for log in (False, True):
+        check(log, x, torch.tensor([0.5, 4.0], device=DEVICE), backend=backend)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -152,7 +177,7 @@ def test_expanded_gradient(backend):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("shape", ["per_row", "keepdim", "scalar", "one_element"])
+@pytest.mark.parametrize("shape", ["per_row", "keepdim", "strided", "expanded", "scalar", "one_element"])
 @pytest.mark.parametrize("width", [300, 70001])
 def test_tensor_temperature(backend, width, shape, log):
     """A temperature tensor, one per row or shared, and its gradient."""
@@ -161,11 +186,37 @@ def test_tensor_temperature(backend, width, shape, log):
     temperature = {
         "per_row": t_rows,
         "keepdim": t_rows[..., None],
+        "strided": torch.stack([t_rows, t_rows + 1], -1)[..., 0],  # stride 2 between rows
+        "expanded": torch.tensor(2.5, device=DEVICE).expand(2, 3),  # stride 0
         "scalar": torch.tensor(2.5, device=DEVICE),
         "one_element": torch.tensor([2.5], device=DEVICE),
     }[shape]
     _, _, dt = check(log, x, temperature, backend=backend)
     assert dt.shape == temperature.shape
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_temperature_gradient_alone(backend, log):
+    """Fixed logits and a learned temperature (temperature scaling): no dL/dx is formed."""
+    x = randn(5, 300, seed=22)
+    t = torch.full((5,), 2.0, device=DEVICE, requires_grad=True)
+    t_exact = t.detach().double().requires_grad_()
+    grad = randn(5, 300, seed=23, scale=1.0)
+    OPS[log](x, t, backend=backend).backward(grad)
+    OPS[log](x.double(), t_exact, backend="torch").backward(grad.double())
+    assert_close(t.grad, t_exact.grad, torch.float32, scale=t_exact.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_unchecked_bad_temperature_gives_nan(backend, log):
+    """A tensor temperature <= 0 that is not checked (validate_args=False, or inside torch.compile)
+    makes its rows NaN, never a plausible wrong answer."""
+    x = randn(3, 100, seed=24)
+    t = torch.tensor([2.0, -1.0, 0.0], device=DEVICE)
+    y = OPS[log](x, t, backend=backend, validate_args=False)
+    assert torch.isfinite(y[0]).all() and y[1:].isnan().all()
+    compiled = torch.compile(lambda x, t: OPS[log](x, t, backend=backend), fullgraph=True)
+    assert compiled(x, t)[1:].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -217,6 +268,14 @@ def test_torch_compile_fullgraph(backend, log):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_compile_float_temperatures(backend):
+    """A float temperature that changes between calls (a schedule) compiles and stays right."""
+    compiled = torch.compile(lambda x, t: fastkd.tempered_log_softmax(x, t, backend=backend), fullgraph=True)
+    x = randn(4, 300, seed=25)
+    for t in (2.0, 3.0, 4.5):
+        assert_close(compiled(x, t), reference.tempered_log_softmax(x.double(), t), torch.float32)
+
+
 def run_scalar_fn(f, x, t):
     x, t = x.clone().requires_grad_(), t.clone().requires_grad_()
     y = f(x, t)
@@ -228,11 +287,15 @@ def test_registered_ops_opcheck():
     """Schema, fake-tensor and dispatch registration of the ops torch.compile sees."""
     x = randn(3, 50, seed=16)
     t = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
+    fwd, bwd = torch.ops.fastkd.tempered_softmax_fwd, torch.ops.fastkd.tempered_softmax_bwd
     for log in (False, True):
-        torch.library.opcheck(torch.ops.fastkd.tempered_softmax_fwd, (x, t, 1.0, log, True))
-        torch.library.opcheck(torch.ops.fastkd.tempered_softmax_fwd, (x, None, 0.5, log, False))
-        y, lse = torch.ops.fastkd.tempered_softmax_fwd(x, t, 1.0, log, True)
-        torch.library.opcheck(torch.ops.fastkd.tempered_softmax_bwd, (torch.randn_like(y), y, t, 1.0, lse, log, True))
+        torch.library.opcheck(fwd, (x, t, 1.0, log, True))
+        torch.library.opcheck(fwd, (x, None, 0.5, log, False))
+        y, stats = fwd(x, t, 1.0, log, True)
+        grad = torch.randn_like(y)
+        torch.library.opcheck(bwd, (grad, x, t, 1.0, stats, log, True, True))  # dL/dx and dL/dT, from x
+        torch.library.opcheck(bwd, (grad, x, t, 1.0, stats, log, False, True))  # dL/dT alone
+        torch.library.opcheck(bwd, (grad, y, None, 0.5, stats[:0], log, True, False))  # dL/dx, from y
 
 
 def test_double_backward_is_refused():
@@ -253,6 +316,13 @@ def test_module(backend):
     assert_close(y, reference.tempered_log_softmax(x.double(), 2.0), torch.float32)
     y[:, 0].sum().backward()
     assert t.grad is not None and torch.isfinite(t.grad)
+
+
+def test_module_tensor_temperature_is_a_buffer():
+    module = fastkd.TemperedSoftmax(torch.tensor([1.0, 2.0, 3.0]))
+    assert list(module.state_dict()) == ["temperature"]
+    assert module.to(torch.float64).temperature.dtype == torch.float64
+    assert fastkd.TemperedSoftmax(4.0).state_dict() == {}
 
 
 @given(
