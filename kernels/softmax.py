@@ -238,7 +238,7 @@ def tempered_softmax_bwd_kernel(
     if NEED_DT:
         dt = a - c * b
         if LOG:
-            dt -= tl.where(z != 0, ln_d * z, 0.0)  # Z is 0 unless dL/dy is nonzero at a -inf logit
+            dt -= ln_d * z  # Z is 0 unless dL/dy is nonzero at a -inf logit
         dt = tl.where(ln_d > float("-inf"), -inv_t * dt, float("nan"))  # NaN for an all -inf row
         tl.store(DT + rows, dt, mask=row_ok)
 
