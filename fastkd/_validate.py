@@ -80,3 +80,49 @@ def check_temperature(
         if bool(bad.any()):
             raise ValueError(f"{name} must be finite and > 0, got {temperature[bad].flatten()[0].item()}")
     return temperature
+
+
+def check_choice(value: object, choices, name: str) -> None:
+    """One of ``choices`` (a ValueError listing them otherwise)."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_number(
+    value: object, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """A real number (not a bool or tensor) in the interval from ``low`` to ``high``, ends open as told."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def check_target(
+    target: object, logits: torch.Tensor, ignore_index: int, *, check_values: bool, name: str = "target"
+) -> None:
+    """Class indices: an int32/int64 tensor of the logits' row shape (``logits.shape[:-1]``) on their
+    device, each in [0, V) or ``ignore_index`` (read only when ``check_values``)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold class indices as int64 (or int32), got {target.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{name} must have the logits' shape without the class dimension, {tuple(logits.shape[:-1])}; "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"{name} is on {target.device} but the logits are on {logits.device}")
+    if check_values:
+        n_classes = logits.shape[-1]
+        bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} holds class index {target[bad].flatten()[0].item()}, outside [0, {n_classes}) "
+                f"and not ignore_index={ignore_index}"
+            )

@@ -8,6 +8,8 @@ holding one value or one value per row, on the logits' device).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,3 +49,120 @@ def tempered_log_softmax(
 ) -> torch.Tensor:
     """log softmax(logits / T) along ``dim``."""
     return torch.log_softmax(scale_logits(logits, temperature, dim), dim=dim).to(logits.dtype)
+
+
+NORM_EPS = 1e-7  # added to the std (standardize) or the norm (spherical) of a row of logits
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x), with gradient 0 (not inf * 0) at x = 0."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
+
+
+def normalize_logits(logits: torch.Tensor, logit_norm: str | None, norm_scale: float = 2.0) -> torch.Tensor:
+    """Per-row normalized logits (last dim), over the entries that are not -inf (which stay -inf).
+
+    With c = x - mean(x) over the n live entries:
+      ``"standardize"``  c / (std + eps), std = sqrt(sum c^2 / (n - 1)) (unbiased; n - 1 taken as 1 when n = 1)
+      ``"spherical"``    norm_scale * c / (||c|| + eps)
+    with eps = ``NORM_EPS``. A constant row gives zeros (and gradient 0 through the std or norm).
+    """
+    if logit_norm is None:
+        return logits
+    live = ~torch.isneginf(logits)
+    n = live.sum(-1, keepdim=True).to(logits.dtype)
+    mean = torch.where(live, logits, 0.0).sum(-1, keepdim=True) / n.clamp_min(1)
+    c = torch.where(live, logits - mean, 0.0)
+    m2 = (c * c).sum(-1, keepdim=True)
+    if logit_norm == "standardize":
+        r = 1 / (_safe_sqrt(m2 / (n - 1).clamp_min(1)) + NORM_EPS)
+    else:
+        r = norm_scale / (_safe_sqrt(m2) + NORM_EPS)
+    return torch.where(live, c * r, float("-inf"))
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a (log a - log b) per entry, 0 where a = 0 (with a gradient of 0 there, not NaN)."""
+    a = log_a.exp()
+    live = a > 0
+    return torch.where(live, a * (torch.where(live, log_a, 0.0) - torch.where(live, log_b, 0.0)), 0.0)
+
+
+def kd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """D(p_t, p_s) per row (last dim) from the teacher's and the student's log-probabilities.
+
+    ``"forward_kl"`` KL(p_t || p_s); ``"reverse_kl"`` KL(p_s || p_t); ``"jsd"`` beta KL(p_t || m) +
+    (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s.
+    """
+    if kind == "forward_kl":
+        return _kl_terms(log_p, log_q).sum(-1)
+    if kind == "reverse_kl":
+        return _kl_terms(log_q, log_p).sum(-1)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return (beta * _kl_terms(log_p, log_m) + (1 - beta) * _kl_terms(log_q, log_m)).sum(-1)
+
+
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-row ``F.cross_entropy(logits, target, label_smoothing=...)`` (no reduction, no ignore_index):
+    (1 - eps) (-log p_y) + eps mean_j(-log p_j). NaN where the target is outside [0, V)."""
+    log_p = torch.log_softmax(logits, -1)
+    in_range = (target >= 0) & (target < logits.shape[-1])
+    nll = -log_p.gather(-1, torch.where(in_range, target, 0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(in_range, nll, float("nan"))
+    if label_smoothing == 0:
+        return nll
+    return (1 - label_smoothing) * nll - label_smoothing * log_p.mean(-1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature_squared: bool = True,
+    teacher_temperature: float | torch.Tensor | None = None,
+    logit_norm: str | None = None,
+    norm_scale: float | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract); autograd gives
+    the gradient. Arguments are already checked: ``teacher_logits`` is (K,) + the student's shape,
+    temperatures are floats or tensors of one value or one per row."""
+    dtype = compute_dtype(student_logits.dtype)
+    s = student_logits.to(dtype)
+    t_t = temperature if teacher_temperature is None else teacher_temperature
+    row_shape = s.shape[:-1]
+    loss = s.new_zeros(row_shape)
+    if alpha > 0:
+        scale = 2.0 if norm_scale is None else norm_scale
+        log_q = torch.log_softmax(scale_logits(normalize_logits(s, logit_norm, scale), temperature, -1), -1)
+        teachers = normalize_logits(teacher_logits.detach().to(dtype), logit_norm, scale)
+        if isinstance(t_t, torch.Tensor):
+            t_t = t_t.detach()
+        log_p = torch.log_softmax(scale_logits(teachers, t_t, -1), -1)
+        log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])  # the ensemble's mean distribution
+        coef = alpha * (temperature**2 if temperature_squared else 1.0)
+        loss = coef * kd_divergence(log_p, log_q, divergence, beta)
+    valid = torch.ones(row_shape, dtype=torch.bool, device=s.device)
+    if target is not None:
+        valid = target != ignore_index
+        if alpha < 1:
+            loss = loss + (1 - alpha) * cross_entropy(s, target, label_smoothing)
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss.to(student_logits.dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / valid.sum().clamp_min(1)
+    elif reduction == "batchmean":
+        total = total / max(valid.numel(), 1)
+    return total.to(student_logits.dtype)

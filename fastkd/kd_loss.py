@@ -1,0 +1,318 @@
+"""The distillation loss, ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE``, as a function and a module.
+
+The path of one call: check the arguments (``fastkd._validate``), pick a backend
+(``fastkd._backend``), then either the reference (``fastkd.reference.kd_loss``; autograd differentiates
+it) or the kernel: the logits are viewed as rows (N, V) and ``KDLossFunction`` runs one Triton kernel
+that writes the row losses and the gradient wrt the student logits in the forward pass; the backward
+only scales that gradient by dL/dloss. Inside ``torch.compile`` the kernel is reached through the
+``torch.library`` op ``fastkd::kd_loss_fwd`` (eager calls skip the op dispatch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from fastkd import reference
+from fastkd._backend import resolve_backend
+from fastkd._validate import (
+    check_choice,
+    check_logits,
+    check_number,
+    check_target,
+    check_temperature,
+    should_check_values,
+)
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+LOGIT_NORMS = (None, "standardize", "spherical")
+
+
+@torch.library.custom_op("fastkd::kd_loss_fwd", mutates_args=())
+def _fwd_op(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor | None,
+    t_tensor: Tensor | None,
+    t_value: float,
+    tt_tensor: Tensor | None,
+    tt_value: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    temperature_squared: bool,
+    logit_norm: str | None,
+    norm_scale: float,
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    from fastkd.kernels.kd_loss import kd_loss_forward
+
+    return kd_loss_forward(
+        student, teacher, target, t_value if t_tensor is None else t_tensor, tt_value if tt_tensor is None else tt_tensor,
+        alpha, divergence, beta, ignore_index, reduction, temperature_squared, logit_norm, norm_scale,
+        label_smoothing, inplace_grad=False,
+    )  # fmt: skip
+
+
+@_fwd_op.register_fake
+def _(student, teacher, target, t_tensor, t_value, tt_tensor, tt_value, *args):
+    return student.new_empty(student.shape[0], dtype=torch.float32), student.new_empty(student.shape)
+
+
+def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
+    """The op's (tensor, float) pair for a temperature: the schema has no union of the two."""
+    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, temperature)
+
+
+class KDLossFunction(torch.autograd.Function):
+    """The loss over rows: student (N, V), teacher (K, N, V), target (N,) or None; ``options`` are
+    ``kd_loss``'s keywords after checking (temperatures as floats or per-row tensors).
+
+    Forward returns the loss (a scalar, or (N,) for reduction "none") in the student's dtype and keeps
+    the gradient the kernel wrote; backward scales it in place by dL/dloss (free when that is 1), so it
+    runs once per forward. The teacher, target and temperatures get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, target: Tensor | None, options: dict) -> Tensor:
+        inplace = options["inplace_grad"] and not torch.compiler.is_compiling()
+        args = (
+            student, teacher, target, options["temperature"], options["teacher_temperature"], options["alpha"],
+            options["divergence"], options["beta"], options["ignore_index"], options["reduction"],
+            options["temperature_squared"], options["logit_norm"], options["norm_scale"], options["label_smoothing"],
+        )  # fmt: skip
+        if torch.compiler.is_compiling():
+            t, tt = _split(args[3]), _split(args[4])
+            rows, grad = _fwd_op(*args[:3], *t, *tt, *args[5:])
+        else:
+            from fastkd.kernels.kd_loss import kd_loss_forward
+
+            rows, grad = kd_loss_forward(*args, inplace_grad=inplace)
+        if inplace:  # the logits now hold the gradient: fail any backward that saved them
+            ctx.grad = grad
+            torch.autograd.graph.increment_version(student)
+        else:
+            ctx.save_for_backward(grad)
+        ctx.per_row = options["reduction"] == "none"
+        ctx.used = False
+        loss = rows if ctx.per_row else rows.sum()
+        return loss.to(student.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
+        if torch.compiler.is_compiling():
+            return grad * (grad_output[:, None] if ctx.per_row else grad_output), None, None, None
+        if ctx.used:
+            raise RuntimeError("kd_loss's backward scales its saved gradient in place and can run once per forward")
+        ctx.used = True
+        from fastkd.kernels.kd_loss import scale_grad_
+
+        return scale_grad_(grad, grad_output), None, None, None
+
+
+def _check_teacher(teacher: object, student: Tensor) -> int:
+    """The number of ensemble members K: ``teacher`` is the student's shape, or (K,) + it."""
+    check_logits(teacher, "teacher_logits")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits are on {teacher.device} but student_logits are on {student.device}")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"teacher_logits have {teacher.shape[-1]} classes but student_logits have {student.shape[-1]}: "
+            "teacher and student must share the vocabulary (the last dimension)"
+        )
+    if teacher.shape == student.shape:
+        return 1
+    if teacher.shape[1:] == student.shape and teacher.shape[0] > 0:
+        return teacher.shape[0]
+    raise ValueError(
+        f"teacher_logits must have the student's shape {tuple(student.shape)}, or (K,) + it for an ensemble "
+        f"of K >= 1 teachers; got {tuple(teacher.shape)}"
+    )
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature_squared: bool = True,
+    teacher_temperature: float | Tensor | None = None,
+    logit_norm: str | None = None,
+    norm_scale: float | None = None,
+    label_smoothing: float = 0.0,
+    inplace_grad: bool = False,
+    backend: str = "auto",
+    validate_args: bool = True,
+) -> Tensor:
+    """Knowledge distillation loss with hard-label cross-entropy; the gradient is computed in the forward.
+
+    Per row (the last dimension holds the V classes; every other dimension indexes rows)::
+
+        loss = alpha * c * D(p_t, p_s) + (1 - alpha) * CE(student_logits, target)
+        p_s = softmax(a_s / T),  p_t = mean_k softmax(a_tk / T_t)
+
+    with ``T = temperature``, ``T_t = teacher_temperature`` (default ``T``; e.g. a teacher's fitted
+    calibration temperature), and ``c = T**2`` when ``temperature_squared`` (Hinton et al. 2015: the
+    soft targets' gradients scale as 1/T^2, so this keeps the KD term's weight independent of T), else 1.
+
+    Args:
+        student_logits: (N, V) or (B, S, V) (any leading dims), float16/bfloat16/float32/float64,
+            any strides. Math in float32 (float64 for float64); the loss has the student's dtype.
+        teacher_logits: the student's shape, or (K,) + it for an ensemble of K teachers whose
+            distribution is the mean of the members' tempered softmaxes. Any float dtype. Detached: the
+            teacher gets no gradient.
+        target: int64 (or int32) class indices of the student's shape without V, or None for pure
+            distillation (then ``alpha`` must be 1). A row whose target is ``ignore_index`` contributes
+            to neither term.
+        temperature: T > 0: a float, a one-element tensor or a tensor of one value per row. Not
+            differentiated (a tensor that requires grad is an error).
+        alpha: weight of the KD term in [0, 1]; the CE term gets 1 - alpha.
+        divergence: ``"forward_kl"`` KL(p_t || p_s); ``"reverse_kl"`` KL(p_s || p_t); ``"jsd"``
+            beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s, 0 < beta < 1.
+        reduction: ``"mean"`` over the rows not ignored (0, with zero gradient, when all are);
+            ``"sum"``; ``"batchmean"`` the sum over all rows; ``"none"`` per-row losses, the row shape.
+        teacher_temperature: T_t > 0 as ``temperature``, or None for T. A tensor is detached.
+        logit_norm: the per-row normalization a of student and teacher logits before the tempered
+            softmax of the KD term, over the classes whose logit is not -inf: None (a = z);
+            ``"standardize"`` a = (z - mean) / (std + 1e-7), unbiased std (Logit Standardization KD,
+            Sun et al., CVPR 2024); ``"spherical"`` a = norm_scale (z - mean) / (||z - mean|| + 1e-7)
+            (Spherical KD, Guo et al., arXiv 2010.07485). The CE term always uses the raw student
+            logits (no temperature, no normalization).
+        norm_scale: the norm of spherical logits (default 2); only with ``logit_norm="spherical"``.
+        label_smoothing: eps in [0, 1] of the CE term, as in ``F.cross_entropy``: (1 - eps) CE(y) +
+            eps mean_j CE(j) (infinite when a class is masked with -inf, as there).
+        inplace_grad: write the gradient into ``student_logits`` (saving N*V memory): the logits are
+            overwritten, so use it only when nothing else needs them; they must be viewable as rows
+            of unit column stride. Kernels only (the reference ignores it), and eager only: under
+            ``torch.compile`` the gradient gets its own buffer.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
+        validate_args: check target values (in [0, V) or ``ignore_index``) and tensor temperatures
+            before any kernel runs (a host sync on CUDA). Unchecked (and inside ``torch.compile``), an
+            out-of-range target gives a NaN row; a bad tensor temperature, NaN rows.
+
+    Masked classes (-inf logits) get probability 0. A student row of all -inf logits gives NaN. Where
+    the teacher puts mass on a class the student masks, forward KL is infinite (as its math says).
+    """
+    check_logits(student_logits, "student_logits")
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must have at least one class (the last dimension is 0)")
+    n_teachers = _check_teacher(teacher_logits, student_logits)
+    check_values = should_check_values(validate_args)
+    check_number(alpha, "alpha", 0.0, 1.0)
+    check_choice(divergence, DIVERGENCES, "divergence")
+    if divergence == "jsd":
+        check_number(beta, "beta", 0.0, 1.0, low_open=True, high_open=True)
+    check_choice(reduction, REDUCTIONS, "reduction")
+    check_choice(logit_norm, LOGIT_NORMS, "logit_norm")
+    if norm_scale is not None:
+        if logit_norm != "spherical":
+            raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={logit_norm!r}")
+        check_number(norm_scale, "norm_scale", 0.0, float("inf"), low_open=True, high_open=True)
+    check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if target is None:
+        if alpha != 1:
+            raise ValueError(f"target=None (pure distillation) needs alpha=1, got alpha={alpha}: no CE term to weigh")
+    else:
+        check_target(target, student_logits, ignore_index, check_values=check_values)
+    dim = student_logits.dim() - 1
+    temperature = check_temperature(temperature, student_logits, dim, check_values=check_values)
+    if isinstance(temperature, Tensor) and temperature.requires_grad:
+        raise ValueError("temperature: kd_loss does not differentiate wrt the temperature; pass temperature.detach()")
+    if teacher_temperature is None:
+        teacher_temperature = temperature
+    else:
+        teacher_temperature = check_temperature(
+            teacher_temperature, student_logits, dim, check_values=check_values, name="teacher_temperature"
+        )
+        if isinstance(teacher_temperature, Tensor):
+            teacher_temperature = teacher_temperature.detach()
+    options = dict(
+        temperature=temperature, teacher_temperature=teacher_temperature, alpha=float(alpha), divergence=divergence,
+        beta=float(beta), ignore_index=ignore_index, reduction=reduction, temperature_squared=bool(temperature_squared),
+        logit_norm=logit_norm, norm_scale=2.0 if norm_scale is None else float(norm_scale),
+        label_smoothing=float(label_smoothing), inplace_grad=bool(inplace_grad),
+    )  # fmt: skip
+
+    if resolve_backend(backend, student_logits) == "torch":
+        del options["inplace_grad"]
+        return reference.kd_loss(student_logits, teacher_logits.reshape((n_teachers,) + student_logits.shape),
+                                 target, **options)  # fmt: skip
+    n_classes = student_logits.shape[-1]
+    if inplace_grad:
+        if student_logits.stride(-1) != 1:
+            raise ValueError("student_logits: inplace_grad=True needs a unit stride along the classes")
+        try:
+            student = student_logits.view(-1, n_classes)
+        except RuntimeError:
+            raise ValueError("student_logits: inplace_grad=True needs logits viewable as (rows, V)") from None
+    else:
+        student = student_logits.reshape(-1, n_classes)
+    teacher = teacher_logits.detach().reshape(n_teachers, -1, n_classes)
+    for key in ("temperature", "teacher_temperature"):
+        if isinstance(options[key], Tensor) and options[key].dim() > 0:
+            options[key] = options[key].reshape(-1)  # one per row; may keep a stride, which the kernel takes
+    loss = KDLossFunction.apply(student, teacher, None if target is None else target.reshape(-1), options)
+    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss
+
+
+class KDLoss(nn.Module):
+    """``kd_loss`` as a module: the keywords are set once, the call takes (student, teacher, target).
+
+    A tensor temperature is registered as a buffer, so it follows the module's ``.to()`` and
+    ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        temperature: float | Tensor = 1.0,
+        alpha: float = 0.5,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        temperature_squared: bool = True,
+        teacher_temperature: float | Tensor | None = None,
+        logit_norm: str | None = None,
+        norm_scale: float | None = None,
+        label_smoothing: float = 0.0,
+        inplace_grad: bool = False,
+        backend: str = "auto",
+        validate_args: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
+            if isinstance(value, Tensor):
+                self.register_buffer(name, value.detach())
+            else:
+                setattr(self, name, value)
+        self.alpha, self.divergence, self.beta, self.ignore_index = alpha, divergence, beta, ignore_index
+        self.reduction, self.temperature_squared = reduction, temperature_squared
+        self.logit_norm, self.norm_scale, self.label_smoothing = logit_norm, norm_scale, label_smoothing
+        self.inplace_grad, self.backend, self.validate_args = inplace_grad, backend, validate_args
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        return kd_loss(
+            student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
+            divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction,
+            temperature_squared=self.temperature_squared, teacher_temperature=self.teacher_temperature,
+            logit_norm=self.logit_norm, norm_scale=self.norm_scale, label_smoothing=self.label_smoothing,
+            inplace_grad=self.inplace_grad, backend=self.backend, validate_args=self.validate_args,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        t = "tensor" if isinstance(self.temperature, Tensor) else self.temperature
+        return f"temperature={t}, alpha={self.alpha}, divergence={self.divergence!r}, reduction={self.reduction!r}"
