@@ -249,8 +249,7 @@ def kd_loss(
 
     if resolve_backend(backend, student_logits) == "torch":
         del options["inplace_grad"]
-        return reference.kd_loss(student_logits, teacher_logits.reshape((n_teachers,) + student_logits.shape),
-                                 target, **options)  # fmt: skip
+        return reference.kd_loss(student_logits, teacher_logits, target, **options)
     n_classes = student_logits.shape[-1]
     if inplace_grad:
         if student_logits.stride(-1) != 1:

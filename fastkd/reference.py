@@ -99,7 +99,9 @@ def kd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: flo
         return _kl_terms(log_p, log_q).sum(-1)
     if kind == "reverse_kl":
         return _kl_terms(log_q, log_p).sum(-1)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    dead = torch.isneginf(log_p) & torch.isneginf(log_q)  # m = 0: keep logaddexp's backward off -inf - -inf
+    log_m = torch.logaddexp(torch.where(dead, 0.0, log_p) + math.log(beta), torch.where(dead, 0.0, log_q) + math.log1p(-beta))
+    log_m = torch.where(dead, float("-inf"), log_m)
     return (beta * _kl_terms(log_p, log_m) + (1 - beta) * _kl_terms(log_q, log_m)).sum(-1)
 
 
@@ -135,7 +137,7 @@ def kd_loss(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract); autograd gives
-    the gradient. Arguments are already checked: ``teacher_logits`` is (K,) + the student's shape,
+    the gradient. Arguments are already checked: ``teacher_logits`` is the student's shape or (K,) + it,
     temperatures are floats or tensors of one value or one per row."""
     dtype = compute_dtype(student_logits.dtype)
     s = student_logits.to(dtype)
@@ -145,7 +147,10 @@ def kd_loss(
     if alpha > 0:
         scale = 2.0 if norm_scale is None else norm_scale
         log_q = torch.log_softmax(scale_logits(normalize_logits(s, logit_norm, scale), temperature, -1), -1)
-        teachers = normalize_logits(teacher_logits.detach().to(dtype), logit_norm, scale)
+        teachers = teacher_logits.detach().to(dtype)
+        if teachers.dim() == s.dim():
+            teachers = teachers.unsqueeze(0)
+        teachers = normalize_logits(teachers, logit_norm, scale)
         if isinstance(t_t, torch.Tensor):
             t_t = t_t.detach()
         log_p = torch.log_softmax(scale_logits(teachers, t_t, -1), -1)

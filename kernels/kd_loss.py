@@ -44,11 +44,10 @@ import triton.language as tl
 
 from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
 
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
-DIVERGENCES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
-NO_NORM, STANDARDIZE, SPHERICAL = 0, 1, 2
-NORMS = {None: NO_NORM, "standardize": STANDARDIZE, "spherical": SPHERICAL}
-REDUCTIONS = ("mean", "sum", "batchmean", "none")
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}  # the kernel's DIVERGENCE
+NORMS = {None: 0, "standardize": 1, "spherical": 2}  # the kernel's NORM
+FORWARD_KL, REVERSE_KL, JSD = (tl.constexpr(v) for v in DIVERGENCES.values())
+NO_NORM, STANDARDIZE, SPHERICAL = (tl.constexpr(v) for v in NORMS.values())
 EPS = tl.constexpr(1e-7)  # fastkd.reference.NORM_EPS
 
 MAX_ONE_BLOCK = 4096  # widest row held in registers by one program
@@ -205,17 +204,17 @@ def _norm_w(r, kappa, dc_sum, qh_sum, qc_sum, beta, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _ce_loss(lse1, x_y, x_sum, ls_eps, n_cols):
-    """(1 - eps)(lse - x_y) + eps (lse - sum_j x_j / V): no smoothing term when eps = 0 (a -inf logit
-    would make it 0 * inf)."""
-    smooth = tl.where(ls_eps > 0, ls_eps * (lse1 - x_sum / n_cols), 0.0)
-    return (1.0 - ls_eps) * (lse1 - x_y) + smooth
+def _ce_loss(m, ln_d, x_y, x_sum, ls_eps, n_cols):
+    """(1 - eps)(lse - x_y) + eps (lse - sum_j x_j / V), lse = m + ln d, with m - x_y formed first (exact
+    for close values); no smoothing term when eps = 0 (a -inf logit would make it 0 * inf)."""
+    smooth = tl.where(ls_eps > 0, ls_eps * ((m - x_sum / n_cols) + ln_d), 0.0)
+    return (1.0 - ls_eps) * ((m - x_y) + ln_d) + smooth
 
 
 @triton.jit
-def _ce_grad(x, cols, y, lse1, ls_eps, n_cols):
+def _ce_grad(x, cols, y, m, ln_d, ls_eps, n_cols):
     """dCE/dx of a tile: softmax(x) - (1 - eps) [j = y] - eps / V."""
-    s = tl.exp(x - lse1[:, None])
+    s = tl.exp((x - m[:, None]) - ln_d[:, None])
     return s - tl.where(cols == y[:, None], 1.0 - ls_eps, 0.0) - ls_eps / n_cols
 
 
@@ -337,9 +336,9 @@ def kd_loss_fwd_kernel(
             grad = kd_weight[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, beta, DIVERGENCE, NORM)
         if HAS_CE:
             m = _safe_max(tl.max(x, 1))
-            lse1 = m + tl.log(tl.sum(tl.exp(x - m[:, None]), 1))
-            ce = _ce_loss(lse1, x_y, tl.sum(tl.where(mask, x, 0.0), 1), ls_eps, n_cols)
-            grad += ce_weight[:, None] * _ce_grad(x, cols, y, lse1, ls_eps, n_cols)
+            lnd_1 = tl.log(tl.sum(tl.exp(x - m[:, None]), 1))
+            ce = _ce_loss(m, lnd_1, x_y, tl.sum(tl.where(mask, x, 0.0), 1), ls_eps, n_cols)
+            grad += ce_weight[:, None] * _ce_grad(x, cols, y, m, lnd_1, ls_eps, n_cols)
         tl.store(g_ptr + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
     else:
         # Pass 1 (logit_norm): the rows' statistics.
@@ -377,7 +376,7 @@ def kd_loss_fwd_kernel(
             m = m_new
         m_s = _safe_max(m)
         lnd_s = tl.log(d_s)
-        lse1 = m_s + tl.log(d_1)
+        lnd_1 = tl.log(d_1)
         m_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
         lnd_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
         if HAS_KD:
@@ -424,11 +423,11 @@ def kd_loss_fwd_kernel(
                 kd_acc += terms
                 grad = kd_weight[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, beta, DIVERGENCE, NORM)
             if HAS_CE:
-                grad += ce_weight[:, None] * _ce_grad(x, start + cols, y, lse1, ls_eps, n_cols)
+                grad += ce_weight[:, None] * _ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
             tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
         kd = tl.sum(kd_acc, 1)
         if HAS_CE:
-            ce = _ce_loss(lse1, x_y, tl.sum(x_sum, 1), ls_eps, n_cols)
+            ce = _ce_loss(m_s, lnd_1, x_y, tl.sum(x_sum, 1), ls_eps, n_cols)
 
     loss = tl.zeros([ROWS], tl.float32)
     if HAS_KD:

@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+import fastkd.kernels.kd_loss as kd_kernels
 import fastkd.kernels.softmax as softmax_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -92,15 +93,48 @@ def softmax_launches():
             softmax_kernels.tempered_softmax_backward(y, x, t, stats, log, False, True)
 
 
+KD_WIDTHS = [2**i for i in range(13)] + [131072]  # every launch config: 1 to MAX_ONE_BLOCK, then the loop
+
+
+def kd_loss_launches():
+    """Every launch config of the default loss (forward KL + CE, bf16); at three widths every divergence
+    x normalization x (1 or 3 teachers) with label smoothing and per-row temperatures; the backward scale."""
+    cases = [(w, "forward_kl", None, 1, False) for w in KD_WIDTHS]
+    cases += [
+        (w, div, norm, k, True)
+        for w in (128, 4096, 131072)
+        for div in ("forward_kl", "reverse_kl", "jsd")
+        for norm in (None, "standardize", "spherical")
+        for k in (1, 3)
+    ]
+    for width, divergence, norm, n_teachers, per_row in cases:
+        n_rows = 16384 if width > 4096 else 4096
+        x = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
+        teacher = torch.empty(n_teachers, n_rows, width, dtype=torch.bfloat16, device="meta")
+        target = torch.empty(n_rows, dtype=torch.int64, device="meta")
+        t = torch.empty(n_rows, device="meta") if per_row else 4.0
+        kd_kernels.kd_loss_forward(
+            x, teacher, target, t, t, 0.5, divergence, 0.5, -100, "mean", True, norm, 2.0, 0.1 if per_row else 0.0,
+            inplace_grad=False,
+        )
+    for width in (128, 4096, 131072):
+        grad = torch.empty(4096, width, dtype=torch.bfloat16, device="meta")
+        kd_kernels.scale_grad_(grad, torch.empty((), device="meta"))
+
+
 CASES = [
     (softmax_kernels, ["tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel"], softmax_launches),
+    (kd_kernels, ["kd_loss_fwd_kernel", "scale_grad_kernel"], kd_loss_launches),
 ]
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the kernels must be JIT functions to compile")
+    only = sys.argv[1:]
     for module, names, launch in CASES:
+        if only and not set(names) & set(only):
+            continue
         for row in record(module, names, launch):
             print(json.dumps(row), flush=True)
 

@@ -1,0 +1,442 @@
+"""The fused distillation loss: every backend against float64, the loss and the gradient wrt the student."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastkd
+from fastkd import reference
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+NORMS = [None, "standardize", "spherical"]
+WIDTHS = [1, 10, 1000, 4097, 32000, 70001]  # one block; the column loop; over 65536
+
+
+def logits(*shape, dtype=torch.float32, seed=0, scale=3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=gen)).to(DEVICE, dtype)
+
+
+def targets(rows, n_classes, seed=0, ignored=(1,)) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, n_classes, rows if isinstance(rows, tuple) else (rows,), generator=gen)
+    for i in ignored:
+        if i < y.numel():
+            y.view(-1)[i] = -100
+    return y.to(DEVICE)
+
+
+def run(student, teacher, target=None, backend="torch", **options):
+    """(loss, dL/d student) with L = 2 * loss, or sum(w * loss) with random w for reduction "none"."""
+    x = student.detach().clone().requires_grad_()
+    loss = fastkd.kd_loss(x, teacher, target, backend=backend, **options)
+    if loss.dim():
+        weights = logits(*loss.shape, dtype=loss.dtype, seed=7, scale=1.0)
+        (loss * weights).sum().backward()
+    else:
+        (2 * loss).backward()
+    return loss.detach(), x.grad
+
+
+def exact(student, teacher, target=None, **options):
+    """``run`` by the reference in float64 on the same (rounded) inputs."""
+    for key in ("temperature", "teacher_temperature"):
+        if isinstance(options.get(key), torch.Tensor):
+            options[key] = options[key].double()
+    return run(student.double(), teacher.double(), target, "torch", **options)
+
+
+def finite_max(x: torch.Tensor) -> float:
+    return x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max().item() if x.numel() else 0.0
+
+
+def row_weight(student, target, reduction="mean", **_) -> float:
+    """The largest dL/d(row loss) in ``run``: the size of the terms that cancel in dL/dx (each entry's
+    CE and KD terms are at most about 1 times this), the tolerance's scale where dL/dx is near 0."""
+    if reduction == "none":
+        return logits(*student.shape[:-1], seed=7, scale=1.0).abs().max().item() if student.numel() else 0.0
+    rows = student.shape[:-1].numel()
+    if reduction == "mean" and target is not None:
+        rows = (target != -100).sum().item()
+    return 2.0 / max(rows, 1) if reduction in ("mean", "batchmean") else 2.0
+
+
+def check(student, teacher, target=None, backend="torch", **options):
+    """Loss and gradient of ``backend`` within the dtype's tolerance of float64; returns them."""
+    loss, grad = run(student, teacher, target, backend, **options)
+    want_loss, want_grad = exact(student, teacher, target, **options)
+    assert loss.dtype == student.dtype and grad.dtype == student.dtype and grad.shape == student.shape
+    # The loss is a difference of terms of about 1 per row (lse - x_y, for one): its tolerance is relative
+    # to their size, as the gradient's below.
+    rows = student.shape[:-1].numel() if options.get("reduction") == "sum" else 1
+    assert_close(loss, want_loss, student.dtype, scale=max(finite_max(want_loss), rows))
+    assert_close(grad, want_grad, student.dtype, scale=max(finite_max(want_grad), row_weight(student, target, **options)))
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_teachers", [1, 3])
+@pytest.mark.parametrize("logit_norm", NORMS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_divergences_and_normalizations(backend, divergence, logit_norm, n_teachers, dtype):
+    shape = (n_teachers, 6, 1000) if n_teachers > 1 else (6, 1000)
+    student, teacher = logits(6, 1000, dtype=dtype), logits(*shape, dtype=dtype, seed=1)
+    check(student, teacher, targets(6, 1000), backend, temperature=2.0, alpha=0.7, divergence=divergence,
+          logit_norm=logit_norm, beta=0.3)  # fmt: skip
+
+
+@pytest.mark.parametrize("logit_norm", NORMS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_widths(backend, width, divergence, logit_norm):
+    student, teacher = logits(3, width), logits(3, width, seed=1)
+    check(student, teacher, targets(3, width), backend, temperature=4.0, divergence=divergence,
+          logit_norm=logit_norm, label_smoothing=0.1)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_widths_by_dtype(backend, width, dtype):
+    student, teacher = logits(3, width, dtype=dtype), logits(2, 3, width, dtype=dtype, seed=1)
+    check(student, teacher, targets(3, width), backend, temperature=2.0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature_squared=False, temperature=4.0),
+        dict(teacher_temperature=1.5, temperature=3.0),
+        dict(alpha=0.0),
+        dict(alpha=1.0),
+        dict(label_smoothing=0.2, alpha=0.3),
+        dict(reduction="sum"),
+        dict(reduction="batchmean"),
+        dict(reduction="none"),
+        dict(logit_norm="spherical", norm_scale=5.0),
+        dict(divergence="jsd", beta=0.9, temperature=0.5),
+    ],
+    ids=str,
+)
+def test_options(backend, options):
+    student, teacher = logits(2, 3, 51), logits(2, 3, 51, seed=1)
+    check(student, teacher, targets((2, 3), 51, ignored=(0, 4)), backend, **options)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_tensor_temperatures(backend, per_row):
+    student, teacher = logits(5, 40), logits(5, 40, seed=1)
+    shape = (5,) if per_row else ()
+    t = torch.rand(shape, device=DEVICE) * 3 + 0.5
+    t_t = torch.rand(shape, device=DEVICE) * 3 + 0.5
+    check(student, teacher, targets(5, 40), backend, temperature=t, teacher_temperature=t_t, alpha=0.6)
+    # The same per-row temperatures as floats, row by row.
+    rows = [run(student[i : i + 1], teacher[i : i + 1], targets(5, 40)[i : i + 1], backend, reduction="sum",
+                temperature=float(t.reshape(-1)[i if per_row else 0]),
+                teacher_temperature=float(t_t.reshape(-1)[i if per_row else 0]), alpha=0.6)[0]
+            for i in range(5)]  # fmt: skip
+    loss, _ = run(student, teacher, targets(5, 40), backend, temperature=t, teacher_temperature=t_t, alpha=0.6,
+                  reduction="sum")  # fmt: skip
+    assert_close(loss, torch.stack(rows).sum(), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_all_rows_ignored(backend, reduction):
+    student, teacher = logits(4, 33), logits(4, 33, seed=1)
+    target = torch.full((4,), -100, device=DEVICE)
+    loss, grad = run(student, teacher, target, backend, reduction=reduction)
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_ignored_rows_are_absent(backend):
+    """The mean is over the rows not ignored; ignored rows get no gradient; at V > 65536 too."""
+    student, teacher = logits(4, 70001), logits(4, 70001, seed=1)
+    target = targets(4, 70001, ignored=(1, 2))
+    loss, grad = check(student, teacher, target, backend, temperature=2.0)
+    kept, kept_grad = run(student[[0, 3]], teacher[[0, 3]], target[[0, 3]], backend, temperature=2.0)
+    assert_close(loss, kept.double(), torch.float32)
+    assert torch.equal(grad[[1, 2]], torch.zeros_like(grad[[1, 2]]))
+    assert_close(grad[[0, 3]], kept_grad.double(), torch.float32)
+
+
+def test_pure_distillation(backend):
+    student, teacher = logits(2, 3, 300), logits(2, 3, 300, seed=1)
+    check(student, teacher, None, backend, alpha=1.0, temperature=4.0)
+
+
+@pytest.mark.parametrize("width", [40, 5000])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_classes(backend, divergence, width):
+    """-inf logits (a masked vocabulary) in both, or in the teacher only (where reverse KL is infinite,
+    as p_s > 0 = p_t there): probability 0, no gradient."""
+    student, teacher = logits(4, width), logits(4, width, seed=1)
+    student[:, ::7] = float("-inf")
+    teacher[:, ::7] = float("-inf")
+    if divergence != "reverse_kl":
+        teacher[:, 1::9] = float("-inf")
+    target = targets(4, width)
+    target = torch.where(target % 7 == 0, target + 1, target)  # no target on a masked class (CE = inf)
+    loss, grad = check(student, teacher, target, backend, divergence=divergence, temperature=2.0,
+                       logit_norm="standardize")  # fmt: skip
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_teacher_mass_on_a_masked_student_class_is_infinite(backend):
+    student, teacher = logits(2, 30), logits(2, 30, seed=1)
+    student[:, 3] = float("-inf")
+    loss, _ = check(student, teacher, None, backend, alpha=1.0)
+    assert loss.item() == math.inf
+
+
+@pytest.mark.parametrize("width", [100, 5000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_logits(backend, dtype, width):
+    student = logits(4, width, dtype=dtype, scale=1.0) * 1e4
+    teacher = logits(4, width, dtype=dtype, seed=1, scale=1.0) * 1e4
+    for divergence in DIVERGENCES:
+        check(student, teacher, targets(4, width), backend, divergence=divergence, temperature=5000.0)
+        check(student, teacher, targets(4, width), backend, divergence=divergence, logit_norm="spherical")
+
+
+def test_shift_invariance(backend):
+    """Adding a constant to a row of logits changes neither the loss nor the gradient."""
+    student, teacher, target = logits(4, 300), logits(4, 300, seed=1), targets(4, 300)
+    base = run(student, teacher, target, backend, temperature=2.0, label_smoothing=0.1, logit_norm="standardize")
+    shifted = run(student + 100, teacher - 50, target, backend, temperature=2.0, label_smoothing=0.1,
+                  logit_norm="standardize")  # fmt: skip
+    assert_close(shifted[0], base[0].double(), torch.float32)
+    assert_close(shifted[1], base[1].double(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_sequence_and_strides(backend, dtype):
+    """(B, S, V) logits, a non-contiguous student (a slice), a teacher with the classes not last in memory."""
+    student = logits(3, 5, 260, dtype=dtype)[:, :, :257]
+    teacher = logits(3, 5, 257, dtype=dtype, seed=1).transpose(0, 1).contiguous().transpose(0, 1)
+    target = targets((3, 5), 257, ignored=(2, 7))
+    loss, grad = check(student, teacher, target, backend, temperature=3.0, reduction="none")
+    assert loss.shape == (3, 5)
+    ensemble = torch.stack([teacher, logits(3, 5, 257, dtype=dtype, seed=2)]).transpose(2, 3).contiguous()
+    check(student, ensemble.transpose(2, 3), target, backend, temperature=3.0)
+
+
+def test_one_row_one_class_and_empty(backend):
+    check(logits(1, 20), logits(1, 20, seed=1), targets(1, 20, ignored=()), backend)
+    loss, grad = check(logits(5, 1), logits(5, 1, seed=1), targets(5, 1), backend, temperature=2.0)
+    assert loss.item() == 0 and torch.equal(grad, torch.zeros_like(grad))
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = run(logits(0, 20), logits(0, 20), targets(0, 20), backend, reduction=reduction)
+        assert loss.numel() == (0 if reduction == "none" else 1) and grad.shape == (0, 20)
+        assert not loss.any()
+
+
+def test_ensemble_is_the_mean_distribution():
+    """K = 3 teachers act as one teacher whose probabilities are the members' mean."""
+    student, teachers = logits(4, 50).double(), logits(3, 4, 50, seed=1).double()
+    mean_probs = torch.softmax(teachers / 2.0, -1).mean(0)
+    got = reference.kd_loss(student, teachers, temperature=2.0, alpha=1.0, reduction="none")
+    want = (mean_probs * (mean_probs.log() - torch.log_softmax(student / 2.0, -1))).sum(-1) * 4.0
+    torch.testing.assert_close(got, want)
+
+
+def test_reference_matches_pytorch():
+    """The reference's terms against torch's own kl_div, cross_entropy, std and normalize."""
+    s, t, y = logits(6, 40).double(), logits(6, 40, seed=1).double(), targets(6, 40, ignored=())
+    kl = F.kl_div(torch.log_softmax(s / 3, -1), torch.log_softmax(t / 3, -1), log_target=True, reduction="none")
+    options = dict(temperature=3.0, alpha=1.0, reduction="none")
+    torch.testing.assert_close(reference.kd_loss(s, t, **options), 9 * kl.sum(-1))
+    reverse = F.kl_div(torch.log_softmax(t / 3, -1), torch.log_softmax(s / 3, -1), log_target=True, reduction="none")
+    torch.testing.assert_close(reference.kd_loss(s, t, divergence="reverse_kl", **options), 9 * reverse.sum(-1))
+    ce = F.cross_entropy(s, y, label_smoothing=0.2, reduction="none")
+    torch.testing.assert_close(reference.kd_loss(s, t, y, alpha=0.0, label_smoothing=0.2, reduction="none"), ce)
+    std = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-7)
+    torch.testing.assert_close(reference.normalize_logits(s, "standardize"), std)
+    sph = 2 * F.normalize(s - s.mean(-1, keepdim=True), dim=-1, eps=0)
+    torch.testing.assert_close(reference.normalize_logits(s, "spherical"), sph, rtol=1e-6, atol=1e-6)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    m = 0.3 * p + 0.7 * q
+    jsd = 0.3 * (p * (p / m).log()).sum(-1) + 0.7 * (q * (q / m).log()).sum(-1)
+    got = reference.kd_loss(s, t, alpha=1.0, divergence="jsd", beta=0.3, reduction="none")
+    torch.testing.assert_close(got, jsd)
+
+
+def test_teacher_temperature_scales_only_the_teacher():
+    s, t = logits(4, 30).double(), logits(4, 30, seed=1).double()
+    got = reference.kd_loss(s, t, temperature=2.0, teacher_temperature=4.0, alpha=1.0)
+    torch.testing.assert_close(got, reference.kd_loss(s, t / 2, temperature=2.0, alpha=1.0))
+
+
+def test_inplace_grad(backend):
+    """The gradient written into the student logits equals the out-of-place one."""
+    student, teacher, target = logits(4, 5000), logits(4, 5000, seed=1), targets(4, 5000)
+    want_loss, want_grad = run(student, teacher, target, backend, temperature=2.0)
+    x = student.clone().requires_grad_()
+    buffer = x * 1.0  # a non-leaf buffer the loss may overwrite
+    loss = fastkd.kd_loss(buffer, teacher, target, temperature=2.0, inplace_grad=True, backend=backend)
+    (2 * loss).backward()
+    assert torch.equal(loss, want_loss) and torch.equal(x.grad, want_grad)
+    if backend == "triton":
+        assert torch.equal(buffer.detach(), want_grad)  # overwritten with the gradient, scaled in backward
+
+
+def test_inplace_grad_fails_a_backward_that_needs_the_logits():
+    x = logits(4, 50).requires_grad_()
+    buffer = x * 1.0
+    other = buffer.sin()  # saves buffer for its backward
+    loss = fastkd.kd_loss(buffer, logits(4, 50, seed=1), targets(4, 50), inplace_grad=True, backend="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other.sum()).backward()
+
+
+def test_backward_runs_once():
+    x = logits(4, 50).requires_grad_()
+    loss = fastkd.kd_loss(x, logits(4, 50, seed=1), targets(4, 50), backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_kd_loss_module():
+    student, teacher, target = logits(4, 50), logits(4, 50, seed=1), targets(4, 50)
+    t = torch.tensor(3.0, device=DEVICE)
+    module = fastkd.KDLoss(temperature=t, alpha=0.9, divergence="jsd", backend="triton")
+    assert "temperature" in dict(module.named_buffers())
+    want = fastkd.kd_loss(student, teacher, target, temperature=3.0, alpha=0.9, divergence="jsd")
+    assert_close(module(student, teacher, target), want.double(), torch.float32)
+
+
+def _models(seed):
+    torch.manual_seed(seed)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    student = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+    return teacher.to(DEVICE), student.to(DEVICE)
+
+
+def _train(backend, steps=8, compile=False):
+    teacher, student = _models(0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    loss_fn = fastkd.KDLoss(temperature=4.0, alpha=0.9, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=gen).to(DEVICE)
+    y = torch.randint(0, 10, (64,), generator=gen).to(DEVICE)
+
+    def forward(x, y):
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return loss_fn(student(x), teacher_logits, y)
+
+    forward = torch.compile(forward, fullgraph=True) if compile else forward
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = forward(x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, student
+
+
+def test_training_loop_lowers_the_loss_and_matches_the_reference():
+    losses, student = _train("triton")
+    ref_losses, ref_student = _train("torch")
+    assert losses[-1] < 0.8 * losses[0]
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-6)
+    for p, q in zip(student.parameters(), ref_student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile(fullgraph=True) traces KDLoss (no graph break) and gives the eager losses."""
+    torch._dynamo.reset()
+    losses, _ = _train("triton", steps=3, compile=True)
+    eager, _ = _train("triton", steps=3)
+    torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    from fastkd.kd_loss import _fwd_op
+
+    s, t, y = logits(4, 37), logits(1, 4, 37, seed=1), targets(4, 37)
+    per_row = torch.rand(4, device=DEVICE) + 0.5
+    for args in [
+        (s, t, y, None, 2.0, None, 2.0, 0.5, "forward_kl", 0.5, -100, "mean", True, None, 2.0, 0.0),
+        (s, t, None, per_row, 1.0, per_row, 1.0, 1.0, "jsd", 0.3, -100, "none", False, "spherical", 3.0, 0.1),
+    ]:
+        torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@given(
+    n_rows=st.integers(1, 6),
+    width=st.sampled_from([1, 2, 3, 17, 100, 257, 4096, 4100]),
+    n_teachers=st.sampled_from([0, 1, 2]),
+    temperature=st.floats(0.25, 8.0),
+    alpha=st.floats(0.0, 1.0),
+    divergence=st.sampled_from(DIVERGENCES),
+    logit_norm=st.sampled_from(NORMS),
+    reduction=st.sampled_from(["mean", "sum", "batchmean", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_problems(n_rows, width, n_teachers, temperature, alpha, divergence, logit_norm, reduction,
+                         label_smoothing, seed):  # fmt: skip
+    teacher_shape = (n_teachers, n_rows, width) if n_teachers else (n_rows, width)
+    student, teacher = logits(n_rows, width, seed=seed), logits(*teacher_shape, seed=seed + 1)
+    check(student, teacher, targets(n_rows, width, seed=seed), "triton", temperature=temperature, alpha=alpha,
+          divergence=divergence, logit_norm=logit_norm, reduction=reduction, label_smoothing=label_smoothing)  # fmt: skip
+
+
+# Bad input: each raises before any kernel runs, naming the argument.
+S, T_, Y = logits(4, 10), logits(4, 10, seed=1), targets(4, 10)
+
+
+@pytest.mark.parametrize(
+    "args, options, error, match",
+    [
+        ((S, logits(4, 11), Y), {}, ValueError, "teacher_logits have 11 classes but student_logits have 10"),
+        ((S, logits(5, 10), Y), {}, ValueError, "teacher_logits must have the student's shape"),
+        ((S, logits(0, 4, 10), Y), {}, ValueError, "teacher_logits must have the student's shape"),
+        ((S, T_, Y.float()), {}, TypeError, "target must hold class indices"),
+        ((S, T_, Y[:3]), {}, ValueError, "target must have the logits' shape"),
+        ((S, T_, torch.tensor([0, 1, 10, 2], device=DEVICE)), {}, ValueError, "class index 10, outside"),
+        ((S, T_, torch.tensor([0, -1, 3, 2], device=DEVICE)), {}, ValueError, "class index -1, outside"),
+        ((S, T_, Y), dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+        ((S, T_, Y), dict(temperature=torch.tensor(-1.0)), ValueError, "temperature must be finite and > 0"),
+        ((S, T_, Y), dict(teacher_temperature=-2.0), ValueError, "teacher_temperature must be finite and > 0"),
+        ((S, T_, Y), dict(temperature=torch.tensor(2.0, requires_grad=True)), ValueError, "does not differentiate"),
+        ((S, T_, Y), dict(alpha=1.5), ValueError, r"alpha must be in \[0.0, 1.0\]"),
+        ((S, T_, Y), dict(alpha=-0.1), ValueError, "alpha must be in"),
+        ((S, T_, Y), dict(divergence="jsd", beta=1.0), ValueError, r"beta must be in \(0.0, 1.0\)"),
+        ((S, T_, Y), dict(divergence="jsd", beta=0.0), ValueError, "beta must be in"),
+        ((S, T_, Y), dict(divergence="kl"), ValueError, "divergence must be one of"),
+        ((S, T_, Y), dict(reduction="avg"), ValueError, "reduction must be one of"),
+        ((S, T_, Y), dict(logit_norm="zscore"), ValueError, "logit_norm must be one of"),
+        ((S, T_, Y), dict(norm_scale=3.0), ValueError, "norm_scale applies to logit_norm='spherical'"),
+        ((S, T_, Y), dict(logit_norm="spherical", norm_scale=0.0), ValueError, "norm_scale must be in"),
+        ((S, T_, Y), dict(label_smoothing=1.2), ValueError, "label_smoothing must be in"),
+        ((S, T_, None), dict(alpha=0.5), ValueError, "target=None .* needs alpha=1"),
+        ((S.long(), T_, Y), {}, TypeError, "student_logits must be a floating-point tensor"),
+        ((S, "teacher", Y), {}, TypeError, "teacher_logits must be a torch.Tensor"),
+        ((S[:, :0], T_[:, :0], Y), {}, ValueError, "student_logits must have at least one class"),
+        ((S, T_, Y), dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        ((S.t(), T_.t(), targets(10, 4)), dict(inplace_grad=True, backend="triton"), ValueError, "inplace_grad"),
+    ],
+)
+def test_bad_input(args, options, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.kd_loss(*args, **options)
+
+
+def test_unchecked_out_of_range_target_gives_nan(backend):
+    """validate_args=False skips the target check; a target outside [0, V) then gives a NaN row, not a
+    wrong number (or a device-side assert)."""
+    target = torch.tensor([0, 12, 3, -100], device=DEVICE)
+    loss, grad = run(S, T_, target, backend, validate_args=False, reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2, 3]].isnan().any()
+    if backend == "triton":
+        assert grad[1].isnan().all() and not grad[[0, 2, 3]].isnan().any()
