@@ -51,7 +51,7 @@ NO_NORM, STANDARDIZE, SPHERICAL = (tl.constexpr(v) for v in NORMS.values())
 EPS = tl.constexpr(1e-7)  # fastkd.reference.NORM_EPS
 
 MAX_ONE_BLOCK = 4096  # widest row held in registers by one program
-LOOP_BLOCK = 2048  # columns per step when a row is wider
+LOOP_BLOCK = 1024  # columns per step when a row is wider (4 warps: 8 per thread per tile)
 
 
 @triton.jit
@@ -461,7 +461,7 @@ def launch_config(n_cols: int) -> tuple[int, int, bool, int]:
     """(rows per program, BLOCK, ONE_BLOCK, num_warps) for rows of ``n_cols`` columns."""
     block = triton.next_power_of_2(n_cols)
     if block > MAX_ONE_BLOCK:
-        return 1, LOOP_BLOCK, False, 8
+        return 1, LOOP_BLOCK, False, 4
     rows = min(max(1, 1024 // block), 32)
     tile = rows * block
     return rows, block, True, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
