@@ -48,19 +48,23 @@ def _fwd_op(
     logit_norm: str | None,
     norm_scale: float,
     label_smoothing: float,
-) -> tuple[Tensor, Tensor]:
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     from fastkd.kernels.kd_loss import kd_loss_forward
 
-    return kd_loss_forward(
+    rows, grad, later = kd_loss_forward(
         student, teacher, target, t_value if t_tensor is None else t_tensor, tt_value if tt_tensor is None else tt_tensor,
         alpha, divergence, beta, ignore_index, reduction, temperature_squared, logit_norm, norm_scale,
-        label_smoothing, inplace_grad=False,
+        label_smoothing, need_grad=need_grad,
     )  # fmt: skip
+    return rows, grad, (rows.new_ones(()) if later is None else later)
 
 
 @_fwd_op.register_fake
 def _(student, teacher, target, t_tensor, t_value, tt_tensor, tt_value, *args):
-    return student.new_empty(student.shape[0], dtype=torch.float32), student.new_empty(student.shape)
+    need_grad = args[-1]
+    rows = student.new_empty(student.shape[0], dtype=torch.float32)
+    return rows, student.new_empty(student.shape if need_grad else (0, student.shape[1])), rows.new_empty(())
 
 
 def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
@@ -73,13 +77,15 @@ class KDLossFunction(torch.autograd.Function):
     ``kd_loss``'s keywords after checking (temperatures as floats or per-row tensors).
 
     Forward returns the loss (a scalar, or (N,) for reduction "none") in the student's dtype and keeps
-    the gradient the kernel wrote; backward scales it in place by dL/dloss (free when that is 1), so it
-    runs once per forward. The teacher, target and temperatures get no gradient.
+    the gradient the kernel wrote (none when ``options["need_grad"]`` is false); backward scales it in
+    place by dL/dloss (free when that is 1), so it runs once per forward. The teacher, target and
+    temperatures get no gradient.
     """
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, target: Tensor | None, options: dict) -> Tensor:
-        inplace = options["inplace_grad"] and not torch.compiler.is_compiling()
+        need_grad = options["need_grad"]
+        inplace = options["inplace_grad"] and need_grad and not torch.compiler.is_compiling()
         args = (
             student, teacher, target, options["temperature"], options["teacher_temperature"], options["alpha"],
             options["divergence"], options["beta"], options["ignore_index"], options["reduction"],
@@ -87,16 +93,17 @@ class KDLossFunction(torch.autograd.Function):
         )  # fmt: skip
         if torch.compiler.is_compiling():
             t, tt = _split(args[3]), _split(args[4])
-            rows, grad = _fwd_op(*args[:3], *t, *tt, *args[5:])
+            rows, grad, later = _fwd_op(*args[:3], *t, *tt, *args[5:], need_grad)
         else:
             from fastkd.kernels.kd_loss import kd_loss_forward
 
-            rows, grad = kd_loss_forward(*args, inplace_grad=inplace)
+            rows, grad, later = kd_loss_forward(*args, inplace_grad=inplace, need_grad=need_grad)
         if inplace:  # the logits now hold the gradient: fail any backward that saved them
             ctx.grad = grad
             torch.autograd.graph.increment_version(student)
         else:
             ctx.save_for_backward(grad)
+        ctx.later = later  # the reduction's scale, when the kernel left it to the backward (float16)
         ctx.per_row = options["reduction"] == "none"
         ctx.used = False
         loss = rows if ctx.per_row else rows.sum()
@@ -106,6 +113,8 @@ class KDLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
         grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
+        if ctx.later is not None:
+            grad_output = grad_output * ctx.later
         if torch.compiler.is_compiling():
             return grad * (grad_output[:, None] if ctx.per_row else grad_output), None, None, None
         if ctx.used:
@@ -221,6 +230,9 @@ def kd_loss(
             raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={logit_norm!r}")
         check_number(norm_scale, "norm_scale", 0.0, float("inf"), low_open=True, high_open=True)
     check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    for name, flag in (("temperature_squared", temperature_squared), ("inplace_grad", inplace_grad)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if target is None:
@@ -251,20 +263,26 @@ def kd_loss(
         del options["inplace_grad"]
         return reference.kd_loss(student_logits, teacher_logits, target, **options)
     n_classes = student_logits.shape[-1]
+    options["need_grad"] = torch.is_grad_enabled() and student_logits.requires_grad
     if inplace_grad:
-        if student_logits.stride(-1) != 1:
-            raise ValueError("student_logits: inplace_grad=True needs a unit stride along the classes")
+        if student_logits.is_leaf and student_logits.requires_grad:
+            raise ValueError("student_logits: inplace_grad=True would overwrite a leaf that requires grad")
         try:
             student = student_logits.view(-1, n_classes)
         except RuntimeError:
-            raise ValueError("student_logits: inplace_grad=True needs logits viewable as (rows, V)") from None
+            student = None
+        if student is None or student.stride(1) != 1 or (student.shape[0] > 1 and student.stride(0) < n_classes):
+            raise ValueError(
+                "student_logits: inplace_grad=True needs logits viewable as rows (N, V) that do not overlap, "
+                f"with a unit stride along the classes; got strides {student_logits.stride()}"
+            )
     else:
         student = student_logits.reshape(-1, n_classes)
     teacher = teacher_logits.detach().reshape(n_teachers, -1, n_classes)
     for key in ("temperature", "teacher_temperature"):
         if isinstance(options[key], Tensor) and options[key].dim() > 0:
             options[key] = options[key].reshape(-1)  # one per row; may keep a stride, which the kernel takes
-    loss = KDLossFunction.apply(student, teacher, None if target is None else target.reshape(-1), options)
+    loss = KDLossFunction.apply(student, teacher, None if target is None else target.reshape(-1).contiguous(), options)
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss
 
 
@@ -295,7 +313,7 @@ class KDLoss(nn.Module):
         super().__init__()
         for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
             if isinstance(value, Tensor):
-                self.register_buffer(name, value.detach())
+                self.register_buffer(name, value)
             else:
                 setattr(self, name, value)
         self.alpha, self.divergence, self.beta, self.ignore_index = alpha, divergence, beta, ignore_index

@@ -143,6 +143,10 @@ def kd_loss(
     s = student_logits.to(dtype)
     t_t = temperature if teacher_temperature is None else teacher_temperature
     row_shape = s.shape[:-1]
+    valid = torch.ones(row_shape, dtype=torch.bool, device=s.device)
+    if target is not None:  # ignored rows are zeroed first: padding rows of -inf must not NaN the gradient
+        valid = target != ignore_index
+        s = torch.where(valid.unsqueeze(-1), s, 0.0)
     loss = s.new_zeros(row_shape)
     if alpha > 0:
         scale = 2.0 if norm_scale is None else norm_scale
@@ -150,18 +154,15 @@ def kd_loss(
         teachers = teacher_logits.detach().to(dtype)
         if teachers.dim() == s.dim():
             teachers = teachers.unsqueeze(0)
-        teachers = normalize_logits(teachers, logit_norm, scale)
+        teachers = normalize_logits(torch.where(valid.unsqueeze(-1), teachers, 0.0), logit_norm, scale)
         if isinstance(t_t, torch.Tensor):
             t_t = t_t.detach()
         log_p = torch.log_softmax(scale_logits(teachers, t_t, -1), -1)
         log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])  # the ensemble's mean distribution
         coef = alpha * (temperature**2 if temperature_squared else 1.0)
         loss = coef * kd_divergence(log_p, log_q, divergence, beta)
-    valid = torch.ones(row_shape, dtype=torch.bool, device=s.device)
-    if target is not None:
-        valid = target != ignore_index
-        if alpha < 1:
-            loss = loss + (1 - alpha) * cross_entropy(s, target, label_smoothing)
+    if target is not None and alpha < 1:
+        loss = loss + (1 - alpha) * cross_entropy(s, target, label_smoothing)
     loss = torch.where(valid, loss, 0.0)
     if reduction == "none":
         return loss.to(student_logits.dtype)

@@ -17,8 +17,11 @@ With dL/du_j = D'_j for u = a_s / T:
     reverse_kl  D = sum_j q_j h_j, h = log q - log p     D'_j = q_j (h_j - D)
     jsd         D = beta KL(p||m) + (1 - beta) sum_j q_j h_j,  h = log q - log m,
                 m = beta p + (1 - beta) q                 D'_j = (1 - beta) q_j (h_j - sum_k q_k h_k)
-and, with c_j = x_j - mean x (the normalization's chain rule; sum_j D'_j = 0),
-    dKD/dx_j = k_s (D'_j - c_j W),   W = r_s sum_k D'_k c_k / kappa   (W = 0 without normalization)
+and, through the normalization (c_j = x_j - mean x over the n live entries; see ``_norm_factor``),
+    dKD/dx_j = k_s (D'_j - c_j W - mean_k (D'_k - c_k W)),   W = r_s sum_k D'_k c_k / kappa
+(dKD/dx_j = k_s D'_j without it). The mean is 0 in exact math (sum D' = 0 = sum c); it is subtracted
+all the same because r_s, and so k_s, is large for a nearly constant row, where it would amplify the
+rounding left in sum D'.
     dCE/dx_j = s_j - (1 - eps) [j = y] - eps / V
 The row's gradient alpha c dKD/dx + (1 - alpha) dCE/dx, times the reduction's scale (1/rows for
 "mean"), is written in the student's dtype after the -1 at the target is folded in, in fp32.
@@ -52,6 +55,7 @@ EPS = tl.constexpr(1e-7)  # fastkd.reference.NORM_EPS
 
 MAX_ONE_BLOCK = 4096  # widest row held in registers by one program
 LOOP_BLOCK = 1024  # columns per step when a row is wider (4 warps: 8 per thread per tile)
+LOOP_MAX_REGISTERS = 128  # per thread, for the loop: without a budget ptxas spills 8 bytes at 80 in some variants
 
 
 @triton.jit
@@ -164,22 +168,38 @@ def _divergence_tile(log_q, log_p, beta, DIVERGENCE: tl.constexpr):
     if DIVERGENCE == REVERSE_KL:
         h = tl.where(q > 0, log_q - log_p, 0.0)
         return q, p, q * h, h
-    log_m = tl.log(beta * p + (1.0 - beta) * q)
+    a = log_p + tl.log(beta)  # log m = logaddexp(a, b), formed in log space: beta p + (1 - beta) q
+    b = log_q + tl.log(1.0 - beta)  # underflows to 0 where log q is finite but q is a denormal
+    top = _safe_max(tl.maximum(a, b))
+    log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
     h = tl.where(q > 0, log_q - log_m, 0.0)
     return q, p, beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * q * h, h
 
 
 @triton.jit
 def _row_sum_terms(x, q, p, h, mu, DIVERGENCE: tl.constexpr):
-    """Per-entry terms of the row sums the gradient needs: (q h, D' c before its row constant, q c)."""
+    """Per-entry terms of the row sums the gradient needs, before D''s row constant is known:
+    (q h, D' c, q c, D' or q, c), with D' c and D' as q h c and q for reverse_kl and jsd."""
     c = tl.where(x > float("-inf"), x - mu[:, None], 0.0)
     if DIVERGENCE == FORWARD_KL:
-        return q * h, (q - p) * c, q * c
-    return q * h, q * h * c, q * c
+        return q * h, (q - p) * c, q * c, q - p, c
+    return q * h, q * h * c, q * c, q, c
 
 
 @triton.jit
-def _kd_grad(x, q, p, h, qh_sum, mu, k_s, w, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr):
+def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE: tl.constexpr):
+    """(W, mean_k (D'_k - c_k W)) of the module doc from the row sums of ``_row_sum_terms``; W = 0 for a
+    constant row (kappa = 0)."""
+    if DIVERGENCE != FORWARD_KL:  # D' = f q (h - sum q h), f = 1 or 1 - beta
+        f = 1.0 if DIVERGENCE == REVERSE_KL else 1.0 - beta
+        dc_sum = f * (dc_sum - qh_sum * qc_sum)
+        d_sum = f * qh_sum * (1.0 - d_sum)
+    w = tl.where(kappa > 0, r * dc_sum / kappa, 0.0)
+    return w, (d_sum - c_sum * w) / tl.maximum(n, 1.0)
+
+
+@triton.jit
+def _kd_grad(x, q, p, h, qh_sum, mu, k_s, w, g_mean, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr):
     """dKD/dx of a tile given the row sums (module doc)."""
     if DIVERGENCE == FORWARD_KL:
         g = q - p
@@ -189,18 +209,9 @@ def _kd_grad(x, q, p, h, qh_sum, mu, k_s, w, beta, DIVERGENCE: tl.constexpr, NOR
         g = (1.0 - beta) * q * (h - qh_sum[:, None])
     if NORM != NO_NORM:
         live = x > float("-inf")
-        g = tl.where(live, g - tl.where(live, x - mu[:, None], 0.0) * w[:, None], 0.0)
+        c = tl.where(live, x - mu[:, None], 0.0)
+        g = tl.where(live, g - c * w[:, None] - g_mean[:, None], 0.0)
     return g * k_s[:, None]
-
-
-@triton.jit
-def _norm_w(r, kappa, dc_sum, qh_sum, qc_sum, beta, DIVERGENCE: tl.constexpr):
-    """W = r sum_k D'_k c_k / kappa, with sum D' c from the row sums; 0 for a constant row (kappa = 0)."""
-    if DIVERGENCE == REVERSE_KL:
-        dc_sum = dc_sum - qh_sum * qc_sum
-    elif DIVERGENCE == JSD:
-        dc_sum = (1.0 - beta) * (dc_sum - qh_sum * qc_sum)
-    return tl.where(kappa > 0, r * dc_sum / kappa, 0.0)
 
 
 @triton.jit
@@ -224,7 +235,7 @@ def kd_loss_fwd_kernel(
     TL,  # (K, N, V) teacher logits, unit column stride
     Y,  # (N,) int32/int64 targets, or None
     LOSS,  # (N,) fp32 row losses, times the reduction's scale
-    G,  # (N, V) dL/dx in X's dtype (may be X itself)
+    G,  # (N, V) dL/dx in X's dtype (may be X itself), written when NEED_GRAD
     T,  # (N,) student temperatures (stride_temp apart; 0 for one value), or None for inv_temp
     TT,  # (N,) teacher temperatures, or None for inv_temp_t
     SCALE,  # one fp32: the reduction's scale, or None for the float scale
@@ -250,6 +261,8 @@ def kd_loss_fwd_kernel(
     HAS_KD: tl.constexpr,  # alpha > 0
     HAS_CE: tl.constexpr,  # a target and alpha < 1
     HAS_TARGET: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,  # the gradient times the reduction's scale (else left to the backward)
     T_SQUARED: tl.constexpr,
     HAS_T: tl.constexpr,
     HAS_TT: tl.constexpr,
@@ -282,12 +295,13 @@ def kd_loss_fwd_kernel(
             x_y = tl.load(X + rows64 * stride_x + y, mask=valid & in_range, other=float("nan")).to(tl.float32)
     if SCALE is not None:
         scale = tl.load(SCALE)
-    kd_weight = alpha * scale
+    kd_weight = tl.full([ROWS], alpha, tl.float32)
     if T_SQUARED:
         kd_weight = kd_weight / (inv_t * inv_t)
-    ce_weight = (1.0 - alpha) * scale
+    ce_weight = tl.full([ROWS], 1.0 - alpha, tl.float32)
     if HAS_CE:  # a target outside [0, V) that is not ignored: NaN loss and gradient
         ce_weight = tl.where(in_range, ce_weight, float("nan"))
+    grad_scale = scale if SCALE_GRAD else 1.0
 
     kd = tl.zeros([ROWS], tl.float32)
     ce = tl.zeros([ROWS], tl.float32)
@@ -296,6 +310,7 @@ def kd_loss_fwd_kernel(
         x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
         grad = tl.zeros([ROWS, BLOCK], tl.float32)
         if HAS_KD:
+            n = tl.zeros([ROWS], tl.float32)
             mu = tl.zeros([ROWS], tl.float32)
             r_s = tl.full([ROWS], 1.0, tl.float32)
             kappa = tl.zeros([ROWS], tl.float32)
@@ -327,21 +342,26 @@ def kd_loss_fwd_kernel(
                     r_t, _ = _norm_factor(n_t, m2_t, norm_scale, NORM)
                 log_p, _ = _log_softmax_tile(t, r_t * inv_tt)
             q, p, terms, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
-            qh, dc, qc = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
+            qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
             qh_sum = tl.sum(qh, 1)
             w_norm = tl.zeros([ROWS], tl.float32)
+            g_mean = tl.zeros([ROWS], tl.float32)
             if NORM != NO_NORM:
-                w_norm = _norm_w(r_s, kappa, tl.sum(dc, 1), qh_sum, tl.sum(qc, 1), beta, DIVERGENCE)
+                w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, tl.sum(dc, 1), tl.sum(qc, 1), tl.sum(d, 1),
+                                             tl.sum(c, 1), beta, DIVERGENCE)  # fmt: skip
             kd = tl.sum(terms, 1)
-            grad = kd_weight[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, beta, DIVERGENCE, NORM)
+            grad = (kd_weight * grad_scale)[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, g_mean, beta,
+                                                                DIVERGENCE, NORM)  # fmt: skip
         if HAS_CE:
             m = _safe_max(tl.max(x, 1))
             lnd_1 = tl.log(tl.sum(tl.exp(x - m[:, None]), 1))
             ce = _ce_loss(m, lnd_1, x_y, tl.sum(tl.where(mask, x, 0.0), 1), ls_eps, n_cols)
-            grad += ce_weight[:, None] * _ce_grad(x, cols, y, m, lnd_1, ls_eps, n_cols)
-        tl.store(g_ptr + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
+            grad += (ce_weight * grad_scale)[:, None] * _ce_grad(x, cols, y, m, lnd_1, ls_eps, n_cols)
+        if NEED_GRAD:
+            tl.store(g_ptr + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
     else:
         # Pass 1 (logit_norm): the rows' statistics.
+        n = tl.zeros([ROWS], tl.float32)
         mu = tl.zeros([ROWS], tl.float32)
         r_s = tl.full([ROWS], 1.0, tl.float32)
         kappa = tl.zeros([ROWS], tl.float32)
@@ -387,13 +407,16 @@ def kd_loss_fwd_kernel(
                 m_t = tl.where(kk[None, :] == member, m_k[:, None], m_t)
                 lnd_t = tl.where(kk[None, :] == member, lnd_k[:, None], lnd_t)
 
-        # Pass 3 (reverse_kl, jsd, logit_norm): the row sums of q h, D' c and q c.
+        # Pass 3 (reverse_kl, jsd, logit_norm): the row sums of ``_row_sum_terms``.
         qh_sum = tl.zeros([ROWS], tl.float32)
         w_norm = tl.zeros([ROWS], tl.float32)
+        g_mean = tl.zeros([ROWS], tl.float32)
         if HAS_KD and (DIVERGENCE != FORWARD_KL or NORM != NO_NORM):
             qh_acc = tl.zeros([ROWS, BLOCK], tl.float32)
             dc_acc = tl.zeros([ROWS, BLOCK], tl.float32)
             qc_acc = tl.zeros([ROWS, BLOCK], tl.float32)
+            d_acc = tl.zeros([ROWS, BLOCK], tl.float32)
+            c_acc = tl.zeros([ROWS, BLOCK], tl.float32)
             for start in range(0, n_cols, BLOCK):
                 mask = row_ok[:, None] & (start + cols < n_cols)
                 x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -401,13 +424,16 @@ def kd_loss_fwd_kernel(
                 log_p = _teacher_log_prob(t_ptr, start + cols, mask, k_t, m_t, lnd_t, kk, n_teachers, stride_tk,
                                           ENSEMBLE)  # fmt: skip
                 q, p, _, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
-                qh, dc, qc = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
+                qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
                 qh_acc += qh
                 dc_acc += dc
                 qc_acc += qc
+                d_acc += d
+                c_acc += c
             qh_sum = tl.sum(qh_acc, 1)
             if NORM != NO_NORM:
-                w_norm = _norm_w(r_s, kappa, tl.sum(dc_acc, 1), qh_sum, tl.sum(qc_acc, 1), beta, DIVERGENCE)
+                w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, tl.sum(dc_acc, 1), tl.sum(qc_acc, 1),
+                                             tl.sum(d_acc, 1), tl.sum(c_acc, 1), beta, DIVERGENCE)  # fmt: skip
 
         # Last pass: the loss terms and the gradient.
         kd_acc = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -421,10 +447,12 @@ def kd_loss_fwd_kernel(
                                           ENSEMBLE)  # fmt: skip
                 q, p, terms, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
                 kd_acc += terms
-                grad = kd_weight[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, beta, DIVERGENCE, NORM)
+                grad = (kd_weight * grad_scale)[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, g_mean, beta,
+                                                                    DIVERGENCE, NORM)  # fmt: skip
             if HAS_CE:
-                grad += ce_weight[:, None] * _ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
-            tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
+                grad += (ce_weight * grad_scale)[:, None] * _ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
+            if NEED_GRAD:
+                tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
         kd = tl.sum(kd_acc, 1)
         if HAS_CE:
             ce = _ce_loss(m_s, lnd_1, x_y, tl.sum(x_sum, 1), ls_eps, n_cols)
@@ -434,7 +462,7 @@ def kd_loss_fwd_kernel(
         loss += kd_weight * kd
     if HAS_CE:
         loss += ce_weight * ce
-    tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=row_ok)
+    tl.store(LOSS + rows, tl.where(valid, loss * scale, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -489,44 +517,59 @@ def kd_loss_forward(
     logit_norm: str | None,
     norm_scale: float,
     label_smoothing: float,
-    inplace_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row losses (N,) fp32 times the reduction's scale, dL/dx (N, V) in the student's dtype).
+    inplace_grad: bool = False,
+    need_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(row losses (N,) fp32 times the reduction's scale, dL/dx (N, V) in the student's dtype, the
+    reduction's scale still to apply to dL/dx: a 0-d fp32 tensor, or None).
 
-    ``student`` (N, V); ``teacher`` (K, N, V); ``target`` (N,) or None; temperatures: floats, or
-    tensors of one value or one per row (any stride). The loss is the row losses' sum for every
-    reduction but "none". With ``inplace_grad`` the gradient is written into ``student``, which must
-    then have a unit column stride.
+    ``student`` (N, V); ``teacher`` (K, N, V); ``target`` (N,) contiguous, or None; temperatures:
+    floats, or tensors of one value or one per row (any stride). The loss is the row losses' sum for
+    every reduction but "none". A float16 gradient is stored without the reduction's scale (1/rows
+    for "mean"), which the backward applies with dL/dloss (a GradScaler's factor, say): scaled first,
+    small float16 entries would round to 0. With ``inplace_grad`` the gradient is written into
+    ``student``, which must then have a unit column stride; without ``need_grad`` it is not written
+    (an empty tensor is returned).
     """
     n_rows, n_cols = student.shape
     if not inplace_grad:
         student = _unit_column_stride(student)
     teacher = _unit_column_stride(teacher)
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    grad = student if inplace_grad else torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
-    if student.numel() == 0:
-        return loss.zero_(), grad
+    if not need_grad:
+        grad = student.new_empty((0, n_cols))
+    elif inplace_grad:
+        grad = student
+    else:
+        grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
     scale_t, scale = None, 1.0
     if reduction == "mean" and target is not None:
         scale_t = 1.0 / (target != ignore_index).sum().clamp_min(1).float()
     elif reduction in ("mean", "batchmean"):
-        scale = 1.0 / n_rows
+        scale = 1.0 / max(n_rows, 1)
+    scale_grad = student.dtype != torch.float16 or (scale_t is None and scale == 1.0)
+    later = None
+    if not scale_grad:
+        later = scale_t if scale_t is not None else torch.full((), scale, device=student.device)
+    if student.numel() == 0:
+        return loss.zero_(), grad, later
     t, inv_t, stride_t = _temperature(temperature)
     tt, inv_tt, stride_tt = _temperature(teacher_temperature)
     n_teachers = teacher.shape[0]
     rows, block, one_block, num_warps = launch_config(n_cols)
     with _on_device(student):
         kd_loss_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            student, teacher, target, loss, grad, t, tt, scale_t, inv_t, inv_tt, scale, alpha, beta,
-            label_smoothing, norm_scale, ignore_index, n_rows, n_cols, n_teachers,
-            student.stride(0), teacher.stride(0), teacher.stride(1), grad.stride(0), stride_t, stride_tt,
-            DIVERGENCE=DIVERGENCES[divergence], NORM=NORMS[logit_norm], HAS_KD=alpha > 0,
-            HAS_CE=target is not None and alpha < 1, HAS_TARGET=target is not None,
-            T_SQUARED=temperature_squared, HAS_T=t is not None, HAS_TT=tt is not None,
+            student, teacher, target, loss, grad if need_grad else student, t, tt, scale_t, inv_t, inv_tt, scale,
+            alpha, beta, label_smoothing, norm_scale, ignore_index, n_rows, n_cols, n_teachers,
+            student.stride(0), teacher.stride(0), teacher.stride(1), grad.stride(0) if need_grad else 0,
+            stride_t, stride_tt, DIVERGENCE=DIVERGENCES[divergence], NORM=NORMS[logit_norm], HAS_KD=alpha > 0,
+            HAS_CE=target is not None and alpha < 1, HAS_TARGET=target is not None, NEED_GRAD=need_grad,
+            SCALE_GRAD=scale_grad, T_SQUARED=temperature_squared, HAS_T=t is not None, HAS_TT=tt is not None,
             ENSEMBLE=n_teachers > 1, K_BLOCK=triton.next_power_of_2(n_teachers),
             ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+            **({} if one_block else {"maxnreg": LOOP_MAX_REGISTERS}),
         )  # fmt: skip
-    return loss, grad
+    return loss, grad, later
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ LOOP_BLOCK = 4096  # columns per step when a row is wider
 def _row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T: tl.constexpr):
     """1/T for each of the ``ROWS`` rows, from the tensor T or the float; NaN where T is not finite > 0."""
     if HAS_T:
-        t = tl.load(T + rows * stride_t, mask=row_ok, other=1.0).to(tl.float32)
+        t = tl.load(T + rows.to(tl.int64) * stride_t, mask=row_ok, other=1.0).to(tl.float32)
         return tl.where((t > 0) & (t < float("inf")), 1.0 / t, float("nan"))
     return tl.full(rows.shape, inv_temperature, tl.float32)
 
