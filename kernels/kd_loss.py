@@ -119,10 +119,19 @@ def _row_lse(ptr, k, row_ok, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constex
 
 @triton.jit
 def _log_softmax_tile(x, k):
-    """log_softmax((x) k) of whole rows held in the tile; also returns the rows' max."""
-    m = tl.max(x, 1)
-    u = (x - _safe_max(m)[:, None]) * k[:, None]
-    return u - tl.log(tl.sum(tl.exp(u), 1))[:, None], m
+    """log_softmax(x k) of whole rows held in the tile, k one scale per row."""
+    u = (x - _safe_max(tl.max(x, 1))[:, None]) * k[:, None]
+    return u - tl.log(tl.sum(tl.exp(u), 1))[:, None]
+
+
+@triton.jit
+def _member_log_prob_tile(t, inv_tt, norm_scale, NORM: tl.constexpr):
+    """log p of one teacher's rows held in the tile: its logits normalized (``logit_norm``) and tempered."""
+    r_t = tl.full(inv_tt.shape, 1.0, tl.float32)
+    if NORM != NO_NORM:
+        n_t, _, m2_t = _moments(t)
+        r_t, _ = _norm_factor(n_t, m2_t, norm_scale, NORM)
+    return _log_softmax_tile(t, r_t * inv_tt)
 
 
 @triton.jit
@@ -318,29 +327,19 @@ def kd_loss_fwd_kernel(
                 n, mu, m2 = _moments(x)
                 r_s, kappa = _norm_factor(n, m2, norm_scale, NORM)
             k_s = r_s * inv_t
-            log_q, _ = _log_softmax_tile(x, k_s)
+            log_q = _log_softmax_tile(x, k_s)
             if ENSEMBLE:
                 mx = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
                 acc = tl.zeros([ROWS, BLOCK], tl.float32)
                 member_ptr = t_ptr
                 for member in range(n_teachers):
-                    t = tl.load(member_ptr + cols, mask=mask, other=float("-inf"))
+                    t = tl.load(member_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
                     member_ptr += stride_tk
-                    t = t.to(tl.float32)
-                    r_t = tl.full([ROWS], 1.0, tl.float32)
-                    if NORM != NO_NORM:
-                        n_t, _, m2_t = _moments(t)
-                        r_t, _ = _norm_factor(n_t, m2_t, norm_scale, NORM)
-                    w, _ = _log_softmax_tile(t, r_t * inv_tt)
-                    mx, acc = _mean_exp_update(mx, acc, w)
+                    mx, acc = _mean_exp_update(mx, acc, _member_log_prob_tile(t, inv_tt, norm_scale, NORM))
                 log_p = mx + tl.log(acc) - tl.log(n_teachers.to(tl.float32))
             else:
                 t = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                r_t = tl.full([ROWS], 1.0, tl.float32)
-                if NORM != NO_NORM:
-                    n_t, _, m2_t = _moments(t)
-                    r_t, _ = _norm_factor(n_t, m2_t, norm_scale, NORM)
-                log_p, _ = _log_softmax_tile(t, r_t * inv_tt)
+                log_p = _member_log_prob_tile(t, inv_tt, norm_scale, NORM)
             q, p, terms, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
             qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
             qh_sum = tl.sum(qh, 1)
