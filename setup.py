@@ -3,7 +3,8 @@
 from setuptools import setup
 
 # Triton's interpreter (TRITON_INTERPRET=1), which runs the kernels on CPU in the tests, breaks on numpy 2.4.
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.3"]
+# torchmetrics is the tests' independent oracle for the calibration error; matplotlib draws reliability diagrams.
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.3", "torchmetrics>=1.0", "matplotlib>=3.7"]
 
 setup(
     name="fastkd",

@@ -4,9 +4,29 @@ Every op has a pure-PyTorch reference (``fastkd.reference``, the CPU path) and T
 (``fastkd.kernels``); ``backend=`` picks one (see ``fastkd._backend``).
 """
 
+from fastkd.calibration import CalibrationMeter, CalibrationStats, calibration_stats, expected_calibration_error
+from fastkd.fidelity import Fidelity, fidelity
 from fastkd.kd_loss import KDLoss, kd_loss
+from fastkd.reliability import reliability_diagram
 from fastkd.softmax import TemperedSoftmax, tempered_log_softmax, tempered_softmax
+from fastkd.temperature import FittedTemperature, TemperatureScaler, fit_temperature
 
 __version__ = "0.1.0"
 
-__all__ = ["KDLoss", "TemperedSoftmax", "kd_loss", "tempered_log_softmax", "tempered_softmax"]
+__all__ = [
+    "CalibrationMeter",
+    "CalibrationStats",
+    "Fidelity",
+    "FittedTemperature",
+    "KDLoss",
+    "TemperatureScaler",
+    "TemperedSoftmax",
+    "calibration_stats",
+    "expected_calibration_error",
+    "fidelity",
+    "fit_temperature",
+    "kd_loss",
+    "reliability_diagram",
+    "tempered_log_softmax",
+    "tempered_softmax",
+]

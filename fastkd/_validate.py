@@ -126,3 +126,50 @@ def check_target(
                 f"{name} holds class index {target[bad].flatten()[0].item()}, outside [0, {n_classes}) "
                 f"and not ignore_index={ignore_index}"
             )
+
+
+def check_teacher(teacher: object, student: Tensor) -> int:
+    """The number of ensemble members K: ``teacher`` is the student's shape, or (K,) + it."""
+    check_logits(teacher, "teacher_logits")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits are on {teacher.device} but student_logits are on {student.device}")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"teacher_logits have {teacher.shape[-1]} classes but student_logits have {student.shape[-1]}: "
+            "teacher and student must share the vocabulary (the last dimension)"
+        )
+    if teacher.shape == student.shape:
+        return 1
+    if teacher.shape[1:] == student.shape and teacher.shape[0] > 0:
+        return teacher.shape[0]
+    raise ValueError(
+        f"teacher_logits must have the student's shape {tuple(student.shape)}, or (K,) + it for an ensemble "
+        f"of K >= 1 teachers; got {tuple(teacher.shape)}"
+    )
+
+
+def check_int(value: object, name: str, low: int) -> int:
+    """An int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_probs(probs: torch.Tensor, name: str, *, check_values: bool) -> None:
+    """Rows of probabilities (last dim): each entry in [0, 1] and each row summing to 1 within
+    max(1e-3, 4 eps) for the dtype's eps (the rounding of a probability vector stored in that dtype).
+    Read only when ``check_values``."""
+    if not check_values or probs.numel() == 0:
+        return
+    if not bool(((probs >= 0) & (probs <= 1)).all()):
+        raise ValueError(f"{name}: input='probs' needs probabilities in [0, 1], got entries outside it")
+    tol = max(1e-3, 4 * torch.finfo(probs.dtype).eps)
+    sums = probs.double().sum(-1).flatten()
+    worst = sums[(sums - 1).abs().argmax()].item()
+    if abs(worst - 1) > tol:
+        raise ValueError(
+            f"{name}: input='probs' needs rows that sum to 1 (within {tol:g}); a row sums to {worst:.6g}. "
+            "Pass logits with input='logits', or normalize the rows"
+        )

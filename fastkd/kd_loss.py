@@ -21,6 +21,7 @@ from fastkd._validate import (
     check_logits,
     check_number,
     check_target,
+    check_teacher,
     check_temperature,
     should_check_values,
 )
@@ -125,26 +126,6 @@ class KDLossFunction(torch.autograd.Function):
         return scale_grad_(grad, grad_output), None, None, None
 
 
-def _check_teacher(teacher: object, student: Tensor) -> int:
-    """The number of ensemble members K: ``teacher`` is the student's shape, or (K,) + it."""
-    check_logits(teacher, "teacher_logits")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher_logits are on {teacher.device} but student_logits are on {student.device}")
-    if teacher.shape[-1] != student.shape[-1]:
-        raise ValueError(
-            f"teacher_logits have {teacher.shape[-1]} classes but student_logits have {student.shape[-1]}: "
-            "teacher and student must share the vocabulary (the last dimension)"
-        )
-    if teacher.shape == student.shape:
-        return 1
-    if teacher.shape[1:] == student.shape and teacher.shape[0] > 0:
-        return teacher.shape[0]
-    raise ValueError(
-        f"teacher_logits must have the student's shape {tuple(student.shape)}, or (K,) + it for an ensemble "
-        f"of K >= 1 teachers; got {tuple(teacher.shape)}"
-    )
-
-
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -217,7 +198,7 @@ def kd_loss(
     check_logits(student_logits, "student_logits")
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have at least one class (the last dimension is 0)")
-    n_teachers = _check_teacher(teacher_logits, student_logits)
+    n_teachers = check_teacher(teacher_logits, student_logits)
     check_values = should_check_values(validate_args)
     check_number(alpha, "alpha", 0.0, 1.0)
     check_choice(divergence, DIVERGENCES, "divergence")

@@ -172,3 +172,106 @@ def kd_loss(
     elif reduction == "batchmean":
         total = total / max(valid.numel(), 1)
     return total.to(student_logits.dtype)
+
+
+# ---- calibration and fidelity -------------------------------------------------------------------------
+
+
+def confidence_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """The 0-based bin of each confidence among ``n_bins`` equal bins of [0, 1]: bin m (1-based) holds
+    ((m - 1)/M, m/M], and a confidence of 0 joins the first bin. Exact for float32 confidences: c * M
+    is exact in float64, so ceil(c * M) - 1 compares c with m/M without rounding."""
+    return (torch.ceil(confidence.double() * n_bins).long() - 1).clamp_(0, n_bins - 1)
+
+
+def _probabilities(
+    logits: torch.Tensor, temperature: float | torch.Tensor, probs: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, log p) of each row in the compute dtype: softmax(logits / T), or the probabilities given
+    (``probs``, at T = 1)."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if probs:
+        return x, x.log()
+    log_p = torch.log_softmax(scale_logits(x, temperature, -1), -1)
+    return log_p.exp(), log_p
+
+
+def top_label_rows(
+    logits: torch.Tensor, target: torch.Tensor, temperature: float | torch.Tensor = 1.0, probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` (N, C) with target (N,) in [0, C): (confidence max_j p_j, correct
+    [argmax_j p_j = y] (the first index of the max), NLL -log p_y, Brier sum_j (p_j - [j = y])^2),
+    with p = softmax(logits / T) in the compute dtype (or, with ``probs``, the rows themselves at T = 1).
+    The prediction is the argmax of the logits themselves: rounding can tie classes in p that it does
+    not tie in the logits."""
+    p, log_p = _probabilities(logits, temperature, probs)
+    confidence, prediction = p.amax(-1), logits.argmax(-1)
+    p_y = p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    nll = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    brier = (p * p).sum(-1) - 2 * p_y + 1
+    return confidence, prediction == target, nll, brier
+
+
+def calibration_sums(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    n_bins: int,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bin count, bin confidence sum, bin correct count, NLL sum, Brier sum) over the rows of
+    ``logits`` (N, C) whose target (N,) is not ``ignore_index``; counts int64, sums float64. A tensor
+    temperature holds one value or one per row."""
+    valid = target != ignore_index
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        temperature = temperature[valid]
+    confidence, correct, nll, brier = top_label_rows(logits[valid], target[valid], temperature, probs)
+    bins = confidence_bins(confidence, n_bins)
+    count = torch.zeros(n_bins, dtype=torch.int64, device=logits.device).index_add_(0, bins, torch.ones_like(bins))
+    confidence_sum = torch.zeros(n_bins, dtype=torch.float64, device=logits.device)
+    confidence_sum.index_add_(0, bins, confidence.double())
+    n_correct = torch.zeros_like(count).index_add_(0, bins, correct.long())
+    return count, confidence_sum, n_correct, nll.double().sum(), brier.double().sum()
+
+
+def adaptive_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Equal-mass bins: the sample of rank r among N (ascending confidence) goes to bin floor(r M / N),
+    where equal confidences all take the rank of the first of them, so that ties share a bin. With
+    N < M some bins stay empty."""
+    n = confidence.numel()
+    first_rank = torch.searchsorted(confidence.sort().values, confidence, right=False)
+    return first_rank * n_bins // max(n, 1)
+
+
+def temperature_nll_derivatives(
+    logits: torch.Tensor, target: torch.Tensor, inv_temperature: float, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over the rows not ignored, in float64, of NLL(u) = ln sum_j e^(u x_j) - u x_y and its
+    derivatives in u = 1/T: NLL' = E_p[x] - x_y and NLL'' = Var_p[x], p = softmax(u x)."""
+    valid = target != ignore_index
+    x = logits[valid].to(compute_dtype(logits.dtype))
+    y = target[valid].unsqueeze(-1)
+    x = x - x.amax(-1, keepdim=True)
+    log_p = torch.log_softmax(x * inv_temperature, -1)
+    p = log_p.exp()
+    live = p > 0
+    xs = torch.where(live, x, 0.0)
+    mean = (p * xs).sum(-1)
+    var = (p * (xs - mean.unsqueeze(-1)) ** 2).sum(-1)
+    nll = -log_p.gather(-1, y).squeeze(-1)
+    grad = mean - x.gather(-1, y).squeeze(-1)
+    return nll.double().sum(), grad.double().sum(), var.double().sum()
+
+
+def fidelity_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``student_logits`` (N, C) and ``teacher_logits`` (K, N, C): ([argmax q = argmax p],
+    KL(p || q)), with q = softmax(student / T) and p = mean_k softmax(teacher_k / T). The argmax (its
+    first index) is taken of the logits for the student and a single teacher, of p for an ensemble."""
+    log_q = torch.log_softmax(scale_logits(student_logits, temperature, -1), -1)
+    log_p = torch.log_softmax(scale_logits(teacher_logits, temperature, -1), -1)
+    log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
+    teacher_top = teacher_logits[0].argmax(-1) if teacher_logits.shape[0] == 1 else log_p.argmax(-1)
+    return student_logits.argmax(-1) == teacher_top, kd_divergence(log_p, log_q, "forward_kl")

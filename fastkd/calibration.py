@@ -1,0 +1,415 @@
+"""Calibration of a classifier's predictions: reliability statistics in one pass, the expected
+calibration error (ECE) and a streaming meter.
+
+**Binning convention** (every function here). The top-label confidence of a row is
+c = max_j softmax(z / T)_j, computed in float32 from the logits z (float64 for float64 logits), and the
+prediction is argmax_j z_j (its first index). With M equal bins, bin m = 1..M holds the confidences in
+((m - 1)/M, m/M], compared exactly with m/M; a confidence of exactly 1.0 is in bin M (there is no extra
+bin), and one that rounds to 1.0 in float32 is too. ``torchmetrics`` differs here, deliberately on our
+side: its bins are [(m - 1)/M, m/M) and a confidence of 1.0 gets a bin of its own, M + 1, so that rows
+the model is certain of (frequent once softmax rounds to 1) are scored apart from the last bin.
+Elsewhere the two agree.
+
+The calibration error over bins with n_m rows, mean confidence conf_m and accuracy acc_m (N rows)::
+
+    "l1"   ECE = sum_m (n_m / N) |acc_m - conf_m|
+    "l2"   RMS calibration error = sqrt(sum_m (n_m / N) (acc_m - conf_m)^2)
+    "max"  MCE = max over non-empty bins of |acc_m - conf_m|
+
+Rows whose target is ``ignore_index`` are skipped everywhere. With ``input="probs"`` the rows are
+probabilities (checked: in [0, 1], summing to 1), tempered as softmax(log p / T) when T != 1; there is
+no guessing which of the two a tensor holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastkd import reference
+from fastkd._backend import resolve_backend
+from fastkd._validate import (
+    check_choice,
+    check_int,
+    check_logits,
+    check_probs,
+    check_target,
+    check_temperature,
+    should_check_values,
+)
+
+NORMS = ("l1", "l2", "max")
+BINNINGS = ("uniform", "adaptive")
+INPUTS = ("logits", "probs")
+CHUNK_ELEMENTS = 1 << 24  # rows x classes per step of the PyTorch path (64 MiB of float32)
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Sums over the rows seen, binned by top-label confidence (see the module doc for the bins).
+
+    ``bin_count`` (M,) int64 rows per bin; ``bin_correct`` (M,) int64 correct predictions per bin;
+    ``bin_confidence_sum`` (M,) float64; ``nll_sum`` and ``brier_sum`` 0-d float64: the sums of
+    -log p_y and of the multiclass Brier score sum_j (p_j - [j = y])^2 (in [0, 2]) over the rows.
+    Stats of disjoint sets of rows add with ``+``.
+    """
+
+    bin_count: Tensor
+    bin_correct: Tensor
+    bin_confidence_sum: Tensor
+    nll_sum: Tensor
+    brier_sum: Tensor
+
+    @property
+    def n_bins(self) -> int:
+        return self.bin_count.numel()
+
+    @property
+    def count(self) -> int:
+        """Rows counted."""
+        return int(self.bin_count.sum())
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy (NaN when no row was counted)."""
+        return _ratio(self.bin_correct.sum(), self.count)
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood of the targets."""
+        return _ratio(self.nll_sum, self.count)
+
+    @property
+    def brier(self) -> float:
+        """Mean multiclass Brier score."""
+        return _ratio(self.brier_sum, self.count)
+
+    @property
+    def bin_confidence(self) -> Tensor:
+        """(M,) mean confidence per bin; NaN for an empty bin."""
+        return self.bin_confidence_sum / self.bin_count
+
+    @property
+    def bin_accuracy(self) -> Tensor:
+        """(M,) accuracy per bin; NaN for an empty bin."""
+        return self.bin_correct.double() / self.bin_count
+
+    @property
+    def bin_edges(self) -> Tensor:
+        """(M + 1,) the bins' edges 0, 1/M, ..., 1."""
+        return torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
+
+    def ece(self, norm: str = "l1") -> float:
+        """The calibration error: ``"l1"`` ECE, ``"l2"`` RMS, ``"max"`` MCE (module doc); NaN with no rows."""
+        check_choice(norm, NORMS, "norm")
+        return float(bin_calibration_error(self.bin_count, self.bin_correct, self.bin_confidence_sum, norm))
+
+    def __add__(self, other: CalibrationStats) -> CalibrationStats:
+        if not isinstance(other, CalibrationStats):
+            return NotImplemented
+        if other.n_bins != self.n_bins:
+            raise ValueError(f"cannot add calibration stats of {self.n_bins} and {other.n_bins} bins")
+        return CalibrationStats(*(a + b.to(a.device) for a, b in zip(self._fields(), other._fields())))
+
+    def _fields(self) -> tuple[Tensor, ...]:
+        return self.bin_count, self.bin_correct, self.bin_confidence_sum, self.nll_sum, self.brier_sum
+
+
+def _ratio(total: Tensor, count: int) -> float:
+    return float(total) / count if count else float("nan")
+
+
+def bin_calibration_error(count: Tensor, correct: Tensor, confidence_sum: Tensor, norm: str) -> Tensor:
+    """The calibration error (module doc) of bins along the last dim, float64; NaN where no rows."""
+    count = count.double()
+    total = count.sum(-1)
+    filled = count > 0
+    gap = torch.where(filled, (correct.double() - confidence_sum) / count.clamp_min(1), 0.0).abs()
+    if norm == "l1":
+        error = (count * gap).sum(-1) / total
+    elif norm == "l2":
+        error = ((count * gap * gap).sum(-1) / total).sqrt()
+    else:
+        error = gap.amax(-1)
+    return torch.where(total > 0, error, torch.nan)
+
+
+def _prepare(
+    logits: object,
+    target: object,
+    temperature: object,
+    input: str,
+    ignore_index: int,
+    backend: str,
+    validate_args: bool,
+) -> tuple[Tensor, Tensor, float | Tensor, bool, str]:
+    """Checked arguments as (rows (N, C), targets (N,) contiguous, temperature (a float or a tensor of
+    one value or N), whether the rows are probabilities at T = 1, backend). Probabilities to temper
+    are turned into log-probabilities (in float32 at least), which softmax(. / T) takes as logits."""
+    check_logits(logits)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class (the last dimension is 0)")
+    check_choice(input, INPUTS, "input")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_values = should_check_values(validate_args)
+    check_target(target, logits, ignore_index, check_values=check_values)
+    temperature = check_temperature(temperature, logits, logits.dim() - 1, check_values=check_values)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.detach().reshape(-1) if temperature.dim() else temperature.detach()
+    probs = input == "probs"
+    if probs:
+        check_probs(logits, "logits", check_values=check_values)
+    backend = resolve_backend(backend, logits)
+    rows = logits.reshape(-1, logits.shape[-1])
+    if probs and (isinstance(temperature, Tensor) or temperature != 1):
+        rows, probs = rows.to(torch.promote_types(rows.dtype, torch.float32)).log(), False
+    return rows, target.reshape(-1).contiguous(), temperature, probs, backend
+
+
+def _row_chunks(rows: Tensor, target: Tensor, temperature: float | Tensor):
+    """(rows, target, temperature) in pieces of at most ``CHUNK_ELEMENTS`` entries (PyTorch path)."""
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        t = temperature
+        if isinstance(t, Tensor) and t.dim():
+            t = t[start : start + step]
+        yield rows[start : start + step], target[start : start + step], t
+
+
+def _top_label_rows(rows, target, temperature, probs, ignore_index, backend) -> tuple[Tensor, Tensor]:
+    """(confidence, correct) of the rows not ignored."""
+    if backend == "triton":
+        from fastkd.kernels.calibration import calibration_pass
+
+        out = calibration_pass(rows, target, "rows", temperature=temperature, probs=probs, ignore_index=ignore_index)
+        keep = out["correct"] >= 0
+        return out["confidence"][keep], out["correct"][keep].bool()
+    confidence, correct = [], []
+    for x, y, t in _row_chunks(rows, target, temperature):
+        valid = y != ignore_index
+        if isinstance(t, Tensor) and t.dim():
+            t = t[valid]
+        c, right, _, _ = reference.top_label_rows(x[valid], y[valid], t, probs)
+        confidence.append(c)
+        correct.append(right)
+    return torch.cat(confidence), torch.cat(correct)
+
+
+def _binned(bins: Tensor, correct: Tensor, confidence: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, correct, confidence sum) per bin, from each sample's bin (int64, any shape)."""
+    count = torch.zeros(n_bins, dtype=torch.int64, device=bins.device)
+    count.index_add_(0, bins.flatten(), torch.ones_like(bins.flatten()))
+    n_correct = torch.zeros_like(count).index_add_(0, bins.flatten(), correct.flatten().long())
+    total = torch.zeros(n_bins, dtype=torch.float64, device=bins.device)
+    return count, n_correct, total.index_add_(0, bins.flatten(), confidence.flatten().double())
+
+
+def calibration_stats(
+    logits: Tensor,
+    target: Tensor,
+    n_bins: int = 15,
+    temperature: float | Tensor = 1.0,
+    *,
+    input: str = "logits",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    validate_args: bool = True,
+) -> CalibrationStats:
+    """Reliability statistics of ``logits`` against ``target`` in one read of the logits.
+
+    Args:
+        logits: (N, C) or (B, S, C) (any leading dims), float16/bfloat16/float32/float64; with
+            ``input="probs"``, probabilities instead.
+        target: int64 (or int32) class indices of the logits' shape without C; rows whose target is
+            ``ignore_index`` are skipped.
+        n_bins: M >= 1 equal-width confidence bins (module doc).
+        temperature: T > 0, a float or a tensor of one value or one per row: the statistics of
+            softmax(logits / T).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
+        validate_args: check target values and probabilities (a host sync on CUDA).
+
+    The Triton kernel reads each logit once (no probability tensor is formed) and sums per-program
+    partial bins without float atomics, so a result is the same on every run.
+    """
+    check_int(n_bins, "n_bins", 1)
+    rows, target, temperature, probs, backend = _prepare(
+        logits, target, temperature, input, ignore_index, backend, validate_args
+    )
+    if backend == "triton":
+        from fastkd.kernels.calibration import MAX_KERNEL_BINS, calibration_pass
+
+        if n_bins <= MAX_KERNEL_BINS:
+            out = calibration_pass(
+                rows, target, "bins", temperature=temperature, probs=probs, ignore_index=ignore_index, n_bins=n_bins
+            )
+            return CalibrationStats(out["bin_count"], out["bin_correct"], out["bin_confidence_sum"], out["nll"],
+                                    out["brier"])  # fmt: skip
+        out = calibration_pass(rows, target, "rows", temperature=temperature, probs=probs, ignore_index=ignore_index)
+        keep = out["correct"] >= 0
+        confidence = out["confidence"][keep]
+        bins = reference.confidence_bins(confidence, n_bins)
+        return CalibrationStats(*_binned(bins, out["correct"][keep], confidence, n_bins), out["nll"], out["brier"])
+    sums = None
+    for x, y, t in _row_chunks(rows, target, temperature):
+        count, confidence_sum, correct, nll, brier = reference.calibration_sums(x, y, n_bins, t, ignore_index, probs)
+        chunk = CalibrationStats(count, correct, confidence_sum, nll, brier)
+        sums = chunk if sums is None else sums + chunk
+    if sums is None:  # no rows
+        zeros = torch.zeros(n_bins, dtype=torch.int64, device=rows.device)
+        zero = torch.zeros((), dtype=torch.float64, device=rows.device)
+        sums = CalibrationStats(zeros, zeros, zeros.double(), zero, zero)
+    return sums
+
+
+def expected_calibration_error(
+    logits: Tensor,
+    target: Tensor,
+    n_bins: int = 15,
+    norm: str = "l1",
+    binning: str = "uniform",
+    classwise: bool = False,
+    *,
+    temperature: float | Tensor = 1.0,
+    input: str = "logits",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    validate_args: bool = True,
+) -> float:
+    """The calibration error of ``logits`` against ``target`` (module doc for bins and norms).
+
+    Args:
+        binning: ``"uniform"`` M equal-width bins; ``"adaptive"`` M equal-mass bins: the row of rank r
+            among N (ascending confidence) is in bin floor(r M / N), where equal confidences all take
+            the rank of the first of them, so ties share a bin (with N < M some bins stay empty).
+        classwise: the mean over the C classes of the calibration error of p_k against [y = k] (each
+            class binned over all rows), instead of the top label's.
+        Others as in ``calibration_stats``.
+
+    Uniform top-label binning is ``calibration_stats(...).ece(norm)``, one read of the logits.
+    Adaptive binning needs every row's confidence (one read, then a sort of N values). Classwise
+    binning computes the probabilities in row chunks (the softmax kernel on ``backend``) and bins
+    them with PyTorch; adaptive classwise binning holds all N x C probabilities, to sort each class.
+    NaN when every row is ignored.
+    """
+    check_int(n_bins, "n_bins", 1)
+    check_choice(norm, NORMS, "norm")
+    check_choice(binning, BINNINGS, "binning")
+    if not isinstance(classwise, bool):
+        raise TypeError(f"classwise must be a bool, got {type(classwise).__name__}")
+    if classwise:
+        return _classwise_error(logits, target, n_bins, norm, binning, temperature, input, ignore_index, backend,
+                                validate_args)  # fmt: skip
+    if binning == "uniform":
+        return calibration_stats(logits, target, n_bins, temperature, input=input, ignore_index=ignore_index,
+                                 backend=backend, validate_args=validate_args).ece(norm)  # fmt: skip
+    rows, target, temperature, probs, backend = _prepare(
+        logits, target, temperature, input, ignore_index, backend, validate_args
+    )
+    confidence, correct = _top_label_rows(rows, target, temperature, probs, ignore_index, backend)
+    bins = reference.adaptive_bins(confidence, n_bins)
+    return float(bin_calibration_error(*_binned(bins, correct, confidence, n_bins), norm))
+
+
+def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, ignore_index, backend,
+                     validate_args) -> float:  # fmt: skip
+    """``expected_calibration_error(..., classwise=True)``."""
+    from fastkd.softmax import tempered_softmax
+
+    rows, target, temperature, probs, backend = _prepare(
+        logits, target, temperature, input, ignore_index, backend, validate_args
+    )
+    n_classes = rows.shape[1]
+    classes = torch.arange(n_classes, device=rows.device)
+    pieces = []
+    for x, y, t in _row_chunks(rows, target, temperature):
+        valid = y != ignore_index
+        if isinstance(t, Tensor) and t.dim():
+            t = t[valid]
+        x, y = x[valid], y[valid]
+        x = x.to(reference.compute_dtype(x.dtype))  # probabilities in float32 even for 16-bit logits
+        p = x if probs else tempered_softmax(x, t, backend=backend)
+        pieces.append((p, y.unsqueeze(1) == classes))
+    if not pieces:
+        return float("nan")
+    if binning == "uniform":  # (class, bin) as one flat index
+        sums = [torch.zeros(n_classes * n_bins, dtype=dt, device=rows.device) for dt in (torch.int64, torch.int64,
+                torch.float64)]  # fmt: skip
+        for p, hit in pieces:
+            bins = reference.confidence_bins(p, n_bins) + classes * n_bins
+            for total, part in zip(sums, _binned(bins, hit, p, n_classes * n_bins)):
+                total += part
+        count, correct, confidence_sum = (s.view(n_classes, n_bins) for s in sums)
+    else:
+        p = torch.cat([p for p, _ in pieces]).T.contiguous()  # (C, N)
+        hit = torch.cat([h for _, h in pieces]).T
+        n = p.shape[1]
+        first_rank = torch.searchsorted(p.sort(1).values, p, right=False)
+        bins = first_rank * n_bins // max(n, 1) + (classes * n_bins).unsqueeze(1)
+        count, correct, confidence_sum = (s.view(n_classes, n_bins) for s in _binned(bins, hit, p, n_classes * n_bins))
+    return float(bin_calibration_error(count, correct, confidence_sum, norm).mean())
+
+
+class CalibrationMeter(nn.Module):
+    """Streaming reliability statistics over many batches, in O(n_bins) memory (the samples are not kept).
+
+    ``update(logits, target)`` adds a batch (``calibration_stats`` with this meter's settings);
+    ``compute()`` returns the ``CalibrationStats`` of everything seen, summed over the processes of the
+    default group (or ``process_group``) when ``torch.distributed`` is initialized, without changing
+    the local state; ``reset()`` starts over. The state is registered buffers: ``state_dict()`` /
+    ``load_state_dict()`` save and resume a long evaluation, ``.to(device)`` moves it.
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 15,
+        temperature: float | Tensor = 1.0,
+        *,
+        input: str = "logits",
+        ignore_index: int = -100,
+        backend: str = "auto",
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        check_int(n_bins, "n_bins", 1)
+        check_choice(input, INPUTS, "input")
+        self.n_bins, self.temperature, self.input = n_bins, temperature, input
+        self.ignore_index, self.backend, self.process_group = ignore_index, backend, process_group
+        self.register_buffer("bin_count", torch.zeros(n_bins, dtype=torch.int64))
+        self.register_buffer("bin_correct", torch.zeros(n_bins, dtype=torch.int64))
+        self.register_buffer("bin_confidence_sum", torch.zeros(n_bins, dtype=torch.float64))
+        self.register_buffer("nll_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("brier_sum", torch.zeros((), dtype=torch.float64))
+
+    def _state(self) -> tuple[Tensor, ...]:
+        return self.bin_count, self.bin_correct, self.bin_confidence_sum, self.nll_sum, self.brier_sum
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        stats = calibration_stats(logits, target, self.n_bins, self.temperature, input=self.input,
+                                  ignore_index=self.ignore_index, backend=self.backend)  # fmt: skip
+        for total, part in zip(self._state(), stats._fields()):
+            total += part.to(total.device)
+
+    def forward(self, logits: Tensor, target: Tensor) -> None:
+        self.update(logits, target)
+
+    def compute(self) -> CalibrationStats:
+        state = self._state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            packed = torch.cat([t.double().reshape(-1) for t in state])  # counts are exact in float64 to 2^53
+            dist.all_reduce(packed, group=self.process_group)
+            m = self.n_bins
+            count, correct, confidence_sum = packed[:m], packed[m : 2 * m], packed[2 * m : 3 * m]
+            return CalibrationStats(count.long(), correct.long(), confidence_sum, packed[3 * m], packed[3 * m + 1])
+        return CalibrationStats(*(t.clone() for t in state))
+
+    def reset(self) -> None:
+        for t in self._state():
+            t.zero_()
+
+    def extra_repr(self) -> str:
+        return f"n_bins={self.n_bins}, temperature={self.temperature}, input={self.input!r}"

@@ -1,0 +1,155 @@
+"""Temperature scaling (Guo et al., 2017): the T > 0 that minimizes the NLL of softmax(logits / T).
+
+With u = 1/T, the mean NLL over N rows with logits x and targets y,
+
+    NLL(u) = mean_i [ln sum_j e^(u x_ij) - u x_iy],
+    NLL'(u) = mean_i (E_p[x_i] - x_iy),        NLL''(u) = mean_i Var_p[x_i] >= 0,   p = softmax(u x_i),
+
+is convex in u, and one read of the logits gives all three (``fastkd.kernels.calibration``, "newton"
+mode). ``fit_temperature`` runs Newton's method on u from u = 1, safeguarded by the bracket that the
+signs of NLL' give: a step that leaves the bracket is replaced by a geometric bisection. Each
+iteration is one pass over the logits; it stops when the Newton step is below ``rtol`` * u (the
+optimum is then within about that of u, by Newton's quadratic convergence). T stays in ``bounds``:
+when the optimum lies beyond one (e.g. data every prediction of which is right, whose NLL falls
+toward 0 as T -> 0), T is that bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastkd import reference
+from fastkd.calibration import _prepare, _row_chunks
+from fastkd._validate import check_int, check_number
+
+
+class FittedTemperature(float):
+    """The fitted T (a float), with how the fit went: ``passes`` over the logits, ``nll`` at T and
+    ``nll_initial`` at T = 1 (mean over the rows counted), ``grad`` = dNLL/du at u = 1/T, ``converged``
+    (False when ``max_passes`` ran out), ``at_bound`` (T is an end of ``bounds``)."""
+
+    passes: int
+    nll: float
+    nll_initial: float
+    grad: float
+    converged: bool
+    at_bound: bool
+
+    def __new__(cls, temperature: float, **info):
+        self = super().__new__(cls, temperature)
+        self.__dict__.update(info)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"FittedTemperature({float(self)!r}, passes={self.passes}, nll={self.nll:.6g}, "
+                f"nll_initial={self.nll_initial:.6g}, converged={self.converged}, at_bound={self.at_bound})")  # fmt: skip
+
+
+def _nll_derivatives(rows, target, u, ignore_index, backend) -> list[float]:
+    """[sum NLL, sum NLL', sum NLL''] over the rows not ignored, at u (one pass over the logits)."""
+    if backend == "triton":
+        from fastkd.kernels.calibration import calibration_pass
+
+        out = calibration_pass(rows, target, "newton", temperature=1.0 / u, ignore_index=ignore_index)
+        return torch.stack([out["nll"], out["grad"], out["hess"]]).tolist()
+    totals = [0.0, 0.0, 0.0]
+    for x, y, _ in _row_chunks(rows, target, 1.0):
+        for i, value in enumerate(reference.temperature_nll_derivatives(x, y, u, ignore_index)):
+            totals[i] += value.item()
+    return totals
+
+
+def fit_temperature(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    input: str = "logits",
+    ignore_index: int = -100,
+    bounds: tuple[float, float] = (1e-2, 1e2),
+    rtol: float = 1e-6,
+    max_passes: int = 50,
+    backend: str = "auto",
+    validate_args: bool = True,
+) -> FittedTemperature:
+    """The temperature T > 0 minimizing the mean NLL of softmax(logits / T) against ``target``.
+
+    Args:
+        logits: (N, C) or (B, S, C), float16/bfloat16/float32/float64 (with ``input="probs"``,
+            probabilities: T then scales log p); e.g. a teacher's logits on a held-out split.
+        target: int64 (or int32) class indices of the logits' shape without C; rows whose target is
+            ``ignore_index`` are skipped.
+        bounds: (T_min, T_max), 0 < T_min < 1 < T_max: the range searched.
+        rtol: stop once a Newton step changes u = 1/T by less than rtol * u.
+        max_passes: the most passes over the logits.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
+
+    Returns a ``FittedTemperature``: a float, with the number of passes and the NLL before and after.
+    Raises ``ValueError`` when every row is ignored.
+    """
+    if not (isinstance(bounds, tuple) and len(bounds) == 2):
+        raise TypeError(f"bounds must be a tuple (T_min, T_max), got {bounds!r}")
+    t_min = check_number(bounds[0], "bounds[0]", 0.0, 1.0, low_open=True, high_open=True)
+    t_max = check_number(bounds[1], "bounds[1]", 1.0, math.inf, low_open=True, high_open=True)
+    check_number(rtol, "rtol", 0.0, 1.0, low_open=True, high_open=True)
+    check_int(max_passes, "max_passes", 1)
+    rows, target, _, _, backend = _prepare(logits, target, 1.0, input, ignore_index, backend, validate_args)
+    if input == "probs":
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32)).log()
+    count = int((target != ignore_index).sum())
+    if count == 0:
+        raise ValueError(f"target: every row is ignore_index={ignore_index}; nothing to fit a temperature to")
+
+    u_min, u_max = 1.0 / t_max, 1.0 / t_min
+    lo, hi = 0.0, math.inf  # NLL' < 0 at lo, > 0 at hi: the optimum lies between
+    u, passes, converged, at_bound, nll_initial = 1.0, 0, False, False, None
+    while passes < max_passes:
+        nll, grad, hess = (total / count for total in _nll_derivatives(rows, target, u, ignore_index, backend))
+        passes += 1
+        nll_initial = nll if nll_initial is None else nll_initial
+        if grad > 0:
+            hi = u
+        else:
+            lo = u
+        if (u == u_min and grad > 0) or (u == u_max and grad < 0):
+            at_bound = True  # the optimum lies beyond the bound
+            break
+        step = grad / hess if hess > 0 else math.copysign(math.inf, grad)
+        if grad == 0 or abs(step) <= rtol * u:
+            converged = True
+            break
+        u_next = u - step
+        if not lo < u_next < hi:  # Newton left the bracket: bisect it (geometrically: u is a scale)
+            u_next = hi / 4 if lo == 0 else lo * 4 if hi == math.inf else math.sqrt(lo * hi)
+        u = min(max(u_next, u_min), u_max)
+    return FittedTemperature(
+        1.0 / u, passes=passes, nll=nll, nll_initial=nll_initial, grad=grad, converged=converged, at_bound=at_bound
+    )
+
+
+class TemperatureScaler(nn.Module):
+    """Divides logits by a fitted temperature: ``TemperatureScaler().fit(logits, target)(z) == z / T``.
+
+    ``temperature`` is a 0-d float32 buffer (saved in the state dict); ``fit`` sets it with
+    ``fit_temperature`` (keyword arguments passed on) and keeps the fit's report in ``fit_result``.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        check_number(temperature, "temperature", 0.0, math.inf, low_open=True, high_open=True)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.fit_result: FittedTemperature | None = None
+
+    @torch.no_grad()
+    def fit(self, logits: Tensor, target: Tensor, **kwargs) -> TemperatureScaler:
+        self.fit_result = fit_temperature(logits, target, **kwargs)
+        self.temperature.fill_(float(self.fit_result))
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature.item():.6g}"

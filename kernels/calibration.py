@@ -1,0 +1,239 @@
+"""Triton kernel for calibration statistics and temperature fitting: one read of the logits.
+
+For a row with logits x (C), target y and u = 1/T (math in fp32), one online pass over the row keeps
+the running max m, d = sum_j e^((x_j - m) u), and whichever of these the mode needs:
+
+    top label     conf = max_j p_j = 1/d,   prediction = argmax_j x_j (first index)
+    NLL           -log p_y = (m - x_y) u + ln d
+    Brier         sum_j (p_j - [j = y])^2 = d2 / d^2 - 2 p_y + 1,   d2 = sum_j e^(2 (x_j - m) u)
+    Newton        NLL'(u) = E_p[x] - x_y,  NLL''(u) = Var_p[x]   (weighted mean and M2 of x under p,
+                  merged across column blocks by Chan et al.'s update)
+
+With probabilities instead of logits (``PROBS``, at T = 1): conf = max_j p_j, -log p_y and
+sum_j p_j^2 - 2 p_y + 1 straight from the row.
+
+Rows whose target is ``ignore_index`` are skipped. Each program walks a strided set of row tiles and
+keeps its sums in registers; it writes one set of partial sums (``MODE``):
+    BINS    per-bin count, correct count (int32, exact) and confidence sum (fp32), for the bins
+            ((m - 1)/M, m/M] (bin = ceil(conf * M) - 1 in fp64, exact for an fp32 conf), plus the NLL
+            and Brier sums;
+    ROWS    each row's confidence and correctness (for equal-mass bins, which need every sample),
+            plus the NLL and Brier sums;
+    NEWTON  the sums of NLL, NLL' and NLL'' at u.
+The launcher adds the programs' partial sums in float64: a fixed grid gives the same answer bit for
+bit on every run (no float atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
+
+MODES = {"bins": 0, "rows": 1, "newton": 2}  # the kernel's MODE
+BINS_MODE, ROWS_MODE, NEWTON_MODE = (tl.constexpr(v) for v in MODES.values())
+
+MAX_KERNEL_BINS = 1024  # more bins: the launcher bins the per-row confidences of "rows" mode with PyTorch
+TILE = 2048  # rows x columns per program step for narrow rows
+LOOP_BLOCK = 1024  # columns per step for wide rows (one row per program)
+PROGRAMS_PER_SM = 8
+
+
+@triton.jit
+def _top_label_pass(ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+    """One online pass over rows of logits read in column blocks: (m, d, d2, argmax, mean, M2), with
+    mean and M2 the p-weighted mean of x - m and sum of squared deviations (``NEWTON_MODE`` only)."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    d = tl.zeros([ROWS], tl.float32)
+    d2 = tl.zeros([ROWS], tl.float32)
+    mean = tl.zeros([ROWS], tl.float32)
+    m2 = tl.zeros([ROWS], tl.float32)
+    arg = tl.zeros([ROWS], tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        mask = row_ok[:, None] & (start + cols < n_cols)
+        x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        block_max = tl.max(x, 1)
+        block_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + start
+        arg = tl.where(block_max > m, block_arg, arg)  # strictly greater: the first index wins
+        m_new = tl.maximum(m, block_max)
+        m_sub = _safe_max(m_new)
+        r = tl.exp((m - m_sub) * u)  # 0 while the row has been all -inf
+        w = tl.exp((x - m_sub[:, None]) * u[:, None])
+        w_sum = tl.sum(w, 1)
+        if MODE == NEWTON_MODE:
+            # Chan et al.'s merge of (weight, mean, M2) of the values x - m_sub under weights w.
+            c = tl.where(w > 0, x - m_sub[:, None], 0.0)
+            block_mean = tl.sum(w * c, 1) / tl.maximum(w_sum, 1e-30)
+            dev = tl.where(w > 0, c - block_mean[:, None], 0.0)
+            block_m2 = tl.sum(w * dev * dev, 1)
+            old = d * r
+            total = tl.maximum(old + w_sum, 1e-30)
+            delta = block_mean - (mean - (m_sub - _safe_max(tl.where(m == float("-inf"), m_new, m))))
+            mean = block_mean - delta * old / total
+            m2 = m2 * r + block_m2 + delta * delta * old * w_sum / total
+        else:
+            d2 = d2 * r * r + tl.sum(w * w, 1)
+        d = d * r + w_sum
+        m = m_new
+    return _safe_max(m), d, d2, arg, mean, m2
+
+
+@triton.jit
+def _probs_pass(ptr, row_ok, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(max p, sum p^2, argmax p) of rows of probabilities read in column blocks."""
+    m = tl.full([ROWS], -1.0, tl.float32)
+    sq = tl.zeros([ROWS], tl.float32)
+    arg = tl.zeros([ROWS], tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        mask = row_ok[:, None] & (start + cols < n_cols)
+        p = tl.load(ptr + start + cols, mask=mask, other=-1.0).to(tl.float32)
+        block_max = tl.max(p, 1)
+        arg = tl.where(block_max > m, tl.argmax(p, 1, tie_break_left=True).to(tl.int32) + start, arg)
+        m = tl.maximum(m, block_max)
+        sq += tl.sum(tl.where(mask, p * p, 0.0), 1)
+    return m, sq, arg
+
+
+@triton.jit
+def calibration_kernel(
+    X,  # logits or probabilities (n_rows, n_cols), unit column stride
+    Y,  # targets (n_rows,) int64/int32
+    T,  # temperatures (one, or one per row at stride_t) when HAS_T
+    PARTIAL,  # fp32 (programs, 3): NLL sum, then Brier sum (BINS, ROWS) or NLL', NLL'' sums (NEWTON)
+    BIN_N,  # int32 (programs, 2, BINS): count and correct count per bin (BINS mode)
+    BIN_CONF,  # fp32 (programs, BINS): confidence sum per bin (BINS mode)
+    CONF,  # fp32 (n_rows,): each row's confidence (ROWS mode)
+    CORRECT,  # int8 (n_rows,): each row's correctness, -1 for an ignored row (ROWS mode)
+    inv_temp,  # 1/T when the temperature is a float, else unused
+    ignore_index,
+    n_rows,
+    n_cols,
+    n_bins,
+    stride_x,
+    stride_t,
+    HAS_T: tl.constexpr,
+    PROBS: tl.constexpr,
+    MODE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BINS: tl.constexpr,  # n_bins rounded up to a power of 2 (BINS mode; else 1)
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)[None, :]
+    bins = tl.arange(0, BINS)[None, :]
+    bin_n = tl.zeros([BINS], tl.int32)
+    bin_right = tl.zeros([BINS], tl.int32)
+    bin_conf = tl.zeros([BINS], tl.float32)
+    sum_a = tl.zeros([ROWS], tl.float32)
+    sum_b = tl.zeros([ROWS], tl.float32)
+    sum_c = tl.zeros([ROWS], tl.float32)
+    for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_cols)
+        ptr = X + rows64[:, None] * stride_x
+        x_y = tl.load(X + rows64 * stride_x + y, mask=valid & in_range, other=float("nan")).to(tl.float32)
+        if PROBS:
+            conf, sq, arg = _probs_pass(ptr, valid, cols, n_cols, ROWS, BLOCK)
+            nll = -tl.log(x_y)
+            score = sq - 2.0 * x_y + 1.0
+        else:
+            u = _row_inv_temperature(T, inv_temp, rows, valid, stride_t, HAS_T)
+            m, d, d2, arg, mean, m2 = _top_label_pass(ptr, valid, u, cols, n_cols, ROWS, BLOCK, MODE)
+            nll = (m - x_y) * u + tl.log(d)
+            conf = 1.0 / d
+            p_y = tl.exp((x_y - m) * u) * conf
+            score = d2 * conf * conf - 2.0 * p_y + 1.0
+            if MODE == NEWTON_MODE:
+                score = mean + (m - x_y)
+                sum_c += tl.where(valid, m2 / d, 0.0)
+        sum_a += tl.where(valid, nll, 0.0)
+        sum_b += tl.where(valid, score, 0.0)
+        correct = (arg.to(tl.int64) == y) & valid
+        if MODE == BINS_MODE:
+            b = tl.ceil(conf.to(tl.float64) * n_bins).to(tl.int32) - 1
+            b = tl.minimum(tl.maximum(b, 0), n_bins - 1)
+            hit = (b[:, None] == bins) & valid[:, None]
+            bin_n += tl.sum(hit.to(tl.int32), 0)
+            bin_right += tl.sum((hit & correct[:, None]).to(tl.int32), 0)
+            bin_conf += tl.sum(tl.where(hit, conf[:, None], 0.0), 0)
+        if MODE == ROWS_MODE:
+            tl.store(CONF + rows, conf, mask=row_ok)
+            tl.store(CORRECT + rows, tl.where(valid, correct.to(tl.int8), -1), mask=row_ok)
+    tl.store(PARTIAL + pid * 3, tl.sum(sum_a, 0))
+    tl.store(PARTIAL + pid * 3 + 1, tl.sum(sum_b, 0))
+    tl.store(PARTIAL + pid * 3 + 2, tl.sum(sum_c, 0))
+    if MODE == BINS_MODE:
+        offsets = tl.arange(0, BINS)
+        tl.store(BIN_N + pid * 2 * BINS + offsets, bin_n)
+        tl.store(BIN_N + (pid * 2 + 1) * BINS + offsets, bin_right)
+        tl.store(BIN_CONF + pid * BINS + offsets, bin_conf)
+
+
+def launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(rows per program step, BLOCK, num_warps) for rows of ``n_cols`` columns."""
+    block = min(triton.next_power_of_2(n_cols), LOOP_BLOCK)
+    rows = max(1, min(TILE // block, 128)) if n_cols <= LOOP_BLOCK else 1
+    return rows, block, 4 if rows * block <= 1024 else 8
+
+
+def _grid(x: torch.Tensor, tiles: int) -> int:
+    if x.is_cuda:
+        return max(1, min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count * PROGRAMS_PER_SM))
+    return max(1, min(tiles, 16))
+
+
+def calibration_pass(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mode: str,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    probs: bool = False,
+    ignore_index: int = -100,
+    n_bins: int = 1,
+) -> dict[str, torch.Tensor]:
+    """One read of ``logits`` (N, C) with ``target`` (N,) contiguous; temperature a float or a tensor
+    of one value or one per row (``probs`` only at T = 1). Returns float64 sums / int64 counts:
+      "bins"    nll, brier, bin_count (n_bins,), bin_correct (n_bins,), bin_confidence_sum (n_bins,)
+      "rows"    nll, brier, confidence (N,) fp32, correct (N,) int8 (-1 where ignored)
+      "newton"  nll, grad, hess (sums of NLL, NLL', NLL'' at u = 1/T over the rows not ignored)
+    """
+    n_rows, n_cols = logits.shape
+    logits = _unit_column_stride(logits)
+    rows, block, num_warps = launch_config(n_cols)
+    bins = triton.next_power_of_2(n_bins) if mode == "bins" else 1
+    if mode == "bins":
+        rows = max(1, min(rows, 4096 // bins))
+    programs = _grid(logits, triton.cdiv(max(n_rows, 1), rows))
+    device = logits.device
+    partial = torch.zeros(programs, 3, dtype=torch.float32, device=device)
+    bin_n = torch.zeros(programs, 2, bins, dtype=torch.int32, device=device)
+    bin_conf = torch.zeros(programs, bins, dtype=torch.float32, device=device)
+    n = n_rows if mode == "rows" else 0
+    conf = torch.empty(n, dtype=torch.float32, device=device)
+    correct = torch.empty(n, dtype=torch.int8, device=device)
+    if isinstance(temperature, torch.Tensor):
+        t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
+    else:
+        t, inv_t, stride_t = None, 1.0 / temperature, 0
+    if n_rows:
+        with _on_device(logits):
+            calibration_kernel[(programs,)](
+                logits, target, t, partial, bin_n, bin_conf, conf, correct, inv_t, ignore_index, n_rows, n_cols,
+                n_bins, logits.stride(0), stride_t, HAS_T=t is not None, PROBS=probs, MODE=MODES[mode],
+                ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps,
+            )  # fmt: skip
+    sums = partial.double().sum(0)
+    if mode == "newton":
+        return {"nll": sums[0], "grad": sums[1], "hess": sums[2]}
+    out = {"nll": sums[0], "brier": sums[1]}
+    if mode == "rows":
+        return out | {"confidence": conf, "correct": correct}
+    bin_n = bin_n.sum(0, dtype=torch.int64)[:, :n_bins]
+    return out | {"bin_count": bin_n[0], "bin_correct": bin_n[1], "bin_confidence_sum": bin_conf.double().sum(0)[:n_bins]}

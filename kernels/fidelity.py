@@ -1,0 +1,181 @@
+"""Triton kernel for student-teacher fidelity: top-1 agreement and predictive KL in one pass.
+
+For a row with student logits s, teacher logits t (C each) and u = 1/T (math in fp32):
+
+    q = softmax(s u),  p = softmax(t u)        agree = [argmax s = argmax t]   (first index of each max)
+    KL(p || q) = sum_j p_j (log p_j - log q_j) = E / d_t - ln d_t + ln d_s,
+    E = sum_j w_j ((t_j - m_t) u - (s_j - m_s) u),  w_j = e^((t_j - m_t) u),  d_t = sum_j w_j,
+    d_s = sum_j e^((s_j - m_s) u)
+
+with m_s, m_t the running row maxima: when they grow, E is shifted and rescaled with d_t, so one online
+pass over both rows gives the KL. An ensemble teacher, p = mean_k softmax(t_k u), first needs each
+member's log-sum-exp (one extra pass over the teacher), then one pass computes log p_j per entry and
+accumulates sum_j p_j log p_j and sum_j p_j (s_j - m_s) u online in m_s (agreement: argmax of p).
+
+Each program walks a strided set of row tiles and writes its partial sums (agreements as int32, KL as
+fp32), which the launcher adds in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.kernels.calibration import _grid, launch_config
+from fastkd.kernels.kd_loss import _row_lse
+from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
+
+
+@triton.jit
+def _online_max(x, m, arg, start):
+    """The row max of the running (m, arg) and a block x starting at column ``start``; the first index wins."""
+    block_max = tl.max(x, 1)
+    arg = tl.where(block_max > m, tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + start, arg)
+    return tl.maximum(m, block_max), arg
+
+
+@triton.jit
+def _kl_single(s_ptr, t_ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(argmax s, argmax t, KL(p || q)) of rows read once, for a single teacher (see the module doc)."""
+    m_s = tl.full([ROWS], float("-inf"), tl.float32)
+    m_t = tl.full([ROWS], float("-inf"), tl.float32)
+    d_s = tl.zeros([ROWS], tl.float32)
+    d_t = tl.zeros([ROWS], tl.float32)
+    e = tl.zeros([ROWS], tl.float32)
+    arg_s = tl.zeros([ROWS], tl.int32)
+    arg_t = tl.zeros([ROWS], tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        mask = row_ok[:, None] & (start + cols < n_cols)
+        s = tl.load(s_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_s_old, old_s, old_t = m_s, _safe_max(m_s), _safe_max(m_t)
+        m_s, arg_s = _online_max(s, m_s, arg_s, start)
+        m_t_new, arg_t = _online_max(t, m_t, arg_t, start)
+        sub_s, sub_t = _safe_max(m_s), _safe_max(m_t_new)
+        r_t = tl.exp((m_t - sub_t) * u)
+        # Shift E's old terms to the new maxima (d_t = 0 while the teacher row has been all -inf).
+        e = r_t * (e + ((old_t - sub_t) - (old_s - sub_s)) * u * d_t)
+        w = tl.exp((t - sub_t[:, None]) * u[:, None])
+        term = ((t - sub_t[:, None]) - (s - sub_s[:, None])) * u[:, None]
+        e += tl.sum(tl.where(w > 0, w * term, 0.0), 1)
+        d_t = d_t * r_t + tl.sum(w, 1)
+        d_s = d_s * tl.exp((m_s_old - sub_s) * u) + tl.sum(tl.exp((s - sub_s[:, None]) * u[:, None]), 1)
+        m_t = m_t_new
+    return arg_s, arg_t, e / d_t - tl.log(d_t) + tl.log(d_s)
+
+
+@triton.jit
+def _kl_ensemble(
+    s_ptr, t_ptr, row_ok, u, cols, n_cols, n_teachers, stride_tk,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """(argmax s, argmax p, KL(p || q)) for p = mean_k softmax(t_k u): a pass for the members'
+    log-sum-exps, then one pass over student and teacher."""
+    members = tl.arange(0, K_BLOCK)
+    m_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
+    lse_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
+    for k in range(n_teachers):
+        m, ln_d = _row_lse(t_ptr + k * stride_tk, u, row_ok, cols, n_cols, ROWS, BLOCK)
+        m_k = tl.where(members[None, :] == k, _safe_max(m)[:, None], m_k)
+        lse_k = tl.where(members[None, :] == k, ln_d[:, None], lse_k)
+    m_s = tl.full([ROWS], float("-inf"), tl.float32)
+    d_s = tl.zeros([ROWS], tl.float32)
+    a = tl.zeros([ROWS], tl.float32)  # sum_j p_j log p_j
+    b = tl.zeros([ROWS], tl.float32)  # sum_j p_j (s_j - m_s) u
+    mass = tl.zeros([ROWS], tl.float32)  # sum_j p_j
+    arg_s = tl.zeros([ROWS], tl.int32)
+    m_p = tl.full([ROWS], -1.0, tl.float32)
+    arg_p = tl.zeros([ROWS], tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        mask = row_ok[:, None] & (start + cols < n_cols)
+        p = tl.zeros([ROWS, BLOCK], tl.float32)
+        for k in range(n_teachers):
+            t = tl.load(t_ptr + k * stride_tk + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            pick = members[None, :] == k
+            m = tl.sum(tl.where(pick, m_k, 0.0), 1)
+            ln_d = tl.sum(tl.where(pick, lse_k, 0.0), 1)
+            p += tl.exp((t - m[:, None]) * u[:, None] - ln_d[:, None])
+        p = p / n_teachers
+        m_p, arg_p = _online_max(tl.where(mask, p, -1.0), m_p, arg_p, start)
+        s = tl.load(s_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_s_old, old_s = m_s, _safe_max(m_s)
+        m_s, arg_s = _online_max(s, m_s, arg_s, start)
+        sub_s = _safe_max(m_s)
+        b -= (sub_s - old_s) * u * mass
+        live = p > 0
+        a += tl.sum(tl.where(live, p * tl.log(tl.where(live, p, 1.0)), 0.0), 1)
+        b += tl.sum(tl.where(live, p * (s - sub_s[:, None]) * u[:, None], 0.0), 1)
+        mass += tl.sum(p, 1)
+        d_s = d_s * tl.exp((m_s_old - sub_s) * u) + tl.sum(tl.exp((s - sub_s[:, None]) * u[:, None]), 1)
+    return arg_s, arg_p, a - b + mass * tl.log(d_s)
+
+
+@triton.jit
+def fidelity_kernel(
+    S,  # student logits (n_rows, n_cols), unit column stride
+    TCH,  # teacher logits (n_teachers, n_rows, n_cols), unit column stride
+    T,  # temperatures (one, or one per row at stride_t) when HAS_T
+    AGREE,  # int32 (programs,): rows whose top-1 classes agree
+    KL,  # fp32 (programs,): sum of the rows' KL(p || q)
+    inv_temp,  # 1/T when the temperature is a float
+    n_rows,
+    n_cols,
+    n_teachers,
+    stride_s,
+    stride_tk,
+    stride_tn,
+    stride_t,
+    HAS_T: tl.constexpr,
+    ENSEMBLE: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)[None, :]
+    agree = tl.zeros([ROWS], tl.int32)
+    kl = tl.zeros([ROWS], tl.float32)
+    for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        u = _row_inv_temperature(T, inv_temp, rows, row_ok, stride_t, HAS_T)
+        s_ptr = S + rows64[:, None] * stride_s
+        t_ptr = TCH + rows64[:, None] * stride_tn
+        if ENSEMBLE:
+            arg_s, arg_t, row_kl = _kl_ensemble(
+                s_ptr, t_ptr, row_ok, u, cols, n_cols, n_teachers, stride_tk, ROWS, BLOCK, K_BLOCK
+            )
+        else:
+            arg_s, arg_t, row_kl = _kl_single(s_ptr, t_ptr, row_ok, u, cols, n_cols, ROWS, BLOCK)
+        agree += ((arg_s == arg_t) & row_ok).to(tl.int32)
+        kl += tl.where(row_ok, row_kl, 0.0)
+    tl.store(AGREE + pid, tl.sum(agree, 0))
+    tl.store(KL + pid, tl.sum(kl, 0))
+
+
+def fidelity_pass(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(agreeing rows int64, sum of KL(p || q) float64) over ``student`` (N, C) and ``teacher``
+    (K, N, C); temperature a float or a tensor of one value or one per row."""
+    n_rows, n_cols = student.shape
+    student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
+    rows, block, num_warps = launch_config(n_cols)
+    programs = _grid(student, triton.cdiv(max(n_rows, 1), rows))
+    agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
+    kl = torch.zeros(programs, dtype=torch.float32, device=student.device)
+    if isinstance(temperature, torch.Tensor):
+        t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
+    else:
+        t, inv_t, stride_t = None, 1.0 / temperature, 0
+    n_teachers = teacher.shape[0]
+    if n_rows:
+        with _on_device(student):
+            fidelity_kernel[(programs,)](
+                student, teacher, t, agree, kl, inv_t, n_rows, n_cols, n_teachers, student.stride(0),
+                teacher.stride(0), teacher.stride(1), stride_t, HAS_T=t is not None, ENSEMBLE=n_teachers > 1,
+                K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, num_warps=num_warps,
+            )  # fmt: skip
+    return agree.sum(dtype=torch.int64), kl.double().sum()
