@@ -7,11 +7,13 @@ With u = 1/T, the mean NLL over N rows with logits x and targets y,
 
 is convex in u, and one read of the logits gives all three (``fastkd.kernels.calibration``, "newton"
 mode). ``fit_temperature`` runs Newton's method on u from u = 1, safeguarded by the bracket that the
-signs of NLL' give: a step that leaves the bracket is replaced by a geometric bisection. Each
+signs of NLL' give: until the optimum is bracketed a step at least doubles (or halves) u, and a step
+that leaves the bracket is replaced by a geometric bisection. Each
 iteration is one pass over the logits; it stops when the Newton step is below ``rtol`` * u (the
 optimum is then within about that of u, by Newton's quadratic convergence). T stays in ``bounds``:
 when the optimum lies beyond one (e.g. data every prediction of which is right, whose NLL falls
-toward 0 as T -> 0), T is that bound.
+toward 0 as T -> 0), T is that bound, or the first T found at which the
+slope of the NLL underflows to 0 in float32 (where the NLL has reached its infimum to working precision).
 """
 
 from __future__ import annotations
@@ -121,6 +123,10 @@ def fit_temperature(
             converged = True
             break
         u_next = u - step
+        if hi == math.inf:  # not bracketed yet: at least double (or halve) u, as Newton crawls along an
+            u_next = max(u_next, 2 * u)  # exponential tail (an optimum at T -> 0 moves by ~1/margin a step)
+        elif lo == 0:
+            u_next = min(u_next, u / 2)
         if not lo < u_next < hi:  # Newton left the bracket: bisect it (geometrically: u is a scale)
             u_next = hi / 4 if lo == 0 else lo * 4 if hi == math.inf else math.sqrt(lo * hi)
         u = min(max(u_next, u_min), u_max)

@@ -1,0 +1,276 @@
+"""calibration_stats and expected_calibration_error against float64 computations and torchmetrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, TOL
+from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+
+import fastkd
+from fastkd import reference
+
+SHAPES = [(1, 1), (1, 10), (37, 10), (33, 2), (16, 1000), (5, 2500), (3, 32000)]
+
+
+def _case(n, c, dtype=torch.float32, scale=3.0, seed=0, ignore_every=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    target = torch.randint(0, c, (n,), generator=g)
+    if ignore_every:
+        target[::ignore_every] = -100
+    return logits.to(DEVICE), target.to(DEVICE)
+
+
+def _expected(logits, target, n_bins=15, temperature=1.0, probs=False):
+    """The float64 reference's sums, as CalibrationStats."""
+    count, confidence_sum, correct, nll, brier = reference.calibration_sums(
+        logits.double(), target, n_bins, temperature, -100, probs
+    )
+    return fastkd.CalibrationStats(count, correct, confidence_sum, nll, brier)
+
+
+def _assert_stats(got, expected):
+    """Bin counts exact; sums to the float32 math's rounding (the inputs are exact in float64)."""
+    assert torch.equal(got.bin_count.cpu(), expected.bin_count.cpu())
+    assert torch.equal(got.bin_correct.cpu(), expected.bin_correct.cpu())
+    tol = TOL[torch.float32]
+    scale = max(expected.count, 1)
+    torch.testing.assert_close(got.bin_confidence_sum.cpu(), expected.bin_confidence_sum.cpu(), rtol=tol, atol=tol)
+    for name in ("nll_sum", "brier_sum"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(expected, name).cpu(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stats_match_float64(backend, shape, dtype):
+    logits, target = _case(*shape, dtype=dtype, ignore_every=4)
+    got = fastkd.calibration_stats(logits, target, backend=backend)
+    _assert_stats(got, _expected(logits, target))
+    assert got.count == int((target != -100).sum())
+
+
+@pytest.mark.parametrize("n_bins", [1, 2, 10, 15, 100, 1500])
+def test_bins_and_temperatures(backend, n_bins):
+    logits, target = _case(64, 100, scale=4.0, seed=n_bins)
+    for temperature in (0.5, 2.0, torch.tensor(3.0), torch.rand(64, device=DEVICE) * 3 + 0.25):
+        got = fastkd.calibration_stats(logits, target, n_bins, temperature, backend=backend)
+        _assert_stats(got, _expected(logits, target, n_bins, temperature))
+
+
+def test_batched_and_strided_inputs(backend):
+    logits, target = _case(4 * 9, 50, ignore_every=5)
+    expected = _expected(logits, target)
+    _assert_stats(fastkd.calibration_stats(logits.view(4, 9, 50), target.view(4, 9), backend=backend), expected)
+    wide = torch.zeros(36, 120, device=DEVICE)
+    wide[:, 7:57] = logits  # row stride 120
+    _assert_stats(fastkd.calibration_stats(wide[:, 7:57], target, backend=backend), expected)
+    columns = logits.T.contiguous().T  # column stride 36: copied to unit stride for the kernel
+    _assert_stats(fastkd.calibration_stats(columns, target, backend=backend), expected)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+@pytest.mark.parametrize("n_bins", [5, 15])
+def test_ece_matches_torchmetrics(backend, norm, n_bins):
+    logits, target = _case(300, 10, scale=2.0, seed=n_bins)
+    expected = multiclass_calibration_error(logits.cpu(), target.cpu(), 10, n_bins, norm).item()
+    got = fastkd.expected_calibration_error(logits, target, n_bins, norm, backend=backend)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_ece_definition(backend):
+    """ECE, RMS and MCE from the bins of the float64 reference, by the formulas of the module doc."""
+    logits, target = _case(500, 7, scale=2.5)
+    stats = _expected(logits, target, 10)
+    filled = stats.bin_count > 0
+    weight = stats.bin_count[filled].double() / stats.count
+    gap = (stats.bin_accuracy - stats.bin_confidence)[filled].abs()
+    for norm, expected in (("l1", (weight * gap).sum()), ("l2", (weight * gap**2).sum().sqrt()), ("max", gap.max())):
+        got = fastkd.expected_calibration_error(logits, target, 10, norm, backend=backend)
+        assert got == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_confidence_one_is_in_the_last_bin(backend):
+    """The one deliberate difference from torchmetrics: a confidence of exactly 1.0 (here from a margin
+    of 1e4, which rounds softmax to 1 in float32) is in bin M with the confidences just below it;
+    torchmetrics gives it a bin M + 1 of its own, so the two ECEs differ."""
+    certain = torch.tensor([[0.0, -1e4, -1e4]]).repeat(6, 1)
+    hesitant = torch.tensor([[2.5, 0.0, 0.0]]).repeat(4, 1)  # confidence 0.859
+    logits = torch.cat([certain, hesitant]).to(DEVICE)
+    target = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0, 0], device=DEVICE)  # 3 of 6 certain rows wrong
+    stats = fastkd.calibration_stats(logits, target, n_bins=5, backend=backend)
+    assert stats.bin_count.tolist() == [0, 0, 0, 0, 10]
+    confidence = 6 + 4 * math.exp(2.5) / (math.exp(2.5) + 2)
+    assert stats.ece() == pytest.approx(abs(7 - confidence) / 10, rel=1e-6)
+    torchmetrics_ece = multiclass_calibration_error(logits.cpu(), target.cpu(), 3, 5).item()
+    hesitant_confidence = (confidence - 6) / 4
+    hidden_bin = (6 / 10) * abs(0.5 - 1.0) + (4 / 10) * abs(1.0 - hesitant_confidence)
+    assert torchmetrics_ece == pytest.approx(hidden_bin, rel=1e-5)
+    assert abs(torchmetrics_ece - stats.ece()) > 0.05
+
+
+@pytest.mark.parametrize("n_classes, n_bins, expected_bin", [(2, 2, 0), (2, 4, 1), (4, 4, 0), (4, 8, 1), (2, 10, 4), (8, 4, 0)])
+def test_confidences_on_bin_edges(backend, n_classes, n_bins, expected_bin):
+    """Bin m holds ((m - 1)/M, m/M]: C equal logits give a confidence of exactly 1/C (a power of 2), on
+    the edge m/M = 1/C, in bin m (0-based m - 1). torchmetrics's bins, [(m - 1)/M, m/M), put it in m + 1."""
+    logits = torch.zeros(3, n_classes, device=DEVICE)
+    target = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    stats = fastkd.calibration_stats(logits, target, n_bins, backend=backend)
+    assert stats.bin_count.nonzero().flatten().tolist() == [expected_bin]
+
+
+def test_extreme_and_masked_logits(backend):
+    logits, target = _case(40, 30, scale=1e4)
+    logits[:, 5:9] = float("-inf")  # masked classes
+    target = torch.where((target >= 5) & (target < 9), 0, target)
+    got = fastkd.calibration_stats(logits, target, backend=backend)
+    _assert_stats(got, _expected(logits, target))
+    assert math.isfinite(got.nll) and math.isfinite(got.brier)
+
+
+def test_target_logit_masked_gives_infinite_nll(backend):
+    logits = torch.tensor([[1.0, float("-inf"), 0.5]], device=DEVICE)
+    stats = fastkd.calibration_stats(logits, torch.tensor([1], device=DEVICE), backend=backend)
+    assert stats.nll == math.inf and stats.accuracy == 0
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_all_correct_and_all_wrong(backend, correct):
+    logits, _ = _case(50, 6)
+    target = logits.argmax(-1) if correct else (logits.argmax(-1) + 1) % 6
+    stats = fastkd.calibration_stats(logits, target, backend=backend)
+    assert stats.accuracy == (1.0 if correct else 0.0)
+    mean_confidence = torch.softmax(logits.double(), -1).amax(-1).mean().item()
+    expected = 1 - mean_confidence if correct else mean_confidence
+    assert stats.ece() == pytest.approx(expected, rel=1e-5)
+
+
+def test_all_rows_ignored_and_no_rows(backend):
+    logits, target = _case(5, 4)
+    stats = fastkd.calibration_stats(logits, torch.full_like(target, -100), backend=backend)
+    assert stats.count == 0 and math.isnan(stats.ece()) and math.isnan(stats.accuracy)
+    empty = fastkd.calibration_stats(logits[:0], target[:0], backend=backend)
+    assert empty.count == 0 and empty.bin_count.shape == (15,)
+
+
+def test_single_class(backend):
+    stats = fastkd.calibration_stats(torch.randn(4, 1, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE),
+                                     backend=backend)  # fmt: skip
+    assert stats.accuracy == 1 and stats.ece() == 0 and stats.nll == 0 and stats.brier == 0
+
+
+def test_probs_input(backend):
+    logits, target = _case(60, 12, ignore_every=7)
+    probs = torch.softmax(logits.double(), -1).float()
+    for temperature in (1.0, 2.0):
+        got = fastkd.calibration_stats(probs, target, 15, temperature, input="probs", backend=backend)
+        expected = _expected(logits, target, 15, temperature)
+        assert torch.equal(got.bin_count.cpu(), expected.bin_count.cpu())
+        assert got.nll == pytest.approx(expected.nll, rel=1e-5) and got.brier == pytest.approx(expected.brier, rel=1e-5)
+        assert got.ece() == pytest.approx(expected.ece(), rel=1e-5, abs=1e-7)
+
+
+def test_probs_match_torchmetrics_on_probabilities(backend):
+    """Probabilities given as they are (T = 1): the same bins torchmetrics forms from them."""
+    logits, target = _case(200, 8, scale=1.5)
+    probs = torch.softmax(logits, -1)
+    expected = multiclass_calibration_error(probs.cpu(), target.cpu(), 8, 15).item()
+    assert fastkd.expected_calibration_error(probs, target, input="probs", backend=backend) == pytest.approx(expected, rel=1e-5)
+
+
+def test_adaptive_bins_hold_equal_mass(backend):
+    logits, target = _case(200, 10, scale=2.0)
+    confidence = torch.softmax(logits.double(), -1).amax(-1)
+    correct = (logits.argmax(-1) == target).double()
+    order = confidence.argsort()
+    gaps = [(correct[idx].sum() - confidence[idx].sum()).abs() for idx in order.chunk(8)]  # 8 bins of 25
+    expected = (sum(gaps) / 200).item()
+    assert fastkd.expected_calibration_error(logits, target, 8, binning="adaptive", backend=backend) == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_adaptive_ties_and_few_rows(backend):
+    logits = torch.zeros(6, 4, device=DEVICE)  # every confidence 0.25: one bin
+    target = torch.tensor([0, 0, 1, 2, 3, 0], device=DEVICE)
+    assert fastkd.expected_calibration_error(logits, target, 4, binning="adaptive", backend=backend) == pytest.approx(
+        abs(3 / 6 - 0.25)
+    )
+    logits, target = _case(3, 5)  # N < n_bins
+    ece = fastkd.expected_calibration_error(logits, target, 15, binning="adaptive", backend=backend)
+    confidence = torch.softmax(logits.double(), -1).amax(-1)
+    correct = (logits.argmax(-1) == target).double()
+    assert ece == pytest.approx(((correct - confidence).abs().mean()).item(), rel=1e-5)
+    assert reference.adaptive_bins(torch.tensor([0.3, 0.3, 0.5, 0.3]), 4).tolist() == [0, 0, 3, 0]
+
+
+@pytest.mark.parametrize("binning", ["uniform", "adaptive"])
+def test_classwise(backend, binning):
+    logits, target = _case(120, 6, scale=2.0, ignore_every=9)
+    valid = target != -100
+    p = torch.softmax(logits[valid].double(), -1)
+    y = target[valid]
+    per_class = []
+    for k in range(6):
+        if binning == "uniform":
+            per_class.append(binary_calibration_error(p[:, k].cpu().float(), (y == k).long().cpu(), 10).item())
+        else:
+            bins = reference.adaptive_bins(p[:, k].contiguous(), 10)
+            hit = (y == k).double()
+            gap = sum((hit[bins == b].sum() - p[bins == b, k].sum()).abs() for b in range(10))
+            per_class.append(gap.item() / len(y))
+    got = fastkd.expected_calibration_error(logits, target, 10, binning=binning, classwise=True, backend=backend)
+    assert got == pytest.approx(sum(per_class) / 6, rel=1e-4)
+
+
+def test_deterministic(backend):
+    logits, target = _case(500, 40, seed=3)
+    first = fastkd.calibration_stats(logits, target, backend=backend)
+    second = fastkd.calibration_stats(logits, target, backend=backend)
+    for a, b in zip(first._fields(), second._fields()):
+        assert torch.equal(a, b)
+
+
+def test_stats_add():
+    logits, target = _case(80, 9)
+    whole = fastkd.calibration_stats(logits, target, backend="torch")
+    parts = fastkd.calibration_stats(logits[:30], target[:30], backend="torch") + fastkd.calibration_stats(
+        logits[30:], target[30:], backend="torch"
+    )
+    assert torch.equal(whole.bin_count, parts.bin_count) and parts.ece() == pytest.approx(whole.ece())
+    with pytest.raises(ValueError, match="10 and 15 bins"):
+        fastkd.calibration_stats(logits, target, 10, backend="torch") + whole
+
+
+def _bad(**overrides):
+    logits, target = _case(4, 3)
+    args = dict(logits=logits, target=target) | overrides
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(target=torch.zeros(5, dtype=torch.int64)), ValueError, "target must have the logits' shape"),
+        (dict(target=torch.tensor([0, 1, 3, 0])), ValueError, "target holds class index 3"),
+        (dict(target=torch.zeros(4)), TypeError, "target must hold class indices"),
+        (dict(n_bins=0), ValueError, "n_bins must be >= 1"),
+        (dict(n_bins=2.5), TypeError, "n_bins must be an int"),
+        (dict(norm="l3"), ValueError, "norm must be one of"),
+        (dict(binning="quantile"), ValueError, "binning must be one of"),
+        (dict(input="probabilities"), ValueError, "input must be one of"),
+        (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+        (dict(temperature=torch.tensor([1.0, -1.0, 1.0, 1.0])), ValueError, "temperature must be finite and > 0"),
+        (dict(logits=torch.zeros(4, 3, dtype=torch.int64)), TypeError, "logits must be a floating-point"),
+        (dict(logits=torch.zeros(4, 0)), ValueError, "at least one class"),
+        (dict(classwise=1), TypeError, "classwise must be a bool"),
+        (dict(logits=torch.full((4, 3), 0.5), input="probs"), ValueError, "a row sums to 1.5"),
+        (dict(logits=torch.tensor([[1.5, -0.5, 0.0]] * 4), input="probs"), ValueError, "probabilities in"),
+    ],
+)
+def test_bad_input(overrides, error, match):
+    args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()})
+    with pytest.raises(error, match=match):
+        fastkd.expected_calibration_error(**args)

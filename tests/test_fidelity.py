@@ -1,0 +1,105 @@
+"""fidelity: top-1 agreement and predictive KL against float64 computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES
+
+import fastkd
+from fastkd import reference
+
+WIDTHS = [1, 2, 10, 1000, 2500]
+
+
+def _pair(n, c, k=1, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(k, n, c, generator=g) * scale
+    student = teacher[0] * 0.5 + torch.randn(n, c, generator=g) * scale  # agrees on some rows
+    return student.to(dtype).to(DEVICE), teacher.to(dtype).to(DEVICE)
+
+
+def _expected(student, teacher, temperature=1.0):
+    teachers = teacher if teacher.dim() == student.dim() + 1 else teacher.unsqueeze(0)
+    same, kl = reference.fidelity_rows(student.double(), teachers.double(), temperature)
+    return same.double().mean().item(), kl.mean().item()
+
+
+def _check(got, expected, n):
+    agreement, kl = expected
+    assert got.count == n
+    assert got.top1_agreement == pytest.approx(agreement, abs=1e-12)
+    assert got.predictive_kl == pytest.approx(kl, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("members", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_float64(backend, width, members, dtype):
+    student, teacher = _pair(19, width, members, dtype, seed=width)
+    teacher_arg = teacher[0] if members == 1 else teacher
+    for temperature in (1.0, 4.0):
+        got = fastkd.fidelity(student, teacher_arg, temperature, backend=backend)
+        _check(got, _expected(student, teacher_arg, temperature), 19)
+
+
+def test_row_temperatures_and_batched_shapes(backend):
+    student, teacher = _pair(12, 50)
+    temperature = torch.rand(12, device=DEVICE) * 4 + 0.5
+    got = fastkd.fidelity(student.view(3, 4, 50), teacher[0].view(3, 4, 50), temperature.view(3, 4), backend=backend)
+    _check(got, _expected(student, teacher[0], temperature), 12)
+    strided = torch.zeros(12, 80, device=DEVICE)
+    strided[:, 3:53] = student
+    _check(fastkd.fidelity(strided[:, 3:53], teacher[0], backend=backend), _expected(student, teacher[0]), 12)
+
+
+def test_identical_models(backend):
+    _, teacher = _pair(30, 100)
+    got = fastkd.fidelity(teacher[0], teacher[0], 2.0, backend=backend)
+    assert got.top1_agreement == 1.0 and abs(got.predictive_kl) < 1e-6
+
+
+def test_masked_and_extreme_logits(backend):
+    student, teacher = _pair(16, 1500, scale=1e4)
+    student[:, 100:200] = float("-inf")
+    teacher[:, :, 100:200] = float("-inf")  # masked for both: no mass, no KL
+    _check(fastkd.fidelity(student, teacher[0], backend=backend), _expected(student, teacher[0]), 16)
+    student, teacher = _pair(4, 10)
+    student[0, teacher[0, 0].argmax()] = float("-inf")  # the teacher's top class masked by the student
+    assert fastkd.fidelity(student, teacher[0], backend=backend).predictive_kl == math.inf
+
+
+def test_ties_take_the_first_index(backend):
+    student = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]], device=DEVICE)
+    teacher = torch.tensor([[0.0, 5.0, 5.0], [0.0, 1.0, 1.0]], device=DEVICE)  # rows: 1 = 1, 0 != 1
+    assert fastkd.fidelity(student, teacher, backend=backend).top1_agreement == 0.5
+
+
+def test_probs_input(backend):
+    student, teacher = _pair(20, 30)
+    p_s, p_t = torch.softmax(student, -1), torch.softmax(teacher[0], -1)
+    got = fastkd.fidelity(p_s, p_t, 2.0, input="probs", backend=backend)
+    _check(got, _expected(student, teacher[0], 2.0), 20)
+
+
+def test_no_rows(backend):
+    student, teacher = _pair(0, 5)
+    got = fastkd.fidelity(student, teacher[0], backend=backend)
+    assert got.count == 0 and math.isnan(got.top1_agreement)
+
+
+@pytest.mark.parametrize(
+    "student, teacher, kwargs, error, match",
+    [
+        ((4, 5), (4, 6), {}, ValueError, "share the vocabulary"),
+        ((4, 5), (3, 5), {}, ValueError, "teacher_logits must have the student's shape"),
+        ((4, 5), (4, 5), dict(temperature=-2.0), ValueError, "temperature must be finite and > 0"),
+        ((4, 5), (4, 5), dict(input="scores"), ValueError, "input must be one of"),
+        ((4, 5), (4, 5), dict(input="probs"), ValueError, "student_logits: input='probs'"),
+    ],
+)
+def test_bad_input(student, teacher, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.fidelity(torch.randn(student, device=DEVICE), torch.randn(teacher, device=DEVICE), **kwargs)

@@ -1,0 +1,100 @@
+"""CalibrationMeter: streaming sums equal one pass over everything; state round-trips; gloo all-reduce."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import DEVICE
+
+import fastkd
+
+
+def _data(n=120, c=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g) * 3
+    target = torch.randint(0, c, (n,), generator=g)
+    target[::11] = -100
+    return logits.to(DEVICE), target.to(DEVICE)
+
+
+def _assert_same(a: fastkd.CalibrationStats, b: fastkd.CalibrationStats):
+    assert torch.equal(a.bin_count.cpu(), b.bin_count.cpu()) and torch.equal(a.bin_correct.cpu(), b.bin_correct.cpu())
+    torch.testing.assert_close(a.bin_confidence_sum.cpu(), b.bin_confidence_sum.cpu(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.nll_sum.cpu(), b.nll_sum.cpu(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.brier_sum.cpu(), b.brier_sum.cpu(), rtol=1e-12, atol=1e-12)
+
+
+def test_batches_add_up(backend):
+    logits, target = _data()
+    meter = fastkd.CalibrationMeter(n_bins=10, backend=backend).to(DEVICE)
+    expected = None
+    for chunk in range(0, 120, 25):
+        meter.update(logits[chunk : chunk + 25], target[chunk : chunk + 25])
+        part = fastkd.calibration_stats(logits[chunk : chunk + 25], target[chunk : chunk + 25], 10, backend=backend)
+        expected = part if expected is None else expected + part
+    _assert_same(meter.compute(), expected)
+    assert meter.compute().count == int((target != -100).sum())
+    assert sum(t.numel() for t in meter.buffers()) == 3 * 10 + 2  # O(n_bins) state, no samples
+
+
+def test_state_dict_resume_and_reset():
+    logits, target = _data()
+    meter = fastkd.CalibrationMeter(n_bins=8, backend="torch")
+    meter.update(logits[:60], target[:60])
+    resumed = fastkd.CalibrationMeter(n_bins=8, backend="torch")
+    resumed.load_state_dict(meter.state_dict())
+    resumed.update(logits[60:], target[60:])
+    _assert_same(resumed.compute(), fastkd.calibration_stats(logits, target, 8, backend="torch"))
+    resumed.reset()
+    assert resumed.compute().count == 0
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fastkd.CalibrationMeter(n_bins=15).load_state_dict(meter.state_dict())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        logits, target = _data(seed=0)
+        meter = fastkd.CalibrationMeter(n_bins=12, backend="torch")
+        meter.update(logits[rank::world], target[rank::world])  # each rank sees its share
+        synced = meter.compute()
+        again = meter.compute()  # a sync leaves the local state as it was: the same answer twice
+        fields = [[t.cpu() for t in stats._fields()] for stats in (synced, again)]
+        queue.put((rank, *fields, meter.bin_count.sum().item()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_distributed_sync_over_gloo():
+    world = 2
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, world, port, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    logits, target = _data(seed=0)
+    expected = fastkd.calibration_stats(logits.cpu(), target.cpu(), 12, backend="torch")
+    local_counts = []
+    for _, synced, again, local_count in results:
+        _assert_same(fastkd.CalibrationStats(*synced), expected)
+        _assert_same(fastkd.CalibrationStats(*again), expected)
+        local_counts.append(local_count)
+    assert sum(local_counts) == expected.count and all(0 < n < expected.count for n in local_counts)
