@@ -23,6 +23,7 @@ no guessing which of the two a tensor holds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastkd import reference
-from fastkd._backend import resolve_backend
+from fastkd._backend import BACKENDS, resolve_backend
 from fastkd._validate import (
     check_choice,
     check_int,
     check_logits,
+    check_number,
     check_probs,
     check_target,
     check_temperature,
@@ -196,6 +198,8 @@ def _top_label_rows(rows, target, temperature, probs, ignore_index, backend) -> 
         c, right, _, _ = reference.top_label_rows(x[valid], y[valid], t, probs)
         confidence.append(c)
         correct.append(right)
+    if not confidence:  # no rows
+        return rows.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=rows.device)
     return torch.cat(confidence), torch.cat(correct)
 
 
@@ -324,7 +328,9 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
     )
     n_classes = rows.shape[1]
     classes = torch.arange(n_classes, device=rows.device)
-    pieces = []
+    flat_bins = n_classes * n_bins  # (class, bin) as one flat index
+    sums = [torch.zeros(flat_bins, dtype=dtype, device=rows.device) for dtype in (torch.int64, torch.int64, torch.float64)]
+    kept = []  # adaptive binning sorts each class: it keeps every chunk's probabilities
     for x, y, t in _row_chunks(rows, target, temperature):
         valid = y != ignore_index
         if isinstance(t, Tensor) and t.dim():
@@ -332,24 +338,19 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
         x, y = x[valid], y[valid]
         x = x.to(reference.compute_dtype(x.dtype))  # probabilities in float32 even for 16-bit logits
         p = x if probs else tempered_softmax(x, t, backend=backend)
-        pieces.append((p, y.unsqueeze(1) == classes))
-    if not pieces:
-        return float("nan")
-    if binning == "uniform":  # (class, bin) as one flat index
-        sums = [torch.zeros(n_classes * n_bins, dtype=dt, device=rows.device) for dt in (torch.int64, torch.int64,
-                torch.float64)]  # fmt: skip
-        for p, hit in pieces:
-            bins = reference.confidence_bins(p, n_bins) + classes * n_bins
-            for total, part in zip(sums, _binned(bins, hit, p, n_classes * n_bins)):
-                total += part
-        count, correct, confidence_sum = (s.view(n_classes, n_bins) for s in sums)
-    else:
-        p = torch.cat([p for p, _ in pieces]).T.contiguous()  # (C, N)
-        hit = torch.cat([h for _, h in pieces]).T
-        n = p.shape[1]
+        hit = y.unsqueeze(1) == classes
+        if binning == "adaptive":
+            kept.append((p, hit))
+            continue
+        for total, part in zip(sums, _binned(reference.confidence_bins(p, n_bins) + classes * n_bins, hit, p, flat_bins)):
+            total += part
+    if binning == "adaptive" and kept:
+        p = torch.cat([p for p, _ in kept]).T.contiguous()  # (C, N)
+        hit = torch.cat([h for _, h in kept]).T
         first_rank = torch.searchsorted(p.sort(1).values, p, right=False)
-        bins = first_rank * n_bins // max(n, 1) + (classes * n_bins).unsqueeze(1)
-        count, correct, confidence_sum = (s.view(n_classes, n_bins) for s in _binned(bins, hit, p, n_classes * n_bins))
+        bins = first_rank * n_bins // p.shape[1] + (classes * n_bins).unsqueeze(1)
+        sums = _binned(bins, hit, p, flat_bins)
+    count, correct, confidence_sum = (s.view(n_classes, n_bins) for s in sums)
     return float(bin_calibration_error(count, correct, confidence_sum, norm).mean())
 
 
@@ -366,7 +367,7 @@ class CalibrationMeter(nn.Module):
     def __init__(
         self,
         n_bins: int = 15,
-        temperature: float | Tensor = 1.0,
+        temperature: float = 1.0,
         *,
         input: str = "logits",
         ignore_index: int = -100,
@@ -376,6 +377,14 @@ class CalibrationMeter(nn.Module):
         super().__init__()
         check_int(n_bins, "n_bins", 1)
         check_choice(input, INPUTS, "input")
+        check_choice(backend, BACKENDS, "backend")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if isinstance(temperature, Tensor):
+            if temperature.numel() != 1:
+                raise ValueError(f"temperature must be one value for every batch, got shape {tuple(temperature.shape)}")
+            temperature = temperature.item()
+        temperature = check_number(temperature, "temperature", 0.0, math.inf, low_open=True, high_open=True)
         self.n_bins, self.temperature, self.input = n_bins, temperature, input
         self.ignore_index, self.backend, self.process_group = ignore_index, backend, process_group
         self.register_buffer("bin_count", torch.zeros(n_bins, dtype=torch.int64))
@@ -401,7 +410,10 @@ class CalibrationMeter(nn.Module):
         state = self._state()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             packed = torch.cat([t.double().reshape(-1) for t in state])  # counts are exact in float64 to 2^53
+            if dist.get_backend(self.process_group) == "nccl":  # NCCL reduces CUDA tensors only
+                packed = packed.to(torch.device("cuda", torch.cuda.current_device()))
             dist.all_reduce(packed, group=self.process_group)
+            packed = packed.to(self.bin_count.device)
             m = self.n_bins
             count, correct, confidence_sum = packed[:m], packed[m : 2 * m], packed[2 * m : 3 * m]
             return CalibrationStats(count.long(), correct.long(), confidence_sum, packed[3 * m], packed[3 * m + 1])

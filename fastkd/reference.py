@@ -184,32 +184,27 @@ def confidence_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
     return (torch.ceil(confidence.double() * n_bins).long() - 1).clamp_(0, n_bins - 1)
 
 
-def _probabilities(
-    logits: torch.Tensor, temperature: float | torch.Tensor, probs: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, log p) of each row in the compute dtype: softmax(logits / T), or the probabilities given
-    (``probs``, at T = 1)."""
-    x = logits.to(compute_dtype(logits.dtype))
-    if probs:
-        return x, x.log()
-    log_p = torch.log_softmax(scale_logits(x, temperature, -1), -1)
-    return log_p.exp(), log_p
-
-
 def top_label_rows(
     logits: torch.Tensor, target: torch.Tensor, temperature: float | torch.Tensor = 1.0, probs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of ``logits`` (N, C) with target (N,) in [0, C): (confidence max_j p_j, correct
     [argmax_j p_j = y] (the first index of the max), NLL -log p_y, Brier sum_j (p_j - [j = y])^2),
     with p = softmax(logits / T) in the compute dtype (or, with ``probs``, the rows themselves at T = 1).
-    The prediction is the argmax of the logits themselves: rounding can tie classes in p that it does
-    not tie in the logits."""
-    p, log_p = _probabilities(logits, temperature, probs)
-    confidence, prediction = p.amax(-1), logits.argmax(-1)
+    The confidence is 1 / sum_j e^(z_j - max z), z = logits / T, as the kernel forms it; the prediction
+    is the argmax of the logits themselves: rounding can tie classes in p that it does not tie in them."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if probs:
+        p, log_p = x, x.log()
+        confidence = p.amax(-1)
+    else:
+        z = scale_logits(x, temperature, -1)
+        d = z.exp().sum(-1, keepdim=True)
+        p, log_p = z.exp() / d, z - d.log()
+        confidence = 1 / d.squeeze(-1)
     p_y = p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     nll = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     brier = (p * p).sum(-1) - 2 * p_y + 1
-    return confidence, prediction == target, nll, brier
+    return confidence, logits.argmax(-1) == target, nll, brier
 
 
 def calibration_sums(

@@ -7,13 +7,15 @@ With u = 1/T, the mean NLL over N rows with logits x and targets y,
 
 is convex in u, and one read of the logits gives all three (``fastkd.kernels.calibration``, "newton"
 mode). ``fit_temperature`` runs Newton's method on u from u = 1, safeguarded by the bracket that the
-signs of NLL' give: until the optimum is bracketed a step at least doubles (or halves) u, and a step
-that leaves the bracket is replaced by a geometric bisection. Each
+signs of NLL' give: a step that leaves the bracket is replaced by a geometric bisection, and until
+the optimum is bracketed, a step no less than half the one before (Newton crawling, not converging)
+at least doubles (or halves) u. Each
 iteration is one pass over the logits; it stops when the Newton step is below ``rtol`` * u (the
 optimum is then within about that of u, by Newton's quadratic convergence). T stays in ``bounds``:
 when the optimum lies beyond one (e.g. data every prediction of which is right, whose NLL falls
-toward 0 as T -> 0), T is that bound, or the first T found at which the
-slope of the NLL underflows to 0 in float32 (where the NLL has reached its infimum to working precision).
+toward 0 as T -> 0), T is that bound (also when the slope underflows to 0 in float32 on the way:
+the NLL has then reached its infimum to working precision, and ``nll`` is that infimum). Otherwise
+the T returned is the one the last pass evaluated, ``nll`` and ``grad`` its values.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def fit_temperature(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
 
     Returns a ``FittedTemperature``: a float, with the number of passes and the NLL before and after.
-    Raises ``ValueError`` when every row is ignored.
+    Raises ``ValueError`` when every row is ignored, or when the NLL is not finite (a target class of
+    probability 0, a row of all -inf or NaN): no temperature fixes those.
     """
     if not (isinstance(bounds, tuple) and len(bounds) == 2):
         raise TypeError(f"bounds must be a tuple (T_min, T_max), got {bounds!r}")
@@ -106,15 +109,19 @@ def fit_temperature(
 
     u_min, u_max = 1.0 / t_max, 1.0 / t_min
     lo, hi = 0.0, math.inf  # NLL' < 0 at lo, > 0 at hi: the optimum lies between
-    u, passes, converged, at_bound, nll_initial = 1.0, 0, False, False, None
-    while passes < max_passes:
+    u, passes, converged, at_bound, nll_initial, last_step = 1.0, 0, False, False, None, math.inf
+    while True:
         nll, grad, hess = (total / count for total in _nll_derivatives(rows, target, u, ignore_index, backend))
         passes += 1
+        if not (math.isfinite(nll) and math.isfinite(grad)):
+            raise ValueError(
+                f"logits: the NLL at T = {1 / u:g} is {nll} (slope {grad}): a row's target class has "
+                "probability 0 (a -inf logit, or a 0 among input='probs') or a row is all -inf or NaN"
+            )
         nll_initial = nll if nll_initial is None else nll_initial
-        if grad > 0:
-            hi = u
-        else:
-            lo = u
+        if grad == 0 and hess == 0 and lo > 0:  # the slope underflowed while falling: NLL -> 0 as T -> 0
+            u, at_bound, converged = u_max, True, True
+            break
         if (u == u_min and grad > 0) or (u == u_max and grad < 0):
             at_bound = True  # the optimum lies beyond the bound
             break
@@ -122,11 +129,19 @@ def fit_temperature(
         if grad == 0 or abs(step) <= rtol * u:
             converged = True
             break
+        if passes == max_passes:
+            break
+        if grad > 0:
+            hi = u
+        else:
+            lo = u
         u_next = u - step
-        if hi == math.inf:  # not bracketed yet: at least double (or halve) u, as Newton crawls along an
-            u_next = max(u_next, 2 * u)  # exponential tail (an optimum at T -> 0 moves by ~1/margin a step)
-        elif lo == 0:
+        crawling = abs(step) > abs(last_step) / 2  # Newton not converging: on an exponential tail (an
+        if crawling and hi == math.inf:  # optimum at T -> 0) it moves u by ~1/margin a step, for ever;
+            u_next = max(u_next, 2 * u)  # until the optimum is bracketed, at least double (or halve) u
+        elif crawling and lo == 0:
             u_next = min(u_next, u / 2)
+        last_step = step
         if not lo < u_next < hi:  # Newton left the bracket: bisect it (geometrically: u is a scale)
             u_next = hi / 4 if lo == 0 else lo * 4 if hi == math.inf else math.sqrt(lo * hi)
         u = min(max(u_next, u_min), u_max)

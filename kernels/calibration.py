@@ -13,15 +13,16 @@ With probabilities instead of logits (``PROBS``, at T = 1): conf = max_j p_j, -l
 sum_j p_j^2 - 2 p_y + 1 straight from the row.
 
 Rows whose target is ``ignore_index`` are skipped. Each program walks a strided set of row tiles and
-keeps its sums in registers; it writes one set of partial sums (``MODE``):
-    BINS    per-bin count, correct count (int32, exact) and confidence sum (fp32), for the bins
+keeps its sums in registers (counts in int32, sums in fp64: a program may add up millions of rows);
+it writes one set of partial sums (``MODE``):
+    BINS    per-bin count, correct count and confidence sum, for the bins
             ((m - 1)/M, m/M] (bin = ceil(conf * M) - 1 in fp64, exact for an fp32 conf), plus the NLL
             and Brier sums;
     ROWS    each row's confidence and correctness (for equal-mass bins, which need every sample),
             plus the NLL and Brier sums;
     NEWTON  the sums of NLL, NLL' and NLL'' at u.
-The launcher adds the programs' partial sums in float64: a fixed grid gives the same answer bit for
-bit on every run (no float atomics).
+The launcher adds the programs' partial sums: a fixed grid gives the same answer bit for bit on every
+run (no float atomics). A row of all -inf logits has no distribution: its NLL is NaN.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ MODES = {"bins": 0, "rows": 1, "newton": 2}  # the kernel's MODE
 BINS_MODE, ROWS_MODE, NEWTON_MODE = (tl.constexpr(v) for v in MODES.values())
 
 MAX_KERNEL_BINS = 1024  # more bins: the launcher bins the per-row confidences of "rows" mode with PyTorch
-TILE = 2048  # rows x columns per program step for narrow rows
+TILE = 1024  # rows x columns per program step for narrow rows
 LOOP_BLOCK = 1024  # columns per step for wide rows (one row per program)
 PROGRAMS_PER_SM = 8
 
@@ -101,9 +102,9 @@ def calibration_kernel(
     X,  # logits or probabilities (n_rows, n_cols), unit column stride
     Y,  # targets (n_rows,) int64/int32
     T,  # temperatures (one, or one per row at stride_t) when HAS_T
-    PARTIAL,  # fp32 (programs, 3): NLL sum, then Brier sum (BINS, ROWS) or NLL', NLL'' sums (NEWTON)
+    PARTIAL,  # fp64 (programs, 3): NLL sum, then Brier sum (BINS, ROWS) or NLL', NLL'' sums (NEWTON)
     BIN_N,  # int32 (programs, 2, BINS): count and correct count per bin (BINS mode)
-    BIN_CONF,  # fp32 (programs, BINS): confidence sum per bin (BINS mode)
+    BIN_CONF,  # fp64 (programs, BINS): confidence sum per bin (BINS mode)
     CONF,  # fp32 (n_rows,): each row's confidence (ROWS mode)
     CORRECT,  # int8 (n_rows,): each row's correctness, -1 for an ignored row (ROWS mode)
     inv_temp,  # 1/T when the temperature is a float, else unused
@@ -125,10 +126,10 @@ def calibration_kernel(
     bins = tl.arange(0, BINS)[None, :]
     bin_n = tl.zeros([BINS], tl.int32)
     bin_right = tl.zeros([BINS], tl.int32)
-    bin_conf = tl.zeros([BINS], tl.float32)
-    sum_a = tl.zeros([ROWS], tl.float32)
-    sum_b = tl.zeros([ROWS], tl.float32)
-    sum_c = tl.zeros([ROWS], tl.float32)
+    bin_conf = tl.zeros([BINS], tl.float64)
+    sum_a = tl.zeros([ROWS], tl.float64)
+    sum_b = tl.zeros([ROWS], tl.float64)
+    sum_c = tl.zeros([ROWS], tl.float64)
     for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
@@ -146,22 +147,23 @@ def calibration_kernel(
             u = _row_inv_temperature(T, inv_temp, rows, valid, stride_t, HAS_T)
             m, d, d2, arg, mean, m2 = _top_label_pass(ptr, valid, u, cols, n_cols, ROWS, BLOCK, MODE)
             nll = (m - x_y) * u + tl.log(d)
-            conf = 1.0 / d
+            conf = tl.math.div_rn(1.0, d)  # correctly rounded, as the reference's 1 / d
             p_y = tl.exp((x_y - m) * u) * conf
             score = d2 * conf * conf - 2.0 * p_y + 1.0
             if MODE == NEWTON_MODE:
                 score = mean + (m - x_y)
-                sum_c += tl.where(valid, m2 / d, 0.0)
-        sum_a += tl.where(valid, nll, 0.0)
-        sum_b += tl.where(valid, score, 0.0)
+                sum_c += tl.where(valid, m2 / d, 0.0).to(tl.float64)
+        sum_a += tl.where(valid, nll, 0.0).to(tl.float64)
+        sum_b += tl.where(valid, score, 0.0).to(tl.float64)
         correct = (arg.to(tl.int64) == y) & valid
         if MODE == BINS_MODE:
-            b = tl.ceil(conf.to(tl.float64) * n_bins).to(tl.int32) - 1
+            conf64 = conf.to(tl.float64)
+            b = tl.ceil(conf64 * n_bins).to(tl.int32) - 1
             b = tl.minimum(tl.maximum(b, 0), n_bins - 1)
             hit = (b[:, None] == bins) & valid[:, None]
             bin_n += tl.sum(hit.to(tl.int32), 0)
             bin_right += tl.sum((hit & correct[:, None]).to(tl.int32), 0)
-            bin_conf += tl.sum(tl.where(hit, conf[:, None], 0.0), 0)
+            bin_conf += tl.sum(tl.where(hit, conf64[:, None], 0.0), 0)
         if MODE == ROWS_MODE:
             tl.store(CONF + rows, conf, mask=row_ok)
             tl.store(CORRECT + rows, tl.where(valid, correct.to(tl.int8), -1), mask=row_ok)
@@ -176,10 +178,10 @@ def calibration_kernel(
 
 
 def launch_config(n_cols: int) -> tuple[int, int, int]:
-    """(rows per program step, BLOCK, num_warps) for rows of ``n_cols`` columns."""
+    """(rows per program step, BLOCK, num_warps) for rows of ``n_cols`` columns: at most ``TILE``
+    entries a step, in 4 warps (no spills for any mode on sm_90; 128 rows spilled)."""
     block = min(triton.next_power_of_2(n_cols), LOOP_BLOCK)
-    rows = max(1, min(TILE // block, 128)) if n_cols <= LOOP_BLOCK else 1
-    return rows, block, 4 if rows * block <= 1024 else 8
+    return max(1, min(TILE // block, 64)), block, 4
 
 
 def _grid(x: torch.Tensor, tiles: int) -> int:
@@ -212,9 +214,9 @@ def calibration_pass(
         rows = max(1, min(rows, 4096 // bins))
     programs = _grid(logits, triton.cdiv(max(n_rows, 1), rows))
     device = logits.device
-    partial = torch.zeros(programs, 3, dtype=torch.float32, device=device)
+    partial = torch.zeros(programs, 3, dtype=torch.float64, device=device)
     bin_n = torch.zeros(programs, 2, bins, dtype=torch.int32, device=device)
-    bin_conf = torch.zeros(programs, bins, dtype=torch.float32, device=device)
+    bin_conf = torch.zeros(programs, bins, dtype=torch.float64, device=device)
     n = n_rows if mode == "rows" else 0
     conf = torch.empty(n, dtype=torch.float32, device=device)
     correct = torch.empty(n, dtype=torch.int8, device=device)
@@ -229,11 +231,11 @@ def calibration_pass(
                 n_bins, logits.stride(0), stride_t, HAS_T=t is not None, PROBS=probs, MODE=MODES[mode],
                 ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps,
             )  # fmt: skip
-    sums = partial.double().sum(0)
+    sums = partial.sum(0)
     if mode == "newton":
         return {"nll": sums[0], "grad": sums[1], "hess": sums[2]}
     out = {"nll": sums[0], "brier": sums[1]}
     if mode == "rows":
         return out | {"confidence": conf, "correct": correct}
     bin_n = bin_n.sum(0, dtype=torch.int64)[:, :n_bins]
-    return out | {"bin_count": bin_n[0], "bin_correct": bin_n[1], "bin_confidence_sum": bin_conf.double().sum(0)[:n_bins]}
+    return out | {"bin_count": bin_n[0], "bin_correct": bin_n[1], "bin_confidence_sum": bin_conf.sum(0)[:n_bins]}

@@ -12,8 +12,8 @@ pass over both rows gives the KL. An ensemble teacher, p = mean_k softmax(t_k u)
 member's log-sum-exp (one extra pass over the teacher), then one pass computes log p_j per entry and
 accumulates sum_j p_j log p_j and sum_j p_j (s_j - m_s) u online in m_s (agreement: argmax of p).
 
-Each program walks a strided set of row tiles and writes its partial sums (agreements as int32, KL as
-fp32), which the launcher adds in float64.
+Each program walks a strided set of row tiles and writes its partial sums (agreements as int32, KL in
+float64), which the launcher adds.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def _kl_single(s_ptr, t_ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK:
         m_t_new, arg_t = _online_max(t, m_t, arg_t, start)
         sub_s, sub_t = _safe_max(m_s), _safe_max(m_t_new)
         r_t = tl.exp((m_t - sub_t) * u)
-        # Shift E's old terms to the new maxima (d_t = 0 while the teacher row has been all -inf).
-        e = r_t * (e + ((old_t - sub_t) - (old_s - sub_s)) * u * d_t)
+        # Shift E's old terms to the new maxima (d_t = 0 while the teacher row has been all -inf); terms
+        # whose weight underflows drop out, as in float64 (even an infinite one: where p = 0, KL adds 0).
+        e = tl.where(r_t > 0, r_t * (e + ((old_t - sub_t) - (old_s - sub_s)) * u * d_t), 0.0)
         w = tl.exp((t - sub_t[:, None]) * u[:, None])
         term = ((t - sub_t[:, None]) - (s - sub_s[:, None])) * u[:, None]
         e += tl.sum(tl.where(w > 0, w * term, 0.0), 1)
@@ -75,10 +76,12 @@ def _kl_ensemble(
     members = tl.arange(0, K_BLOCK)
     m_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
     lse_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
+    member_ptr = t_ptr  # advanced by stride_tk per member: 64-bit pointers, no int32 product k * stride_tk
     for k in range(n_teachers):
-        m, ln_d = _row_lse(t_ptr + k * stride_tk, u, row_ok, cols, n_cols, ROWS, BLOCK)
+        m, ln_d = _row_lse(member_ptr, u, row_ok, cols, n_cols, ROWS, BLOCK)
         m_k = tl.where(members[None, :] == k, _safe_max(m)[:, None], m_k)
         lse_k = tl.where(members[None, :] == k, ln_d[:, None], lse_k)
+        member_ptr += stride_tk
     m_s = tl.full([ROWS], float("-inf"), tl.float32)
     d_s = tl.zeros([ROWS], tl.float32)
     a = tl.zeros([ROWS], tl.float32)  # sum_j p_j log p_j
@@ -90,8 +93,10 @@ def _kl_ensemble(
     for start in range(0, n_cols, BLOCK):
         mask = row_ok[:, None] & (start + cols < n_cols)
         p = tl.zeros([ROWS, BLOCK], tl.float32)
+        member_ptr = t_ptr
         for k in range(n_teachers):
-            t = tl.load(t_ptr + k * stride_tk + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            t = tl.load(member_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            member_ptr += stride_tk
             pick = members[None, :] == k
             m = tl.sum(tl.where(pick, m_k, 0.0), 1)
             ln_d = tl.sum(tl.where(pick, lse_k, 0.0), 1)
@@ -117,7 +122,7 @@ def fidelity_kernel(
     TCH,  # teacher logits (n_teachers, n_rows, n_cols), unit column stride
     T,  # temperatures (one, or one per row at stride_t) when HAS_T
     AGREE,  # int32 (programs,): rows whose top-1 classes agree
-    KL,  # fp32 (programs,): sum of the rows' KL(p || q)
+    KL,  # fp64 (programs,): sum of the rows' KL(p || q)
     inv_temp,  # 1/T when the temperature is a float
     n_rows,
     n_cols,
@@ -135,7 +140,7 @@ def fidelity_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)[None, :]
     agree = tl.zeros([ROWS], tl.int32)
-    kl = tl.zeros([ROWS], tl.float32)
+    kl = tl.zeros([ROWS], tl.float64)
     for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
@@ -150,7 +155,7 @@ def fidelity_kernel(
         else:
             arg_s, arg_t, row_kl = _kl_single(s_ptr, t_ptr, row_ok, u, cols, n_cols, ROWS, BLOCK)
         agree += ((arg_s == arg_t) & row_ok).to(tl.int32)
-        kl += tl.where(row_ok, row_kl, 0.0)
+        kl += tl.where(row_ok, row_kl, 0.0).to(tl.float64)
     tl.store(AGREE + pid, tl.sum(agree, 0))
     tl.store(KL + pid, tl.sum(kl, 0))
 
@@ -165,7 +170,7 @@ def fidelity_pass(
     rows, block, num_warps = launch_config(n_cols)
     programs = _grid(student, triton.cdiv(max(n_rows, 1), rows))
     agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
-    kl = torch.zeros(programs, dtype=torch.float32, device=student.device)
+    kl = torch.zeros(programs, dtype=torch.float64, device=student.device)
     if isinstance(temperature, torch.Tensor):
         t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
     else:
@@ -178,4 +183,4 @@ def fidelity_pass(
                 teacher.stride(0), teacher.stride(1), stride_t, HAS_T=t is not None, ENSEMBLE=n_teachers > 1,
                 K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, num_warps=num_warps,
             )  # fmt: skip
-    return agree.sum(dtype=torch.int64), kl.double().sum()
+    return agree.sum(dtype=torch.int64), kl.sum()

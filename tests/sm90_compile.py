@@ -26,6 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+import fastkd.kernels.calibration as calibration_kernels
+import fastkd.kernels.fidelity as fidelity_kernels
 import fastkd.kernels.kd_loss as kd_kernels
 import fastkd.kernels.softmax as softmax_kernels
 
@@ -122,9 +124,39 @@ def kd_loss_launches():
         kd_kernels.scale_grad_(grad, torch.empty((), device="meta"))
 
 
+CALIBRATION_WIDTHS = [2**i for i in range(11)] + [131072]  # every launch config: 1 to LOOP_BLOCK, then the loop
+
+
+def calibration_launches():
+    """Every launch config of the binned statistics (bf16, 15 bins); at three widths: 1024 bins, the
+    per-row and Newton modes, probabilities, per-row temperatures."""
+    cases = [(w, "bins", 15, False, False) for w in CALIBRATION_WIDTHS]
+    cases += [(w, "bins", 1024, False, False) for w in (10, 1000, 131072)]
+    cases += [(w, mode, 15, probs, per_row) for w in (10, 1000, 131072) for mode, probs, per_row in
+              (("rows", False, False), ("newton", False, False), ("bins", True, False), ("bins", False, True))]  # fmt: skip
+    for width, mode, n_bins, probs, per_row in cases:
+        n_rows = 16384 if width > 1024 else 65536
+        x = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
+        target = torch.empty(n_rows, dtype=torch.int64, device="meta")
+        t = torch.empty(n_rows, device="meta") if per_row else 2.0
+        calibration_kernels.calibration_pass(x, target, mode, temperature=t, probs=probs, n_bins=n_bins)
+
+
+def fidelity_launches():
+    """Every launch config with one teacher (bf16); at three widths an ensemble of 3 and per-row temperatures."""
+    cases = [(w, 1, False) for w in CALIBRATION_WIDTHS] + [(w, 3, True) for w in (10, 1000, 131072)]
+    for width, n_teachers, per_row in cases:
+        n_rows = 16384 if width > 1024 else 65536
+        student = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
+        teacher = torch.empty(n_teachers, n_rows, width, dtype=torch.bfloat16, device="meta")
+        fidelity_kernels.fidelity_pass(student, teacher, torch.empty(n_rows, device="meta") if per_row else 2.0)
+
+
 CASES = [
     (softmax_kernels, ["tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel"], softmax_launches),
     (kd_kernels, ["kd_loss_fwd_kernel", "scale_grad_kernel"], kd_loss_launches),
+    (calibration_kernels, ["calibration_kernel"], calibration_launches),
+    (fidelity_kernels, ["fidelity_kernel"], fidelity_launches),
 ]
 
 

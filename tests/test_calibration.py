@@ -121,6 +121,16 @@ def test_confidences_on_bin_edges(backend, n_classes, n_bins, expected_bin):
     assert stats.bin_count.nonzero().flatten().tolist() == [expected_bin]
 
 
+@pytest.mark.parametrize("n_classes, n_bins", [(3, 15), (5, 5), (10, 10), (15, 15), (20, 20)])
+def test_backends_bin_ties_alike(n_classes, n_bins):
+    """Confidence 1/C of C equal logits, near an edge m/M in float32: both backends form it as 1 / d,
+    correctly rounded, so they put it in the same bin."""
+    logits = torch.zeros(4, n_classes, device=DEVICE)
+    target = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    bins = [fastkd.calibration_stats(logits, target, n_bins, backend=b).bin_count.tolist() for b in ("torch", "triton")]
+    assert bins[0] == bins[1]
+
+
 def test_extreme_and_masked_logits(backend):
     logits, target = _case(40, 30, scale=1e4)
     logits[:, 5:9] = float("-inf")  # masked classes
@@ -153,6 +163,11 @@ def test_all_rows_ignored_and_no_rows(backend):
     assert stats.count == 0 and math.isnan(stats.ece()) and math.isnan(stats.accuracy)
     empty = fastkd.calibration_stats(logits[:0], target[:0], backend=backend)
     assert empty.count == 0 and empty.bin_count.shape == (15,)
+    for binning in ("uniform", "adaptive"):
+        for classwise in (False, True):
+            ece = fastkd.expected_calibration_error(logits[:0], target[:0], binning=binning, classwise=classwise,
+                                                    backend=backend)  # fmt: skip
+            assert math.isnan(ece)
 
 
 def test_single_class(backend):

@@ -71,6 +71,18 @@ def test_masked_and_extreme_logits(backend):
     assert fastkd.fidelity(student, teacher[0], backend=backend).predictive_kl == math.inf
 
 
+def test_teacher_max_jumping_past_an_infinite_term(backend):
+    """A class the student masks gets teacher mass e^-1000 (0 in float64), then the teacher's max jumps
+    in a later column block: the term drops out as in float64 instead of making 0 * inf = NaN."""
+    student = torch.zeros(2, 2100, device=DEVICE)
+    student[:, 0] = float("-inf")
+    teacher = torch.zeros(2, 2100, device=DEVICE)
+    teacher[:, 2050] = 1000.0
+    got = fastkd.fidelity(student, teacher, backend=backend)
+    _check(got, _expected(student, teacher), 2)
+    assert math.isfinite(got.predictive_kl)
+
+
 def test_ties_take_the_first_index(backend):
     student = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]], device=DEVICE)
     teacher = torch.tensor([[0.0, 5.0, 5.0], [0.0, 1.0, 1.0]], device=DEVICE)  # rows: 1 = 1, 0 != 1

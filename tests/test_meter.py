@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -56,15 +53,24 @@ def test_state_dict_resume_and_reset():
         fastkd.CalibrationMeter(n_bins=15).load_state_dict(meter.state_dict())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(n_bins=0), ValueError, "n_bins must be >= 1"),
+        (dict(backend="cuda!"), ValueError, "backend must be one of"),
+        (dict(temperature=-1.0), ValueError, "temperature must be in"),
+        (dict(temperature=torch.ones(3)), ValueError, "one value for every batch"),
+        (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+        (dict(input="logprobs"), ValueError, "input must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.CalibrationMeter(**kwargs)
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         logits, target = _data(seed=0)
         meter = fastkd.CalibrationMeter(n_bins=12, backend="torch")
@@ -78,12 +84,12 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_distributed_sync_over_gloo():
+def test_distributed_sync_over_gloo(tmp_path):
     world = 2
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, queue)) for rank in range(world)]
+    store = tmp_path / "store"  # a file rendezvous: no TCP port to race for
+    procs = [ctx.Process(target=_worker, args=(rank, world, str(store), queue)) for rank in range(world)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]

@@ -91,8 +91,7 @@ def test_optimum_beyond_bounds(backend):
     logits = torch.eye(5, device=DEVICE).repeat(20, 1) * 10
     target = torch.arange(5, device=DEVICE).repeat(20)
     temperature = fastkd.fit_temperature(logits, target, backend=backend)
-    assert 0 < temperature <= 0.1 and temperature.passes <= 12
-    assert temperature.at_bound or temperature.grad == 0  # the bound, or where the slope underflows
+    assert temperature.at_bound and temperature == pytest.approx(0.01) and temperature.passes <= 12
     assert temperature.nll < 1e-6
     wrong = fastkd.fit_temperature(logits, (target + 1) % 5, bounds=(0.1, 50.0), backend=backend)
     assert wrong.at_bound and wrong == pytest.approx(50.0)
@@ -118,10 +117,22 @@ def test_temperature_scaler():
     assert torch.equal(restored.temperature, scaler.temperature)
 
 
+def test_max_passes_returns_an_evaluated_temperature(backend):
+    z, y = _well_specified(500)
+    first = fastkd.fit_temperature(z * 3, y, max_passes=1, backend=backend)
+    assert first == 1.0 and not first.converged and first.nll == pytest.approx(_nll(z * 3, y, 1.0), rel=1e-6)
+
+
+def test_well_calibrated_takes_few_passes(backend):
+    z, y = _well_specified(3000, seed=4)
+    assert fastkd.fit_temperature(z, y, backend=backend).passes <= 5
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
         (dict(target=torch.full((6,), -100)), ValueError, "every row is ignore_index"),
+        (dict(logits=torch.tensor([[0.0, float("-inf"), 1.0, 2.0, 3.0]] * 6)), ValueError, "the NLL at T = 1 is inf"),
         (dict(bounds=(0.0, 10.0)), ValueError, r"bounds\[0\] must be in"),
         (dict(bounds=(0.1, 0.5)), ValueError, r"bounds\[1\] must be in"),
         (dict(bounds=[0.1, 10.0]), TypeError, "bounds must be a tuple"),
