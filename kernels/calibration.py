@@ -40,6 +40,9 @@ MAX_KERNEL_BINS = 1024  # more bins: the launcher bins the per-row confidences o
 TILE = 1024  # rows x columns per program step for narrow rows
 LOOP_BLOCK = 1024  # columns per step for wide rows (one row per program)
 PROGRAMS_PER_SM = 8
+# Registers per thread: without a budget, ptxas spills a long-lived value at 80-96 registers in some
+# variants (as in kd_loss's loop); with this one no launch config spills (tests/sm90_compile.py).
+MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -127,9 +130,9 @@ def calibration_kernel(
     bin_n = tl.zeros([BINS], tl.int32)
     bin_right = tl.zeros([BINS], tl.int32)
     bin_conf = tl.zeros([BINS], tl.float64)
-    sum_a = tl.zeros([ROWS], tl.float64)
-    sum_b = tl.zeros([ROWS], tl.float64)
-    sum_c = tl.zeros([ROWS], tl.float64)
+    sum_a = tl.zeros([], tl.float64)  # one fp64 total a program (a tile's rows are summed in fp64 first)
+    sum_b = tl.zeros([], tl.float64)
+    sum_c = tl.zeros([], tl.float64)
     for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
@@ -152,9 +155,9 @@ def calibration_kernel(
             score = d2 * conf * conf - 2.0 * p_y + 1.0
             if MODE == NEWTON_MODE:
                 score = mean + (m - x_y)
-                sum_c += tl.where(valid, m2 / d, 0.0).to(tl.float64)
-        sum_a += tl.where(valid, nll, 0.0).to(tl.float64)
-        sum_b += tl.where(valid, score, 0.0).to(tl.float64)
+                sum_c += tl.sum(tl.where(valid, m2 / d, 0.0).to(tl.float64), 0)
+        sum_a += tl.sum(tl.where(valid, nll, 0.0).to(tl.float64), 0)
+        sum_b += tl.sum(tl.where(valid, score, 0.0).to(tl.float64), 0)
         correct = (arg.to(tl.int64) == y) & valid
         if MODE == BINS_MODE:
             conf64 = conf.to(tl.float64)
@@ -167,9 +170,9 @@ def calibration_kernel(
         if MODE == ROWS_MODE:
             tl.store(CONF + rows, conf, mask=row_ok)
             tl.store(CORRECT + rows, tl.where(valid, correct.to(tl.int8), -1), mask=row_ok)
-    tl.store(PARTIAL + pid * 3, tl.sum(sum_a, 0))
-    tl.store(PARTIAL + pid * 3 + 1, tl.sum(sum_b, 0))
-    tl.store(PARTIAL + pid * 3 + 2, tl.sum(sum_c, 0))
+    tl.store(PARTIAL + pid * 3, sum_a)
+    tl.store(PARTIAL + pid * 3 + 1, sum_b)
+    tl.store(PARTIAL + pid * 3 + 2, sum_c)
     if MODE == BINS_MODE:
         offsets = tl.arange(0, BINS)
         tl.store(BIN_N + pid * 2 * BINS + offsets, bin_n)
@@ -229,7 +232,7 @@ def calibration_pass(
             calibration_kernel[(programs,)](
                 logits, target, t, partial, bin_n, bin_conf, conf, correct, inv_t, ignore_index, n_rows, n_cols,
                 n_bins, logits.stride(0), stride_t, HAS_T=t is not None, PROBS=probs, MODE=MODES[mode],
-                ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps,
+                ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps, maxnreg=MAX_REGISTERS,
             )  # fmt: skip
     sums = partial.sum(0)
     if mode == "newton":

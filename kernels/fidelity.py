@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.calibration import _grid, launch_config
+from fastkd.kernels.calibration import MAX_REGISTERS, _grid, launch_config
 from fastkd.kernels.kd_loss import _row_lse
 from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
 
@@ -139,8 +139,8 @@ def fidelity_kernel(
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)[None, :]
-    agree = tl.zeros([ROWS], tl.int32)
-    kl = tl.zeros([ROWS], tl.float64)
+    agree = tl.zeros([], tl.int32)
+    kl = tl.zeros([], tl.float64)  # one fp64 total a program (a tile's rows are summed in fp64 first)
     for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
@@ -154,10 +154,10 @@ def fidelity_kernel(
             )
         else:
             arg_s, arg_t, row_kl = _kl_single(s_ptr, t_ptr, row_ok, u, cols, n_cols, ROWS, BLOCK)
-        agree += ((arg_s == arg_t) & row_ok).to(tl.int32)
-        kl += tl.where(row_ok, row_kl, 0.0).to(tl.float64)
-    tl.store(AGREE + pid, tl.sum(agree, 0))
-    tl.store(KL + pid, tl.sum(kl, 0))
+        agree += tl.sum(((arg_s == arg_t) & row_ok).to(tl.int32), 0)
+        kl += tl.sum(tl.where(row_ok, row_kl, 0.0).to(tl.float64), 0)
+    tl.store(AGREE + pid, agree)
+    tl.store(KL + pid, kl)
 
 
 def fidelity_pass(
@@ -167,7 +167,11 @@ def fidelity_pass(
     (K, N, C); temperature a float or a tensor of one value or one per row."""
     n_rows, n_cols = student.shape
     student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
+    n_teachers = teacher.shape[0]
+    k_block = triton.next_power_of_2(n_teachers)
     rows, block, num_warps = launch_config(n_cols)
+    if n_teachers > 1:  # an ensemble tile holds ROWS x K_BLOCK member states: <= 64 fits MAX_REGISTERS
+        rows = max(1, min(rows, 64 // k_block))
     programs = _grid(student, triton.cdiv(max(n_rows, 1), rows))
     agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
     kl = torch.zeros(programs, dtype=torch.float64, device=student.device)
@@ -175,12 +179,11 @@ def fidelity_pass(
         t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
     else:
         t, inv_t, stride_t = None, 1.0 / temperature, 0
-    n_teachers = teacher.shape[0]
     if n_rows:
         with _on_device(student):
             fidelity_kernel[(programs,)](
                 student, teacher, t, agree, kl, inv_t, n_rows, n_cols, n_teachers, student.stride(0),
                 teacher.stride(0), teacher.stride(1), stride_t, HAS_T=t is not None, ENSEMBLE=n_teachers > 1,
-                K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, num_warps=num_warps,
+                K_BLOCK=k_block, ROWS=rows, BLOCK=block, num_warps=num_warps, maxnreg=MAX_REGISTERS,
             )  # fmt: skip
     return agree.sum(dtype=torch.int64), kl.sum()

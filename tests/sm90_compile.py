@@ -143,8 +143,10 @@ def calibration_launches():
 
 
 def fidelity_launches():
-    """Every launch config with one teacher (bf16); at three widths an ensemble of 3 and per-row temperatures."""
+    """Every launch config with one teacher (bf16); at three widths an ensemble of 3 and per-row
+    temperatures; the narrow tiles of ensembles of 2 and 8 (fewer rows a tile as members grow)."""
     cases = [(w, 1, False) for w in CALIBRATION_WIDTHS] + [(w, 3, True) for w in (10, 1000, 131072)]
+    cases += [(10, 2, False), (10, 8, False)]
     for width, n_teachers, per_row in cases:
         n_rows = 16384 if width > 1024 else 65536
         student = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
