@@ -43,14 +43,21 @@ def should_check_values(validate_args: bool) -> bool:
 
 
 def check_temperature(
-    temperature: object, logits: torch.Tensor, dim: int, *, check_values: bool, name: str = "temperature"
+    temperature: object,
+    logits: torch.Tensor,
+    dim: int,
+    *,
+    check_values: bool,
+    name: str = "temperature",
+    rows: torch.Tensor | None = None,
 ) -> float | torch.Tensor:
     """A temperature for softmax(logits / T) along ``dim``: finite and > 0.
 
     Accepts a Python number, a one-element tensor, or a tensor with one value per row: the shape of
     ``logits`` without ``dim`` (or with size 1 at ``dim``). Returns the number as given, or a 0-d
     tensor or a tensor of the row shape on the logits' device (a 0-d CPU tensor is moved there, as
-    PyTorch treats CPU scalars).
+    PyTorch treats CPU scalars). ``rows``, a bool mask of the row shape, limits the value check of a
+    per-row temperature to the rows that count (e.g. not ``ignore_index``).
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
@@ -77,6 +84,8 @@ def check_temperature(
         temperature = temperature.to(logits.device)
     if check_values:
         bad = ~(torch.isfinite(temperature) & (temperature > 0))
+        if rows is not None and temperature.dim():
+            bad &= rows
         if bool(bad.any()):
             raise ValueError(f"{name} must be finite and > 0, got {temperature[bad].flatten()[0].item()}")
     return temperature
@@ -128,7 +137,7 @@ def check_target(
             )
 
 
-def check_teacher(teacher: object, student: Tensor) -> int:
+def check_teacher(teacher: object, student: torch.Tensor) -> int:
     """The number of ensemble members K: ``teacher`` is the student's shape, or (K,) + it."""
     check_logits(teacher, "teacher_logits")
     if teacher.device != student.device:
@@ -157,16 +166,22 @@ def check_int(value: object, name: str, low: int) -> int:
     return value
 
 
-def check_probs(probs: torch.Tensor, name: str, *, check_values: bool) -> None:
+def check_probs(probs: torch.Tensor, name: str, *, check_values: bool, rows: torch.Tensor | None = None) -> None:
     """Rows of probabilities (last dim): each entry in [0, 1] and each row summing to 1 within
     max(1e-3, 4 eps) for the dtype's eps (the rounding of a probability vector stored in that dtype).
-    Read only when ``check_values``."""
+    ``rows``, a bool mask of the row shape, limits the check to the rows that count. Read only when
+    ``check_values``."""
     if not check_values or probs.numel() == 0:
         return
-    if not bool(((probs >= 0) & (probs <= 1)).all()):
+    outside = ((probs < 0) | (probs > 1) | probs.isnan()).any(-1)
+    sums = probs.sum(-1, dtype=torch.float64)
+    if rows is not None:
+        outside &= rows
+        sums = torch.where(rows, sums, 1.0)
+    if bool(outside.any()):
         raise ValueError(f"{name}: input='probs' needs probabilities in [0, 1], got entries outside it")
     tol = max(1e-3, 4 * torch.finfo(probs.dtype).eps)
-    sums = probs.double().sum(-1).flatten()
+    sums = sums.flatten()
     worst = sums[(sums - 1).abs().argmax()].item()
     if abs(worst - 1) > tol:
         raise ValueError(

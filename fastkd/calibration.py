@@ -16,9 +16,11 @@ The calibration error over bins with n_m rows, mean confidence conf_m and accura
     "l2"   RMS calibration error = sqrt(sum_m (n_m / N) (acc_m - conf_m)^2)
     "max"  MCE = max over non-empty bins of |acc_m - conf_m|
 
-Rows whose target is ``ignore_index`` are skipped everywhere. With ``input="probs"`` the rows are
-probabilities (checked: in [0, 1], summing to 1), tempered as softmax(log p / T) when T != 1; there is
-no guessing which of the two a tensor holds.
+Rows whose target is ``ignore_index`` are skipped everywhere (their values are not checked). With
+``input="probs"`` the rows are probabilities (checked: in [0, 1], summing to 1), tempered as
+softmax(log p / T) when T != 1 (the log taken as the rows are read); there is no guessing which of
+the two a tensor holds. A counted row whose logits are all -inf has no distribution: its confidence
+and NLL are NaN (it is counted in the last bin), and so are the ECE, NLL and Brier score.
 """
 
 from __future__ import annotations
@@ -148,9 +150,9 @@ def _prepare(
     backend: str,
     validate_args: bool,
 ) -> tuple[Tensor, Tensor, float | Tensor, bool, str]:
-    """Checked arguments as (rows (N, C), targets (N,) contiguous, temperature (a float or a tensor of
-    one value or N), whether the rows are probabilities at T = 1, backend). Probabilities to temper
-    are turned into log-probabilities (in float32 at least), which softmax(. / T) takes as logits."""
+    """Checked arguments as (rows (N, C) detached, targets (N,) contiguous, temperature (a float or a
+    tensor of one value or N, detached), whether the rows are probabilities, backend). Ignored rows are
+    not value-checked (their probabilities or temperature may be padding)."""
     check_logits(logits)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have at least one class (the last dimension is 0)")
@@ -159,17 +161,17 @@ def _prepare(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_values = should_check_values(validate_args)
     check_target(target, logits, ignore_index, check_values=check_values)
-    temperature = check_temperature(temperature, logits, logits.dim() - 1, check_values=check_values)
+    counted = target != ignore_index if check_values else None
+    temperature = check_temperature(
+        temperature, logits, logits.dim() - 1, check_values=check_values, rows=counted
+    )
     if isinstance(temperature, Tensor):
         temperature = temperature.detach().reshape(-1) if temperature.dim() else temperature.detach()
     probs = input == "probs"
     if probs:
-        check_probs(logits, "logits", check_values=check_values)
+        check_probs(logits, "logits", check_values=check_values, rows=counted)
     backend = resolve_backend(backend, logits)
-    rows = logits.reshape(-1, logits.shape[-1])
-    if probs and (isinstance(temperature, Tensor) or temperature != 1):
-        rows, probs = rows.to(torch.promote_types(rows.dtype, torch.float32)).log(), False
-    return rows, target.reshape(-1).contiguous(), temperature, probs, backend
+    return logits.detach().reshape(-1, logits.shape[-1]), target.reshape(-1).contiguous(), temperature, probs, backend
 
 
 def _row_chunks(rows: Tensor, target: Tensor, temperature: float | Tensor):
@@ -337,7 +339,12 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
             t = t[valid]
         x, y = x[valid], y[valid]
         x = x.to(reference.compute_dtype(x.dtype))  # probabilities in float32 even for 16-bit logits
-        p = x if probs else tempered_softmax(x, t, backend=backend)
+        if not probs:
+            p = tempered_softmax(x, t, backend=backend)
+        elif reference.is_tempered(t):
+            p = tempered_softmax(x.log(), t, backend=backend)  # probabilities tempered as softmax(log p / T)
+        else:
+            p = x
         hit = y.unsqueeze(1) == classes
         if binning == "adaptive":
             kept.append((p, hit))
@@ -361,7 +368,8 @@ class CalibrationMeter(nn.Module):
     ``compute()`` returns the ``CalibrationStats`` of everything seen, summed over the processes of the
     default group (or ``process_group``) when ``torch.distributed`` is initialized, without changing
     the local state; ``reset()`` starts over. The state is registered buffers: ``state_dict()`` /
-    ``load_state_dict()`` save and resume a long evaluation, ``.to(device)`` moves it.
+    ``load_state_dict()`` save and resume a long evaluation, ``.to(device)`` moves it, and a dtype cast
+    leaves it as it is (int64 counts, float64 sums).
     """
 
     def __init__(
@@ -395,6 +403,16 @@ class CalibrationMeter(nn.Module):
 
     def _state(self) -> tuple[Tensor, ...]:
         return self.bin_count, self.bin_correct, self.bin_confidence_sum, self.nll_sum, self.brier_sum
+
+    def _apply(self, fn, recurse=True):
+        """Moves the state with the module (``.to(device)``, ``.cuda()``) but keeps its dtypes: a model
+        cast to bfloat16 with its meter inside must not round the float64 sums."""
+        state = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in state.items():
+            if self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        return self
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor) -> None:

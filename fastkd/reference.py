@@ -177,11 +177,17 @@ def kd_loss(
 # ---- calibration and fidelity -------------------------------------------------------------------------
 
 
+def is_tempered(temperature: float | torch.Tensor) -> bool:
+    """Whether ``temperature`` may differ from 1: probabilities are then tempered as softmax(log p / T)."""
+    return isinstance(temperature, torch.Tensor) or temperature != 1
+
+
 def confidence_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
     """The 0-based bin of each confidence among ``n_bins`` equal bins of [0, 1]: bin m (1-based) holds
-    ((m - 1)/M, m/M], and a confidence of 0 joins the first bin. Exact for float32 confidences: c * M
-    is exact in float64, so ceil(c * M) - 1 compares c with m/M without rounding."""
-    return (torch.ceil(confidence.double() * n_bins).long() - 1).clamp_(0, n_bins - 1)
+    ((m - 1)/M, m/M], a confidence of 0 joins the first bin and a NaN one (a row with no distribution)
+    the last. Exact for float32 confidences: c * M is exact in float64, so ceil(c * M) - 1 compares c
+    with m/M without rounding."""
+    return (torch.ceil(confidence.double() * n_bins).nan_to_num(n_bins).long() - 1).clamp_(0, n_bins - 1)
 
 
 def top_label_rows(
@@ -189,10 +195,13 @@ def top_label_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of ``logits`` (N, C) with target (N,) in [0, C): (confidence max_j p_j, correct
     [argmax_j p_j = y] (the first index of the max), NLL -log p_y, Brier sum_j (p_j - [j = y])^2),
-    with p = softmax(logits / T) in the compute dtype (or, with ``probs``, the rows themselves at T = 1).
+    with p = softmax(logits / T) in the compute dtype (with ``probs``, the rows p themselves at T = 1,
+    else softmax(log p / T)).
     The confidence is 1 / sum_j e^(z_j - max z), z = logits / T, as the kernel forms it; the prediction
     is the argmax of the logits themselves: rounding can tie classes in p that it does not tie in them."""
     x = logits.to(compute_dtype(logits.dtype))
+    if probs and is_tempered(temperature):
+        x, probs = x.log(), False  # probabilities tempered as softmax(log p / T)
     if probs:
         p, log_p = x, x.log()
         confidence = p.amax(-1)

@@ -9,8 +9,10 @@ the running max m, d = sum_j e^((x_j - m) u), and whichever of these the mode ne
     Newton        NLL'(u) = E_p[x] - x_y,  NLL''(u) = Var_p[x]   (weighted mean and M2 of x under p,
                   merged across column blocks by Chan et al.'s update)
 
-With probabilities instead of logits (``PROBS``, at T = 1): conf = max_j p_j, -log p_y and
-sum_j p_j^2 - 2 p_y + 1 straight from the row.
+With probabilities instead of logits at T = 1 (``PROBS``): conf = max_j p_j, -log p_y and
+sum_j p_j^2 - 2 p_y + 1 straight from the row. Probabilities at T != 1, and in Newton mode, are
+tempered as softmax(log p / T): ``LOG`` takes x = log p as each block is loaded (no log-probability
+tensor is formed).
 
 Rows whose target is ``ignore_index`` are skipped. Each program walks a strided set of row tiles and
 keeps its sums in registers (counts in int32, sums in fp64: a program may add up millions of rows);
@@ -22,7 +24,7 @@ it writes one set of partial sums (``MODE``):
             plus the NLL and Brier sums;
     NEWTON  the sums of NLL, NLL' and NLL'' at u.
 The launcher adds the programs' partial sums: a fixed grid gives the same answer bit for bit on every
-run (no float atomics). A row of all -inf logits has no distribution: its NLL is NaN.
+run (no float atomics). A row of all -inf logits has no distribution: its NLL and confidence are NaN.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ MAX_REGISTERS = 128
 
 
 @triton.jit
-def _top_label_pass(ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
-    """One online pass over rows of logits read in column blocks: (m, d, d2, argmax, mean, M2), with
-    mean and M2 the p-weighted mean of x - m and sum of squared deviations (``NEWTON_MODE`` only)."""
+def _top_label_pass(
+    ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, LOG: tl.constexpr
+):
+    """One online pass over rows of logits read in column blocks (with ``LOG``, probabilities read as
+    their logs): (m, d, d2, argmax, mean, M2), with mean and M2 the p-weighted mean of x - m and sum of
+    squared deviations (``NEWTON_MODE`` only)."""
     m = tl.full([ROWS], float("-inf"), tl.float32)
     d = tl.zeros([ROWS], tl.float32)
     d2 = tl.zeros([ROWS], tl.float32)
@@ -58,6 +63,8 @@ def _top_label_pass(ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.
     for start in range(0, n_cols, BLOCK):
         mask = row_ok[:, None] & (start + cols < n_cols)
         x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if LOG:
+            x = tl.where(mask, tl.log(x), float("-inf"))
         block_max = tl.max(x, 1)
         block_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + start
         arg = tl.where(block_max > m, block_arg, arg)  # strictly greater: the first index wins
@@ -118,7 +125,8 @@ def calibration_kernel(
     stride_x,
     stride_t,
     HAS_T: tl.constexpr,
-    PROBS: tl.constexpr,
+    PROBS: tl.constexpr,  # probabilities read as such (T = 1)
+    LOG: tl.constexpr,  # probabilities read as logits log p (T != 1, Newton mode)
     MODE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -142,15 +150,18 @@ def calibration_kernel(
         in_range = (y >= 0) & (y < n_cols)
         ptr = X + rows64[:, None] * stride_x
         x_y = tl.load(X + rows64 * stride_x + y, mask=valid & in_range, other=float("nan")).to(tl.float32)
+        if LOG:
+            x_y = tl.log(x_y)
         if PROBS:
             conf, sq, arg = _probs_pass(ptr, valid, cols, n_cols, ROWS, BLOCK)
             nll = -tl.log(x_y)
             score = sq - 2.0 * x_y + 1.0
         else:
             u = _row_inv_temperature(T, inv_temp, rows, valid, stride_t, HAS_T)
-            m, d, d2, arg, mean, m2 = _top_label_pass(ptr, valid, u, cols, n_cols, ROWS, BLOCK, MODE)
+            m, d, d2, arg, mean, m2 = _top_label_pass(ptr, valid, u, cols, n_cols, ROWS, BLOCK, MODE, LOG)
             nll = (m - x_y) * u + tl.log(d)
             conf = tl.math.div_rn(1.0, d)  # correctly rounded, as the reference's 1 / d
+            conf = tl.where(d > 0, conf, float("nan"))  # an all -inf row has no distribution (d = 0)
             p_y = tl.exp((x_y - m) * u) * conf
             score = d2 * conf * conf - 2.0 * p_y + 1.0
             if MODE == NEWTON_MODE:
@@ -161,8 +172,8 @@ def calibration_kernel(
         correct = (arg.to(tl.int64) == y) & valid
         if MODE == BINS_MODE:
             conf64 = conf.to(tl.float64)
-            b = tl.ceil(conf64 * n_bins).to(tl.int32) - 1
-            b = tl.minimum(tl.maximum(b, 0), n_bins - 1)
+            b = tl.minimum(tl.maximum(tl.ceil(conf64 * n_bins).to(tl.int32) - 1, 0), n_bins - 1)
+            b = tl.where(conf64 == conf64, b, n_bins - 1)  # noqa: PLR0124 (a NaN confidence: the last bin)
             hit = (b[:, None] == bins) & valid[:, None]
             bin_n += tl.sum(hit.to(tl.int32), 0)
             bin_right += tl.sum((hit & correct[:, None]).to(tl.int32), 0)
@@ -204,7 +215,8 @@ def calibration_pass(
     n_bins: int = 1,
 ) -> dict[str, torch.Tensor]:
     """One read of ``logits`` (N, C) with ``target`` (N,) contiguous; temperature a float or a tensor
-    of one value or one per row (``probs`` only at T = 1). Returns float64 sums / int64 counts:
+    of one value or one per row; ``probs``: the rows are probabilities, tempered as softmax(log p / T)
+    (and read as such at T = 1 outside Newton mode). Returns float64 sums / int64 counts:
       "bins"    nll, brier, bin_count (n_bins,), bin_correct (n_bins,), bin_confidence_sum (n_bins,)
       "rows"    nll, brier, confidence (N,) fp32, correct (N,) int8 (-1 where ignored)
       "newton"  nll, grad, hess (sums of NLL, NLL', NLL'' at u = 1/T over the rows not ignored)
@@ -227,12 +239,13 @@ def calibration_pass(
         t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
     else:
         t, inv_t, stride_t = None, 1.0 / temperature, 0
+    log = probs and (mode == "newton" or t is not None or temperature != 1)
     if n_rows:
         with _on_device(logits):
             calibration_kernel[(programs,)](
                 logits, target, t, partial, bin_n, bin_conf, conf, correct, inv_t, ignore_index, n_rows, n_cols,
-                n_bins, logits.stride(0), stride_t, HAS_T=t is not None, PROBS=probs, MODE=MODES[mode],
-                ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps, maxnreg=MAX_REGISTERS,
+                n_bins, logits.stride(0), stride_t, HAS_T=t is not None, PROBS=probs and not log, LOG=log,
+                MODE=MODES[mode], ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps, maxnreg=MAX_REGISTERS,
             )  # fmt: skip
     sums = partial.sum(0)
     if mode == "newton":

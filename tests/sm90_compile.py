@@ -128,17 +128,19 @@ CALIBRATION_WIDTHS = [2**i for i in range(11)] + [131072]  # every launch config
 
 
 def calibration_launches():
-    """Every launch config of the binned statistics (bf16, 15 bins); at three widths: 1024 bins, the
-    per-row and Newton modes, probabilities, per-row temperatures."""
-    cases = [(w, "bins", 15, False, False) for w in CALIBRATION_WIDTHS]
-    cases += [(w, "bins", 1024, False, False) for w in (10, 1000, 131072)]
-    cases += [(w, mode, 15, probs, per_row) for w in (10, 1000, 131072) for mode, probs, per_row in
-              (("rows", False, False), ("newton", False, False), ("bins", True, False), ("bins", False, True))]  # fmt: skip
-    for width, mode, n_bins, probs, per_row in cases:
+    """Every launch config of the binned statistics (bf16, 15 bins, T = 2); at three widths: 1024 bins,
+    the per-row and Newton modes, probabilities read as such (T = 1) and as logits log p (T = 2, and
+    in Newton mode), per-row temperatures."""
+    cases = [(w, "bins", 15, False, 2.0) for w in CALIBRATION_WIDTHS]
+    cases += [(w, "bins", 1024, False, 2.0) for w in (10, 1000, 131072)]
+    variants = [("rows", False, 2.0), ("newton", False, 2.0), ("bins", True, 1.0), ("bins", True, 2.0),
+                ("newton", True, 2.0), ("bins", False, "per row")]  # fmt: skip
+    cases += [(w, mode, 15, probs, t) for w in (10, 1000, 131072) for mode, probs, t in variants]
+    for width, mode, n_bins, probs, t in cases:
         n_rows = 16384 if width > 1024 else 65536
         x = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
         target = torch.empty(n_rows, dtype=torch.int64, device="meta")
-        t = torch.empty(n_rows, device="meta") if per_row else 2.0
+        t = torch.empty(n_rows, device="meta") if t == "per row" else t
         calibration_kernels.calibration_pass(x, target, mode, temperature=t, probs=probs, n_bins=n_bins)
 
 

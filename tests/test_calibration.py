@@ -187,6 +187,43 @@ def test_probs_input(backend):
         assert got.ece() == pytest.approx(expected.ece(), rel=1e-5, abs=1e-7)
 
 
+def test_ignored_rows_are_not_value_checked(backend):
+    """Padding rows (ignored) may hold anything: all-zero 'probabilities', a temperature of 0."""
+    logits, target = _case(40, 9, ignore_every=0)
+    probs = torch.softmax(logits.double() * 2, -1).float()
+    probs[:, 3] = 0.0  # a class of probability 0: log p = -inf when tempered
+    probs /= probs.sum(-1, keepdim=True)
+    padded, padded_target = torch.cat([probs, torch.zeros(5, 9, device=DEVICE)]), torch.cat([target, torch.full((5,), -100, device=DEVICE)])
+    temperature = torch.cat([torch.rand(40, device=DEVICE) + 0.5, torch.zeros(5, device=DEVICE)])
+    for t_padded, t in ((2.0, 2.0), (temperature, temperature[:40])):
+        got = fastkd.calibration_stats(padded, padded_target, 15, t_padded, input="probs", backend=backend)
+        _assert_stats(got, _expected(probs, target, 15, t, probs=True))
+    for binning, classwise in (("uniform", True), ("adaptive", False)):
+        kwargs = dict(temperature=2.0, input="probs", binning=binning, classwise=classwise, backend=backend)
+        expected = fastkd.expected_calibration_error(probs, target, **kwargs)
+        assert fastkd.expected_calibration_error(padded, padded_target, **kwargs) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="sum to 1"):  # a counted row is checked
+        fastkd.calibration_stats(padded, torch.zeros_like(padded_target), input="probs", backend=backend)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        fastkd.calibration_stats(padded, torch.zeros_like(padded_target), 15, temperature, input="probs", backend=backend)
+
+
+def test_row_of_all_neg_inf_has_no_distribution(backend):
+    """A counted row with no distribution: NaN confidence and NLL, counted in the last bin, on both backends."""
+    logits = torch.tensor([[-math.inf] * 3, [1.0, 0.0, 0.0]], device=DEVICE)
+    stats = fastkd.calibration_stats(logits, torch.tensor([0, 0], device=DEVICE), backend=backend)
+    assert stats.bin_count.tolist() == [0] * 8 + [1] + [0] * 5 + [1]  # [1, 0, 0]: confidence 0.576 in bin 9
+    assert math.isnan(stats.ece()) and math.isnan(stats.nll) and math.isnan(stats.bin_confidence_sum[-1])
+
+
+def test_stats_carry_no_autograd_graph(backend):
+    logits, target = _case(20, 7)
+    logits.requires_grad_(True)
+    stats = fastkd.calibration_stats(logits, target, 15, torch.full((20,), 2.0, device=DEVICE, requires_grad=True),
+                                     backend=backend)  # fmt: skip
+    assert not any(t.requires_grad for t in stats._fields())
+
+
 def test_probs_match_torchmetrics_on_probabilities(backend):
     """Probabilities given as they are (T = 1): the same bins torchmetrics forms from them."""
     logits, target = _case(200, 8, scale=1.5)

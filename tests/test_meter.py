@@ -53,6 +53,19 @@ def test_state_dict_resume_and_reset():
         fastkd.CalibrationMeter(n_bins=15).load_state_dict(meter.state_dict())
 
 
+def test_dtype_casts_keep_the_state_exact():
+    """A meter inside a model follows its device moves but not its dtype casts (float64 sums, int64 counts)."""
+    logits, target = _data()
+    model = torch.nn.Linear(4, 4)
+    model.meter = fastkd.CalibrationMeter(n_bins=8, backend="torch")
+    model.meter.update(logits[:60], target[:60])
+    model.to(torch.bfloat16).half().float()
+    assert model.weight.dtype == torch.float32
+    assert [t.dtype for t in model.meter._state()] == [torch.int64] * 2 + [torch.float64] * 3
+    model.meter.update(logits[60:], target[60:])
+    _assert_same(model.meter.compute(), fastkd.calibration_stats(logits, target, 8, backend="torch"))
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
