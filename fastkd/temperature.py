@@ -7,10 +7,10 @@ With u = 1/T, the mean NLL over N rows with logits x and targets y,
 
 is convex in u, and one read of the logits gives all three (``fastkd.kernels.calibration``, "newton"
 mode). ``fit_temperature`` runs Newton's method on u from u = 1, safeguarded by the bracket that the
-signs of NLL' give: a step that leaves the bracket is replaced by a geometric bisection, and until
-the optimum is bracketed, a step no less than half the one before (Newton crawling, not converging)
-at least doubles (or halves) u. Each
-iteration is one pass over the logits; it stops when the Newton step is below ``rtol`` * u (the
+signs of NLL' give, as Numerical Recipes' ``rtsafe`` does: a Newton step that leaves the bracket, or
+that is not under half the Newton step before it (Newton crawling, not converging quadratically), is
+replaced by a geometric bisection of the bracket (u is a scale) or, until the optimum is bracketed,
+by a move that at least doubles (or halves) u. Each iteration is one pass over the logits; it stops when the Newton step is below ``rtol`` * u (the
 optimum is then within about that of u, by Newton's quadratic convergence). T stays in ``bounds``:
 when the optimum lies beyond one (e.g. data every prediction of which is right, whose NLL falls
 toward 0 as T -> 0), T is that bound (also when the slope underflows to 0 in float32 on the way:
@@ -52,15 +52,18 @@ class FittedTemperature(float):
                 f"nll_initial={self.nll_initial:.6g}, converged={self.converged}, at_bound={self.at_bound})")  # fmt: skip
 
 
-def _nll_derivatives(rows, target, u, ignore_index, backend) -> list[float]:
-    """[sum NLL, sum NLL', sum NLL''] over the rows not ignored, at u (one pass over the logits)."""
+def _nll_derivatives(rows, target, u, probs, ignore_index, backend) -> list[float]:
+    """[sum NLL, sum NLL', sum NLL''] over the rows not ignored, at u (one pass over the logits; rows of
+    probabilities p are read as logits log p)."""
     if backend == "triton":
         from fastkd.kernels.calibration import calibration_pass
 
-        out = calibration_pass(rows, target, "newton", temperature=1.0 / u, ignore_index=ignore_index)
+        out = calibration_pass(rows, target, "newton", temperature=1.0 / u, probs=probs, ignore_index=ignore_index)
         return torch.stack([out["nll"], out["grad"], out["hess"]]).tolist()
     totals = [0.0, 0.0, 0.0]
     for x, y, _ in _row_chunks(rows, target, 1.0):
+        if probs:
+            x = x.to(reference.compute_dtype(x.dtype)).log()
         for i, value in enumerate(reference.temperature_nll_derivatives(x, y, u, ignore_index)):
             totals[i] += value.item()
     return totals
@@ -100,9 +103,7 @@ def fit_temperature(
     t_max = check_number(bounds[1], "bounds[1]", 1.0, math.inf, low_open=True, high_open=True)
     check_number(rtol, "rtol", 0.0, 1.0, low_open=True, high_open=True)
     check_int(max_passes, "max_passes", 1)
-    rows, target, _, _, backend = _prepare(logits, target, 1.0, input, ignore_index, backend, validate_args)
-    if input == "probs":
-        rows = rows.to(torch.promote_types(rows.dtype, torch.float32)).log()
+    rows, target, _, probs, backend = _prepare(logits, target, 1.0, input, ignore_index, backend, validate_args)
     count = int((target != ignore_index).sum())
     if count == 0:
         raise ValueError(f"target: every row is ignore_index={ignore_index}; nothing to fit a temperature to")
@@ -111,7 +112,7 @@ def fit_temperature(
     lo, hi = 0.0, math.inf  # NLL' < 0 at lo, > 0 at hi: the optimum lies between
     u, passes, converged, at_bound, nll_initial, last_step = 1.0, 0, False, False, None, math.inf
     while True:
-        nll, grad, hess = (total / count for total in _nll_derivatives(rows, target, u, ignore_index, backend))
+        nll, grad, hess = (total / count for total in _nll_derivatives(rows, target, u, probs, ignore_index, backend))
         passes += 1
         if not (math.isfinite(nll) and math.isfinite(grad)):
             raise ValueError(
@@ -136,14 +137,16 @@ def fit_temperature(
         else:
             lo = u
         u_next = u - step
-        crawling = abs(step) > abs(last_step) / 2  # Newton not converging: on an exponential tail (an
-        if crawling and hi == math.inf:  # optimum at T -> 0) it moves u by ~1/margin a step, for ever;
-            u_next = max(u_next, 2 * u)  # until the optimum is bracketed, at least double (or halve) u
-        elif crawling and lo == 0:
-            u_next = min(u_next, u / 2)
-        last_step = step
-        if not lo < u_next < hi:  # Newton left the bracket: bisect it (geometrically: u is a scale)
-            u_next = hi / 4 if lo == 0 else lo * 4 if hi == math.inf else math.sqrt(lo * hi)
+        # Crawling: on an exponential tail (an optimum at T -> 0) Newton moves u by ~1/margin a step for
+        # ever, and after an overshoot it can creep back across the bracket.
+        crawling, last_step = abs(step) > abs(last_step) / 2, step
+        if hi == math.inf or lo == 0:  # not bracketed: crawling at least doubles (halves) u; out goes 4x
+            if crawling:
+                u_next = max(u_next, 2 * u) if hi == math.inf else min(u_next, u / 2)
+            if not lo < u_next < hi:
+                u_next = lo * 4 if hi == math.inf else hi / 4
+        elif crawling or not lo < u_next < hi:
+            u_next = math.sqrt(lo * hi)
         u = min(max(u_next, u_min), u_max)
     return FittedTemperature(
         1.0 / u, passes=passes, nll=nll, nll_initial=nll_initial, grad=grad, converged=converged, at_bound=at_bound

@@ -66,6 +66,24 @@ def test_matches_brute_force(backend, scale, seed, n_classes):
     assert temperature == pytest.approx(_brute_force(logits, y, 0.01, 100), rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    "scale, n_classes, seed, mislabelled",
+    [(50.0, 10, 23, 0.0), (300.0, 100, 0, 0.0), (10.0, 2, 16, 0.0), (300.0, 2, 7, 0.1), (100.0, 100, 24, 0.1)],
+)
+def test_steep_logits_take_at_most_ten_passes(backend, scale, n_classes, seed, mislabelled):
+    """The slowest cases of a sweep over 1620 fits (scales 0.05 to 300, C = 2 to 100): a first Newton
+    step that overshoots the optimum, then creeps back without the bracket's bisection (14 passes)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(200, n_classes, generator=g, dtype=torch.float64) * scale
+    y = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
+    flip = torch.rand(200, generator=g) < mislabelled
+    y[flip] = torch.randint(0, n_classes, (int(flip.sum()),), generator=g)
+    logits, target = z.float().to(DEVICE), y.to(DEVICE)
+    temperature = fastkd.fit_temperature(logits, target, backend=backend)
+    assert temperature.converged and temperature.passes <= 10
+    assert temperature == pytest.approx(_brute_force(logits, target, 0.01, 100), rel=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_logits(backend, dtype):
     z, y = _well_specified(500)
@@ -84,6 +102,8 @@ def test_ignored_rows_and_probs(backend):
     probs = torch.softmax(z.double() * 2, -1).float()
     from_probs = fastkd.fit_temperature(probs, y, input="probs", backend=backend)
     assert from_probs == pytest.approx(float(fastkd.fit_temperature(z * 2, y, backend=backend)), rel=1e-4)
+    probs[::3] = 0.0  # padding rows, ignored: not probabilities, and not checked
+    assert fastkd.fit_temperature(probs, y_ignored, input="probs", backend=backend) == pytest.approx(got, rel=1e-4)
 
 
 def test_optimum_beyond_bounds(backend):
