@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from fastkd import reference
@@ -43,7 +42,8 @@ def fidelity(
         student_logits: (N, C) or (B, S, C), float16/bfloat16/float32/float64.
         teacher_logits: the student's shape, or (K,) + it for an ensemble of K teachers.
         temperature: T > 0, a float or a tensor of one value or one per row.
-        input: ``"logits"``, or ``"probs"`` when both hold probabilities (tempered as softmax(log p / T)).
+        input: ``"logits"``, or ``"probs"`` when both hold probabilities (tempered as softmax(log p / T);
+            their logs are formed a chunk of rows at a time, at most 2^24 entries).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
         validate_args: check tensor temperatures and probabilities (a host sync on CUDA).
 
@@ -66,21 +66,28 @@ def fidelity(
     if input == "probs":
         check_probs(student, "student_logits", check_values=check_values)
         check_probs(teacher, "teacher_logits", check_values=check_values)
-        student, teacher = (x.to(torch.promote_types(x.dtype, torch.float32)).log() for x in (student, teacher))
     n_rows = student.shape[0]
-    if backend == "triton":
-        from fastkd.kernels.fidelity import fidelity_pass
-
-        agree, kl = fidelity_pass(student, teacher, temperature)
-        agree, kl = int(agree), float(kl)
+    # Probabilities become logits log p a chunk of rows at a time; logits go to Triton in one launch.
+    if backend == "triton" and input == "logits":
+        step = max(1, n_rows)
     else:
-        agree, kl = 0, 0.0
         step = max(1, CHUNK_ELEMENTS // (n_classes * (n_teachers + 1)))
-        for start in range(0, n_rows, step):
-            t = temperature[start : start + step] if isinstance(temperature, Tensor) and temperature.dim() else temperature
-            same, row_kl = reference.fidelity_rows(student[start : start + step], teacher[:, start : start + step], t)
-            agree += int(same.sum())
-            kl += float(row_kl.double().sum())
+    per_row_t = isinstance(temperature, Tensor) and temperature.dim() > 0
+    agree, kl = 0, 0.0
+    for start in range(0, n_rows, step):
+        s, t = student[start : start + step], teacher[:, start : start + step]
+        if input == "probs":
+            s, t = (x.to(reference.compute_dtype(x.dtype)).log() for x in (s, t))
+        temp = temperature[start : start + step] if per_row_t else temperature
+        if backend == "triton":
+            from fastkd.kernels.fidelity import fidelity_pass
+
+            same, chunk_kl = fidelity_pass(s, t, temp)
+        else:
+            same, row_kl = reference.fidelity_rows(s, t, temp)
+            same, chunk_kl = same.sum(), row_kl.double().sum()
+        agree += int(same)
+        kl += float(chunk_kl)
     if n_rows == 0:
         return Fidelity(float("nan"), float("nan"), 0)
     return Fidelity(agree / n_rows, kl / n_rows, n_rows)

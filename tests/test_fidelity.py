@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -94,6 +95,17 @@ def test_probs_input(backend):
     p_s, p_t = torch.softmax(student, -1), torch.softmax(teacher[0], -1)
     got = fastkd.fidelity(p_s, p_t, 2.0, input="probs", backend=backend)
     _check(got, _expected(student, teacher[0], 2.0), 20)
+
+
+def test_probs_in_chunks_of_rows(backend, monkeypatch):
+    """Probabilities become log-probabilities a chunk of rows at a time: chunks of 3 rows, 3 teachers."""
+    module = importlib.import_module("fastkd.fidelity")  # fastkd.fidelity is the function
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 3 * 4 * 30)
+    student, teacher = _pair(20, 30, k=3)
+    temperature = torch.rand(20, device=DEVICE) * 3 + 0.5
+    got = fastkd.fidelity(torch.softmax(student, -1), torch.softmax(teacher, -1), temperature, input="probs",
+                          backend=backend)  # fmt: skip
+    _check(got, _expected(student, teacher, temperature), 20)
 
 
 def test_no_rows(backend):
