@@ -162,16 +162,15 @@ def _prepare(
     check_values = should_check_values(validate_args)
     check_target(target, logits, ignore_index, check_values=check_values)
     counted = target != ignore_index if check_values else None
-    temperature = check_temperature(
-        temperature, logits, logits.dim() - 1, check_values=check_values, rows=counted
-    )
+    temperature = check_temperature(temperature, logits, logits.dim() - 1, check_values=check_values, rows=counted)
     if isinstance(temperature, Tensor):
         temperature = temperature.detach().reshape(-1) if temperature.dim() else temperature.detach()
     probs = input == "probs"
     if probs:
         check_probs(logits, "logits", check_values=check_values, rows=counted)
     backend = resolve_backend(backend, logits)
-    return logits.detach().reshape(-1, logits.shape[-1]), target.reshape(-1).contiguous(), temperature, probs, backend
+    rows = logits.detach().reshape(-1, logits.shape[-1])
+    return rows, target.reshape(-1).contiguous(), temperature, probs, backend
 
 
 def _row_chunks(rows: Tensor, target: Tensor, temperature: float | Tensor):

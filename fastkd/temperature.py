@@ -9,13 +9,13 @@ is convex in u, and one read of the logits gives all three (``fastkd.kernels.cal
 mode). ``fit_temperature`` runs Newton's method on u from u = 1, safeguarded by the bracket that the
 signs of NLL' give, as Numerical Recipes' ``rtsafe`` does: a Newton step that leaves the bracket, or
 that is not under half the Newton step before it (Newton crawling, not converging quadratically), is
-replaced by a geometric bisection of the bracket (u is a scale) or, until the optimum is bracketed,
-by a move that at least doubles (or halves) u. Each iteration is one pass over the logits; it stops when the Newton step is below ``rtol`` * u (the
-optimum is then within about that of u, by Newton's quadratic convergence). T stays in ``bounds``:
-when the optimum lies beyond one (e.g. data every prediction of which is right, whose NLL falls
-toward 0 as T -> 0), T is that bound (also when the slope underflows to 0 in float32 on the way:
-the NLL has then reached its infimum to working precision, and ``nll`` is that infimum). Otherwise
-the T returned is the one the last pass evaluated, ``nll`` and ``grad`` its values.
+replaced by a geometric bisection of the bracket (u is a scale) or, until the optimum is bracketed, by a
+move that at least doubles (or halves) u. Each iteration is one pass over the logits; it stops when the
+Newton step is below ``rtol`` * u (the optimum is then within about that of u, by Newton's quadratic
+convergence). T stays in ``bounds``: when the optimum lies beyond one (e.g. data every prediction of
+which is right, whose NLL falls toward 0 as T -> 0), T is that bound (also when the slope underflows to
+0 in float32 on the way: the NLL has then reached its infimum to working precision, and ``nll`` is that
+infimum). Otherwise the T returned is the one the last pass evaluated, ``nll`` and ``grad`` its values.
 """
 
 from __future__ import annotations
