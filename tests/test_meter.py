@@ -90,7 +90,9 @@ def _worker(rank: int, world: int, store: str, queue) -> None:
         meter.update(logits[rank::world], target[rank::world])  # each rank sees its share
         synced = meter.compute()
         again = meter.compute()  # a sync leaves the local state as it was: the same answer twice
-        fields = [[t.cpu() for t in stats._fields()] for stats in (synced, again)]
+        # numpy arrays pickle by value; torch tensors would be shared through this process's file
+        # descriptors, which the parent fetches after this process may have exited.
+        fields = [[t.cpu().numpy() for t in stats._fields()] for stats in (synced, again)]
         queue.put((rank, *fields, meter.bin_count.sum().item()))
     finally:
         dist.destroy_process_group()
@@ -113,7 +115,7 @@ def test_distributed_sync_over_gloo(tmp_path):
     expected = fastkd.calibration_stats(logits.cpu(), target.cpu(), 12, backend="torch")
     local_counts = []
     for _, synced, again, local_count in results:
-        _assert_same(fastkd.CalibrationStats(*synced), expected)
-        _assert_same(fastkd.CalibrationStats(*again), expected)
+        _assert_same(fastkd.CalibrationStats(*map(torch.from_numpy, synced)), expected)
+        _assert_same(fastkd.CalibrationStats(*map(torch.from_numpy, again)), expected)
         local_counts.append(local_count)
     assert sum(local_counts) == expected.count and all(0 < n < expected.count for n in local_counts)
