@@ -341,7 +341,7 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
         if not probs:
             p = tempered_softmax(x, t, backend=backend)
         elif reference.is_tempered(t):
-            p = tempered_softmax(x.log(), t, backend=backend)  # probabilities tempered as softmax(log p / T)
+            p = tempered_softmax(reference.probs_as_logits(x), t, backend=backend)
         else:
             p = x
         hit = y.unsqueeze(1) == classes

@@ -77,7 +77,7 @@ def fidelity(
     for start in range(0, n_rows, step):
         s, t = student[start : start + step], teacher[:, start : start + step]
         if input == "probs":
-            s, t = (x.to(reference.compute_dtype(x.dtype)).log() for x in (s, t))
+            s, t = reference.probs_as_logits(s), reference.probs_as_logits(t)
         temp = temperature[start : start + step] if per_row_t else temperature
         if backend == "triton":
             from fastkd.kernels.fidelity import fidelity_pass

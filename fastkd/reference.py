@@ -182,6 +182,11 @@ def is_tempered(temperature: float | torch.Tensor) -> bool:
     return isinstance(temperature, torch.Tensor) or temperature != 1
 
 
+def probs_as_logits(probs: torch.Tensor) -> torch.Tensor:
+    """log p in the compute dtype (-inf where p = 0): the logits whose softmax(. / T) tempers ``probs``."""
+    return probs.to(compute_dtype(probs.dtype)).log()
+
+
 def confidence_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
     """The 0-based bin of each confidence among ``n_bins`` equal bins of [0, 1]: bin m (1-based) holds
     ((m - 1)/M, m/M], a confidence of 0 joins the first bin and a NaN one (a row with no distribution)
@@ -201,7 +206,7 @@ def top_label_rows(
     is the argmax of the logits themselves: rounding can tie classes in p that it does not tie in them."""
     x = logits.to(compute_dtype(logits.dtype))
     if probs and is_tempered(temperature):
-        x, probs = x.log(), False  # probabilities tempered as softmax(log p / T)
+        x, probs = probs_as_logits(x), False
     if probs:
         p, log_p = x, x.log()
         confidence = p.amax(-1)

@@ -63,7 +63,7 @@ def _nll_derivatives(rows, target, u, probs, ignore_index, backend) -> list[floa
     totals = [0.0, 0.0, 0.0]
     for x, y, _ in _row_chunks(rows, target, 1.0):
         if probs:
-            x = x.to(reference.compute_dtype(x.dtype)).log()
+            x = reference.probs_as_logits(x)
         for i, value in enumerate(reference.temperature_nll_derivatives(x, y, u, ignore_index)):
             totals[i] += value.item()
     return totals
