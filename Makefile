@@ -10,7 +10,7 @@ PINS := torch==2.13.0 triton==3.6.0 "numpy<2.3"
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(PINS)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -27,5 +27,6 @@ def test_wheel_holds_fastkd_and_its_kernels(tmp_path):
     )
     (wheel,) = tmp_path.glob("fastkd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"fastkd/__init__.py", "fastkd/softmax.py", "fastkd/kernels/__init__.py", "fastkd/kernels/softmax.py"} <= names
+    assert {"fastkd/__init__.py", "fastkd/softmax.py", "fastkd/demo/__init__.py", "fastkd/kernels/__init__.py",
+            "fastkd/kernels/softmax.py"} <= names
     assert not any(name.startswith(("kernels/", "tests/")) for name in names)

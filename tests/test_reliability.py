@@ -28,7 +28,7 @@ def test_writes_png_with_bars(tmp_path):
     heights = sorted(round(p.get_height(), 9) for p in diagram.patches[:filled])
     assert heights == sorted(round(a, 9) for a in stats.bin_accuracy[stats.bin_count > 0].tolist())
     assert len(histogram.patches) == stats.n_bins
-    assert "ECE" in diagram.texts[0].get_text()
+    assert "ECE" in diagram.get_legend().get_title().get_text()
 
 
 def test_draws_into_given_axes():
