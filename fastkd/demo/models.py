@@ -100,7 +100,8 @@ def train(
     steps_per_epoch = math.ceil(len(x) / BATCH_SIZE)
     batches = _batches(rows, epochs * steps_per_epoch, gen)
     model.train()
-    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=quiet, unit="epoch"):
+    # disable=None: bars on a terminal only, not in a log.
+    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=True if quiet else None, unit="epoch"):
         for _, batch in zip(range(steps_per_epoch), batches):
             logits = model(x[batch])
             if kd is None:
