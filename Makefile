@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (on disk on the project's machines) and the GPU machine's Triton.
 PINS := torch==2.13.0 triton==3.6.0 "numpy<2.3"
 
-.PHONY: demo test cuda-check clean
+.PHONY: demo test bench cuda-check clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.installed: setup.py pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m fastkd demo
+
+# The benchmark suite on the present device (CUDA when there is one); results in benchmarks/results/.
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
 
 test: $(VENV)/.installed cuda-check
 	$(PY) -m pytest -q

@@ -1,0 +1,112 @@
+"""Benchmark results as markdown tables, JSON and PNG plots, stamped with device, versions and commit."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.cases import CASES
+
+BYTES_NOTE = {
+    "softmax": "5 N V b (read x, write y; read y and dy, write dx)",
+    "kd_loss": "3 N V b (read student and teacher, write the gradient)",
+    "jsd": "3 N V b (read student and teacher, write the gradient)",
+    "ece": "N V b (read the logits)",
+    "fit_temperature": "N V b (one read of the logits, the least any method needs)",
+}
+
+
+def _ms(record: dict) -> str:
+    if "median_ms" not in record:
+        return record["status"]
+    return f"{record['median_ms']:.3g}"
+
+
+def _baseline_cell(record: dict) -> str:
+    if "median_ms" not in record:
+        return record["status"]
+    cell = f"{record['median_ms']:.3g} ({record['speedup']:.2f}x)" if "speedup" in record else f"{record['median_ms']:.3g}"
+    return cell + _fitted(record)
+
+
+def _fitted(record: dict) -> str:
+    """The temperature a fit reached: a faster fit that stops short is no faster fit."""
+    return f", T = {record['value']:.3f}" if record["case"] == "fit_temperature" and record.get("value") else ""
+
+
+def tables(results: dict) -> str:
+    """One markdown table per case: fastkd's time, GB/s, % of copy bandwidth and peak memory, then each
+    baseline's time with fastkd's speedup over it (its time / fastkd's)."""
+    by_case: dict[str, dict[tuple, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for record in results["records"]:
+        by_case[record["case"]][(record["dtype"], record["rows"], record["width"])][record["impl"]] = record
+    env = results["environment"]
+    out = [
+        f"# fastkd benchmarks: {env['device']}",
+        f"{env['date']}; torch {env['torch']}, triton {env['triton']}, fastkd {env['fastkd']}, commit {env['commit']}; "
+        f"fastkd ran {env['backend']}. Copy bandwidth measured in this run: {env['copy_bandwidth_gbps']:.1f} GB/s "
+        "(read + write). Times are medians in ms (20th-80th percentile in the JSON); GB/s counts the bytes that "
+        "must move; % copy is that rate over the copy bandwidth; (Nx) is fastkd's speedup over the baseline.",
+    ]
+    for name, shapes in by_case.items():
+        impls = list(CASES[name].impls)
+        baselines = impls[1:]
+        out.append(f"## {CASES[name].title}\n\nBytes that must move: {BYTES_NOTE[name]}.")
+        header = ["dtype", "rows x width", "fastkd ms", "GB/s", "% copy", "peak MiB"] + [f"{b} ms" for b in baselines]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for (dtype, rows, width), records in shapes.items():
+            f = records["fastkd"]
+            gbps = f"{f['gbps']:.1f}" if "gbps" in f else ""
+            pct = f"{f['pct_of_copy']:.0f}%" if "pct_of_copy" in f else ""
+            peak = f"{f['peak_bytes'] / 2**20:.0f}" if f.get("peak_bytes") is not None else "n/a"
+            cells = [dtype, f"{rows} x {width}", _ms(f) + _fitted(f), gbps, pct, peak] + [_baseline_cell(records[b]) for b in baselines]
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Time and GB/s against width, per case: a line per implementation and dtype."""
+    from matplotlib.figure import Figure
+
+    series: dict[str, dict[tuple[str, str], list[tuple[int, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in results["records"]:
+        if "median_ms" in r:
+            series[r["case"]][(r["impl"], r["dtype"])].append((r["width"], r["median_ms"], r["gbps"]))
+    fig = Figure(figsize=(11, 3.3 * len(series)), layout="constrained")
+    axes = fig.subplots(len(series), 2, squeeze=False)
+    for (time_ax, rate_ax), (name, lines) in zip(axes, series.items()):
+        for (impl, dtype), points in sorted(lines.items()):
+            points.sort()
+            widths = [p[0] for p in points]
+            style = {"marker": "o", "linestyle": "-" if dtype != "float32" else "--", "label": f"{impl} {dtype}"}
+            time_ax.plot(widths, [p[1] for p in points], **style)
+            rate_ax.plot(widths, [p[2] for p in points], **style)
+        time_ax.set(xscale="log", yscale="log", xlabel="width V", ylabel="median ms", title=CASES[name].title)
+        rate_ax.set(xscale="log", xlabel="width V", ylabel="GB/s (bytes that must move)", title=name)
+        rate_ax.axhline(results["environment"]["copy_bandwidth_gbps"], color="0.5", linewidth=1, linestyle=":",
+                        label="copy bandwidth")  # fmt: skip
+        rate_ax.legend(fontsize=7)
+    fig.suptitle(f"{results['environment']['device']} ({results['environment']['commit']})")
+    fig.savefig(path, dpi=100)
+
+
+def stem(results: dict) -> str:
+    env = results["environment"]
+    device = "cpu" if env["device"].startswith("CPU") else env["device"]
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return f"{slug}-{env['date'][:10]}" + ("-quick" if env["quick"] else "")
+
+
+def write(results: dict, out: Path) -> dict[str, Path]:
+    """``<device>-<date>.md``, ``.json`` and ``.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / stem(results)
+    paths = {"md": base.with_suffix(".md"), "json": base.with_suffix(".json"), "png": base.with_suffix(".png")}
+    paths["md"].write_text(tables(results))
+    paths["json"].write_text(json.dumps(results, indent=2, default=lambda v: None if math.isnan(v) else v) + "\n")
+    plot(results, paths["png"])
+    return paths
