@@ -68,29 +68,42 @@ def tables(results: dict) -> str:
     return "\n\n".join(out) + "\n"
 
 
+COLORS = {"fastkd": "#C44E52", "eager": "#4C72B0", "compiled": "#55A868", "liger": "#8172B2",
+          "torchmetrics": "#CCB974", "plain": "#64B5CD", "lbfgs": "#8C8C8C"}  # fmt: skip
+
+
 def plot(results: dict, path: Path) -> None:
-    """Time and GB/s against width, per case: a line per implementation and dtype."""
+    """Time and GB/s per shape (sorted by width), per case: a line per implementation and dtype (solid
+    bfloat16, dashed float32), fastkd in red; the dotted line is the measured copy bandwidth."""
     from matplotlib.figure import Figure
 
-    series: dict[str, dict[tuple[str, str], list[tuple[int, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    shapes: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    series: dict[str, dict[tuple[str, str], dict]] = defaultdict(lambda: defaultdict(dict))
     for r in results["records"]:
         if "median_ms" in r:
-            series[r["case"]][(r["impl"], r["dtype"])].append((r["width"], r["median_ms"], r["gbps"]))
+            shapes[r["case"]].add((r["width"], r["rows"]))
+            series[r["case"]][(r["impl"], r["dtype"])][(r["width"], r["rows"])] = (r["median_ms"], r["gbps"])
     fig = Figure(figsize=(11, 3.3 * len(series)), layout="constrained")
     axes = fig.subplots(len(series), 2, squeeze=False)
     for (time_ax, rate_ax), (name, lines) in zip(axes, series.items()):
-        for (impl, dtype), points in sorted(lines.items()):
-            points.sort()
-            widths = [p[0] for p in points]
-            style = {"marker": "o", "linestyle": "-" if dtype != "float32" else "--", "label": f"{impl} {dtype}"}
-            time_ax.plot(widths, [p[1] for p in points], **style)
-            rate_ax.plot(widths, [p[2] for p in points], **style)
-        time_ax.set(xscale="log", yscale="log", xlabel="width V", ylabel="median ms", title=CASES[name].title)
-        rate_ax.set(xscale="log", xlabel="width V", ylabel="GB/s (bytes that must move)", title=name)
-        rate_ax.axhline(results["environment"]["copy_bandwidth_gbps"], color="0.5", linewidth=1, linestyle=":",
+        order = sorted(shapes[name])
+        for (impl, dtype), points in lines.items():
+            xs = [i for i, shape in enumerate(order) if shape in points]
+            style = {"marker": "o", "color": COLORS.get(impl), "linestyle": "-" if dtype == "bfloat16" else "--",
+                     "label": f"{impl} {dtype}", "linewidth": 2 if impl == "fastkd" else 1.2}  # fmt: skip
+            time_ax.plot(xs, [points[order[i]][0] for i in xs], **style)
+            rate_ax.plot(xs, [points[order[i]][1] for i in xs], **style)
+        rate_ax.axhline(results["environment"]["copy_bandwidth_gbps"], color="0.4", linewidth=1, linestyle=":",
                         label="copy bandwidth")  # fmt: skip
-        rate_ax.legend(fontsize=7)
-    fig.suptitle(f"{results['environment']['device']} ({results['environment']['commit']})")
+        labels = [f"{rows}x{width}" for width, rows in order]
+        for ax, ylabel in ((time_ax, "median ms"), (rate_ax, "GB/s (bytes that must move)")):
+            ax.set(yscale="log", ylabel=ylabel, xticks=range(len(order)))
+            ax.set_xticklabels(labels, fontsize=8)
+        time_ax.set_title(CASES[name].title, fontsize=10)
+        rate_ax.set_title(f"{name}: effective bandwidth", fontsize=10)
+        rate_ax.legend(fontsize=7, ncol=2)
+    env = results["environment"]
+    fig.suptitle(f"fastkd benchmarks: {env['device']}, commit {env['commit']}, {env['date']}")
     fig.savefig(path, dpi=100)
 
 

@@ -158,7 +158,10 @@ def kd_loss(
         if isinstance(t_t, torch.Tensor):
             t_t = t_t.detach()
         log_p = torch.log_softmax(scale_logits(teachers, t_t, -1), -1)
-        log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])  # the ensemble's mean distribution
+        if log_p.shape[0] == 1:
+            log_p = log_p[0]
+        else:  # the ensemble's mean distribution
+            log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
         coef = alpha * (temperature**2 if temperature_squared else 1.0)
         loss = coef * kd_divergence(log_p, log_q, divergence, beta)
     if target is not None and alpha < 1:
