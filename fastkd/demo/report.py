@@ -232,7 +232,8 @@ def markdown(results: dict, stats: dict[str, CalibrationStats], figures: list[Pa
         "2·sqrt(std_a² + std_b²).",
         "## Reliability diagrams",
         "Bars: accuracy per confidence bin; red: the gap to the bin's mean confidence; the dashed diagonal is "
-        "perfect calibration; below, the rows per bin. Each diagram pools the test predictions of every seed.\n\n"
+        "perfect calibration; under each model's own diagram, the rows per bin (log scale), which the side-by-side "
+        "overview leaves out. Each diagram pools the test predictions of every seed.\n\n"
         + "\n\n".join(f"![{p.stem}]({p.name})" for p in figures),
     ]
     return "\n\n".join(sections) + "\n"
