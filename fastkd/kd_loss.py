@@ -126,6 +126,71 @@ class KDLossFunction(torch.autograd.Function):
         return scale_grad_(grad, grad_output), None, None, None
 
 
+def check_options(
+    student_logits: Tensor,
+    target: Tensor | None,
+    *,
+    temperature: float | Tensor,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    temperature_squared: bool,
+    teacher_temperature: float | Tensor | None,
+    logit_norm: str | None,
+    norm_scale: float | None,
+    label_smoothing: float,
+    validate_args: bool,
+) -> dict:
+    """``kd_loss``'s keywords checked against ``student_logits`` (any leading dims, V classes last; only
+    its shape, dtype and device are read) and ``target``, as the options the backends take: floats,
+    temperatures as floats or detached tensors of one value or one per row, ``teacher_temperature``
+    filled in, ``norm_scale`` defaulted. Raises the ``TypeError``/``ValueError`` that ``kd_loss``
+    documents."""
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must have at least one class (the last dimension is 0)")
+    check_values = should_check_values(validate_args)
+    check_number(alpha, "alpha", 0.0, 1.0)
+    check_choice(divergence, DIVERGENCES, "divergence")
+    if divergence == "jsd":
+        check_number(beta, "beta", 0.0, 1.0, low_open=True, high_open=True)
+    check_choice(reduction, REDUCTIONS, "reduction")
+    check_choice(logit_norm, LOGIT_NORMS, "logit_norm")
+    if norm_scale is not None:
+        if logit_norm != "spherical":
+            raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={logit_norm!r}")
+        check_number(norm_scale, "norm_scale", 0.0, float("inf"), low_open=True, high_open=True)
+    check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    if not isinstance(temperature_squared, bool):
+        raise TypeError(f"temperature_squared must be a bool, got {type(temperature_squared).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if target is None:
+        if alpha != 1:
+            raise ValueError(f"target=None (pure distillation) needs alpha=1, got alpha={alpha}: no CE term to weigh")
+    else:
+        check_target(target, student_logits, ignore_index, check_values=check_values)
+    dim = student_logits.dim() - 1
+    temperature = check_temperature(temperature, student_logits, dim, check_values=check_values)
+    if isinstance(temperature, Tensor) and temperature.requires_grad:
+        raise ValueError("temperature: kd_loss does not differentiate wrt the temperature; pass temperature.detach()")
+    if teacher_temperature is None:
+        teacher_temperature = temperature
+    else:
+        teacher_temperature = check_temperature(
+            teacher_temperature, student_logits, dim, check_values=check_values, name="teacher_temperature"
+        )
+        if isinstance(teacher_temperature, Tensor):
+            teacher_temperature = teacher_temperature.detach()
+    return dict(
+        temperature=temperature, teacher_temperature=teacher_temperature, alpha=float(alpha), divergence=divergence,
+        beta=float(beta), ignore_index=ignore_index, reduction=reduction, temperature_squared=temperature_squared,
+        logit_norm=logit_norm, norm_scale=2.0 if norm_scale is None else float(norm_scale),
+        label_smoothing=float(label_smoothing),
+    )  # fmt: skip
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -196,55 +261,21 @@ def kd_loss(
     the teacher puts mass on a class the student masks, forward KL is infinite (as its math says).
     """
     check_logits(student_logits, "student_logits")
-    if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits must have at least one class (the last dimension is 0)")
     n_teachers = check_teacher(teacher_logits, student_logits)
-    check_values = should_check_values(validate_args)
-    check_number(alpha, "alpha", 0.0, 1.0)
-    check_choice(divergence, DIVERGENCES, "divergence")
-    if divergence == "jsd":
-        check_number(beta, "beta", 0.0, 1.0, low_open=True, high_open=True)
-    check_choice(reduction, REDUCTIONS, "reduction")
-    check_choice(logit_norm, LOGIT_NORMS, "logit_norm")
-    if norm_scale is not None:
-        if logit_norm != "spherical":
-            raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={logit_norm!r}")
-        check_number(norm_scale, "norm_scale", 0.0, float("inf"), low_open=True, high_open=True)
-    check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
-    for name, flag in (("temperature_squared", temperature_squared), ("inplace_grad", inplace_grad)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if target is None:
-        if alpha != 1:
-            raise ValueError(f"target=None (pure distillation) needs alpha=1, got alpha={alpha}: no CE term to weigh")
-    else:
-        check_target(target, student_logits, ignore_index, check_values=check_values)
-    dim = student_logits.dim() - 1
-    temperature = check_temperature(temperature, student_logits, dim, check_values=check_values)
-    if isinstance(temperature, Tensor) and temperature.requires_grad:
-        raise ValueError("temperature: kd_loss does not differentiate wrt the temperature; pass temperature.detach()")
-    if teacher_temperature is None:
-        teacher_temperature = temperature
-    else:
-        teacher_temperature = check_temperature(
-            teacher_temperature, student_logits, dim, check_values=check_values, name="teacher_temperature"
-        )
-        if isinstance(teacher_temperature, Tensor):
-            teacher_temperature = teacher_temperature.detach()
-    options = dict(
-        temperature=temperature, teacher_temperature=teacher_temperature, alpha=float(alpha), divergence=divergence,
-        beta=float(beta), ignore_index=ignore_index, reduction=reduction, temperature_squared=bool(temperature_squared),
-        logit_norm=logit_norm, norm_scale=2.0 if norm_scale is None else float(norm_scale),
-        label_smoothing=float(label_smoothing), inplace_grad=bool(inplace_grad),
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
+    options = check_options(
+        student_logits, target, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+        ignore_index=ignore_index, reduction=reduction, temperature_squared=temperature_squared,
+        teacher_temperature=teacher_temperature, logit_norm=logit_norm, norm_scale=norm_scale,
+        label_smoothing=label_smoothing, validate_args=validate_args,
     )  # fmt: skip
 
     if resolve_backend(backend, student_logits) == "torch":
-        del options["inplace_grad"]
         return reference.kd_loss(student_logits, teacher_logits, target, **options)
     n_classes = student_logits.shape[-1]
     options["need_grad"] = torch.is_grad_enabled() and student_logits.requires_grad
+    options["inplace_grad"] = inplace_grad
     if inplace_grad:
         if student_logits.is_leaf and student_logits.requires_grad:
             raise ValueError("student_logits: inplace_grad=True would overwrite a leaf that requires grad")
