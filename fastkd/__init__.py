@@ -6,6 +6,7 @@ Every op has a pure-PyTorch reference (``fastkd.reference``, the CPU path) and T
 
 from fastkd.calibration import CalibrationMeter, CalibrationStats, calibration_stats, expected_calibration_error
 from fastkd.fidelity import Fidelity, fidelity
+from fastkd.fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from fastkd.kd_loss import KDLoss, kd_loss
 from fastkd.reliability import reliability_diagram
 from fastkd.softmax import TemperedSoftmax, tempered_log_softmax, tempered_softmax
@@ -17,6 +18,7 @@ __all__ = [
     "CalibrationMeter",
     "CalibrationStats",
     "Fidelity",
+    "FusedLinearKDLoss",
     "FittedTemperature",
     "KDLoss",
     "TemperatureScaler",
@@ -25,6 +27,7 @@ __all__ = [
     "expected_calibration_error",
     "fidelity",
     "fit_temperature",
+    "fused_linear_kd_loss",
     "kd_loss",
     "reliability_diagram",
     "tempered_log_softmax",

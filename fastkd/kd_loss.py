@@ -130,24 +130,24 @@ def check_options(
     student_logits: Tensor,
     target: Tensor | None,
     *,
-    temperature: float | Tensor,
-    alpha: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    temperature_squared: bool,
-    teacher_temperature: float | Tensor | None,
-    logit_norm: str | None,
-    norm_scale: float | None,
-    label_smoothing: float,
-    validate_args: bool,
+    temperature: float | Tensor = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature_squared: bool = True,
+    teacher_temperature: float | Tensor | None = None,
+    logit_norm: str | None = None,
+    norm_scale: float | None = None,
+    label_smoothing: float = 0.0,
+    validate_args: bool = True,
 ) -> dict:
     """``kd_loss``'s keywords checked against ``student_logits`` (any leading dims, V classes last; only
     its shape, dtype and device are read) and ``target``, as the options the backends take: floats,
     temperatures as floats or detached tensors of one value or one per row, ``teacher_temperature``
-    filled in, ``norm_scale`` defaulted. Raises the ``TypeError``/``ValueError`` that ``kd_loss``
-    documents."""
+    filled in, ``norm_scale`` defaulted. The defaults are ``kd_loss``'s. Raises the ``TypeError`` /
+    ``ValueError`` that ``kd_loss`` documents."""
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have at least one class (the last dimension is 0)")
     check_values = should_check_values(validate_args)

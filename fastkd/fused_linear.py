@@ -1,0 +1,310 @@
+"""Fused-linear distillation: ``kd_loss`` of two final linear layers, by chunks of rows, without ever
+forming the (N, V) logits.
+
+    student_logits = student_hidden @ student_weight^T + student_bias    (N, V); student_hidden (N, H)
+    teacher_logits = teacher_hidden @ teacher_weight^T + teacher_bias    (N, V); teacher_hidden (N, H_t)
+    loss = kd_loss(student_logits, teacher_logits, target, **kd_kwargs)
+
+The rows are walked in chunks of C. For a chunk, the two (C, V) logits come from the ordinary matmul;
+the fused KD kernel (the reference on the torch backend) gives the chunk's row losses and
+g = dL/dlogits (C, V), written over the student logits; then at once
+
+    dL/dh = g W  (C, H),     dL/dW += g^T h  (V, H),     dL/db += sum over the chunk's rows of g  (V,)
+
+and the chunk's buffers go. For the reductions to a scalar all of this happens in the forward and the
+backward only scales the three gradients by dL/dloss. Under reduction="none" each row's g is weighed by
+its own dL/dloss, known only in the backward: the forward computes the losses alone, and the backward
+walks the chunks again (the logits' matmuls run twice). The teacher's parameters get no gradient.
+
+Memory beyond the inputs and the gradients returned: the chunk's student and teacher logits (2 C V
+entries in their dtypes; the gradient overwrites the student's) and, for float16/bfloat16 weights, a
+float32 (V, H) accumulator of dL/dW, added to a slice of at most C V entries at a time. Never O(N V).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from fastkd import reference
+from fastkd._backend import resolve_backend
+from fastkd._validate import check_int, check_logits
+from fastkd.kd_loss import check_options
+
+CHUNK_BUDGET = 512 << 20  # bytes of per-chunk buffers at most, whatever the free memory
+# Bytes per logit entry of a chunk: on the kernels, the student's and teacher's logits and the slice
+# of the weight gradient's update (3 x the itemsize); on the reference, its float32 intermediates and
+# autograd buffers (measured: 37 for forward KL, 55 for JSD, at 512 x 32000).
+KERNEL_ENTRY_FACTOR, REFERENCE_ENTRY_BYTES = 3, 64
+KD_KEYWORDS = tuple(inspect.signature(check_options).parameters)[2:]  # kd_loss's keywords
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_chunk_size(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.device, backend: str) -> int:
+    """Rows per chunk: as many as fit min(free memory / 8, ``CHUNK_BUDGET``) at the chunk's bytes per
+    logit entry (3 x the itemsize on the kernels, ``REFERENCE_ENTRY_BYTES`` on the reference), at least
+    1 and at most ``n_rows``. At V = 128256 in bfloat16 that is about 700 rows."""
+    per_entry = REFERENCE_ENTRY_BYTES if backend == "torch" else KERNEL_ENTRY_FACTOR * dtype.itemsize
+    budget = min(_free_memory(device) // 8, CHUNK_BUDGET)
+    return max(1, min(n_rows, budget // (per_entry * max(n_classes, 1))))
+
+
+def _rows(value: float | Tensor, start: int, stop: int) -> float | Tensor:
+    """A per-row tensor's rows [start, stop); a float or one-value tensor as it is."""
+    return value[start:stop] if isinstance(value, Tensor) and value.dim() else value
+
+
+def _chunk_loss(student: Tensor, teacher: Tensor, target: Tensor | None, options: dict, backend: str,
+                need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """(row losses (C,), dL/d student (C, V) in the student's dtype, or None) of ``sum_rows kd_loss``,
+    with the gradient written over ``student`` on the kernels."""
+    if backend == "torch":
+        x = student.to(reference.compute_dtype(student.dtype)).requires_grad_(need_grad)
+        with torch.enable_grad():
+            rows = reference.kd_loss(x, teacher, target, **dict(options, reduction="none"))
+            grad = torch.autograd.grad(rows.sum(), x)[0].to(student.dtype) if need_grad else None
+        return rows.detach(), grad
+    from fastkd.kernels.kd_loss import kd_loss_forward
+
+    o = options
+    rows, grad, _ = kd_loss_forward(
+        student, teacher[None], target, o["temperature"], o["teacher_temperature"], o["alpha"], o["divergence"],
+        o["beta"], o["ignore_index"], "sum", o["temperature_squared"], o["logit_norm"], o["norm_scale"],
+        o["label_smoothing"], inplace_grad=True, need_grad=need_grad,
+    )  # fmt: skip
+    return rows, grad if need_grad else None
+
+
+def _accumulate(acc: Tensor, g: Tensor, rhs: Tensor, alpha: float) -> None:
+    """acc (V, M) += alpha g^T rhs, g (C, V), rhs (C, M). A float32 ``acc`` of lower-precision ``g`` takes
+    the product in slices of V of at most C V entries, so the product never outgrows a chunk's logits."""
+    if acc.dtype == g.dtype:
+        acc.addmm_(g.t(), rhs, alpha=alpha)
+        return
+    step = max(1, g.numel() // max(rhs.shape[1], 1))
+    for start in range(0, acc.shape[0], step):
+        acc[start : start + step].add_(g[:, start : start + step].t() @ rhs, alpha=alpha)
+
+
+def _walk(inputs: tuple, target: Tensor | None, options: dict, backend: str, chunk_size: int,
+          row_weight: float | Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, list]:  # fmt: skip
+    """Row losses (N,) in the compute dtype and, for the inputs flagged in ``needs`` (hidden, weight,
+    bias), the gradients of sum_i w_i loss_i with w = ``row_weight``: a float, or one weight per row."""
+    hidden, weight, bias, t_hidden, t_weight, t_bias = inputs
+    n_rows, n_classes = hidden.shape[0], weight.shape[0]
+    need_grad = any(needs)
+    acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    grad_h = torch.empty_like(hidden) if needs[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs[1] else None
+    grad_b = torch.zeros(n_classes, 1, dtype=acc_dtype, device=weight.device) if needs[2] else None
+    per_row = isinstance(row_weight, Tensor)
+    losses = []
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        h = hidden[start:stop]
+        logits = F.linear(h, weight, bias)
+        teacher = F.linear(t_hidden[start:stop], t_weight, t_bias)
+        chunk_options = dict(options, temperature=_rows(options["temperature"], start, stop),
+                             teacher_temperature=_rows(options["teacher_temperature"], start, stop))  # fmt: skip
+        y = None if target is None else target[start:stop]
+        rows, g = _chunk_loss(logits, teacher, y, chunk_options, backend, need_grad)
+        losses.append(rows)
+        del teacher
+        if not need_grad:
+            continue
+        w = row_weight[start:stop, None].to(g.dtype) if per_row else None
+        alpha = 1.0 if per_row else row_weight
+        if grad_h is not None:
+            out = grad_h[start:stop]
+            out.addmm_(g, weight, beta=0, alpha=alpha)
+            if per_row:
+                out.mul_(w)
+        if grad_w is not None:
+            _accumulate(grad_w, g, h * w if per_row else h, alpha)
+        if grad_b is not None:
+            _accumulate(grad_b, g, w if per_row else g.new_ones(stop - start, 1), alpha)
+        del logits, g
+    grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype), None if grad_b is None else grad_b.view(-1).to(weight.dtype)]  # fmt: skip
+    rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=reference.compute_dtype(hidden.dtype))
+    return rows, grads
+
+
+def _reduction_scale(reduction: str, target: Tensor | None, ignore_index: int, n_rows: int) -> float:
+    """The factor of the summed row losses: 1 / (rows not ignored) for "mean" (1 when there are none),
+    1 / N for "batchmean" (and for "mean" without a target), else 1. A host sync for "mean"."""
+    if reduction == "mean" and target is not None:
+        return 1.0 / max(int((target != ignore_index).sum()), 1)
+    return 1.0 / max(n_rows, 1) if reduction in ("mean", "batchmean") else 1.0
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """The loss over rows: hidden (N, H), weight (V, H), bias (V,) or None, and the teacher's three
+    likewise (never differentiated); target (N,) or None; ``options`` from ``kd_loss.check_options``.
+    Returns a 0-d loss, or (N,) for reduction "none", in the hidden states' dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, target, options, backend, chunk_size):
+        inputs = (hidden, weight, bias, t_hidden, t_weight, t_bias)
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.options, ctx.backend, ctx.chunk_size, ctx.used = options, backend, chunk_size, False
+        if options["reduction"] == "none":  # each row's dL/dloss is known only in the backward
+            ctx.save_for_backward(*inputs, target)
+            rows, _ = _walk(inputs, target, options, backend, chunk_size, 1.0, (False, False, False))
+            return rows.to(hidden.dtype)
+        scale = _reduction_scale(options["reduction"], target, options["ignore_index"], hidden.shape[0])
+        rows, grads = _walk(inputs, target, options, backend, chunk_size, scale, needs)
+        ctx.grads = grads
+        return (rows.sum() * scale).to(hidden.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        if ctx.options["reduction"] == "none":
+            *inputs, target = ctx.saved_tensors
+            needs = tuple(ctx.needs_input_grad[:3])
+            _, grads = _walk(tuple(inputs), target, ctx.options, ctx.backend, ctx.chunk_size,
+                             grad_output, needs)  # fmt: skip
+        else:
+            if ctx.used:
+                raise RuntimeError("fused_linear_kd_loss's backward scales its saved gradients in place and can run "
+                                   "once per forward")  # fmt: skip
+            ctx.used = True
+            grads = [None if g is None else g.mul_(grad_output) for g in ctx.grads]
+            del ctx.grads
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _check_linear(hidden: object, weight: object, bias: object, prefix: str) -> None:
+    """hidden (..., H), weight (V, H) and bias (V,) or None: one float dtype, one device."""
+    check_logits(hidden, f"{prefix}_hidden")
+    check_logits(weight, f"{prefix}_weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}_weight must be (V, H) with H = {prefix}_hidden's last dimension "
+                         f"{hidden.shape[-1]}; got shape {tuple(weight.shape)}")  # fmt: skip
+    tensors = {f"{prefix}_weight": weight}
+    if bias is not None:
+        check_logits(bias, f"{prefix}_bias")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{prefix}_bias must be (V,) = ({weight.shape[0]},); got {tuple(bias.shape)}")
+        tensors[f"{prefix}_bias"] = bias
+    for name, tensor in tensors.items():
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {tensor.dtype} differs from {prefix}_hidden's {hidden.dtype}: the matmul "
+                            "needs one dtype (cast the layer, or the hidden states)")  # fmt: skip
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but {prefix}_hidden is on {hidden.device}")
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    **kd_kwargs,
+) -> Tensor:
+    """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
+    teacher_bias, target, **kd_kwargs)``, computed by chunks of rows so that the (N, V) logits are never
+    formed (module doc); the same loss and gradients.
+
+    Args:
+        student_hidden: (N, H) or (B, S, H): the input of the student's final linear layer, float16/
+            bfloat16/float32/float64. Gets a gradient, as do ``student_weight`` and ``student_bias``.
+        student_weight: (V, H), the layer's weight, in ``student_hidden``'s dtype and on its device.
+        teacher_hidden: the teacher's (..., H_t), with the student's leading dimensions; ``teacher_weight``
+            (V, H_t) and ``teacher_bias`` (V,) in its dtype. No gradient reaches them.
+        target: class indices of the leading shape, or None (pure distillation, alpha=1), as in ``kd_loss``.
+        student_bias, teacher_bias: (V,) or None.
+        chunk_size: rows per chunk; None for ``default_chunk_size`` (from V, the dtype and the free memory).
+            Peak extra memory grows with chunk_size x V.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``: which computes each chunk's loss and gradient
+            (``fastkd._backend``); the matmuls are PyTorch's either way.
+        **kd_kwargs: ``kd_loss``'s keywords: ``temperature``, ``alpha``, ``divergence``, ``beta``,
+            ``ignore_index``, ``reduction``, ``temperature_squared``, ``teacher_temperature``,
+            ``logit_norm``, ``norm_scale``, ``label_smoothing``, ``validate_args``, with its defaults
+            and checks (a per-row temperature has the leading shape).
+
+    The gradients are computed in the forward for the reductions to a scalar (the backward scales them
+    by dL/dloss and runs once per forward); reduction "none" recomputes the chunks in the backward. The
+    weight's gradient is accumulated in float32 for float16/bfloat16 weights. Eager only: no
+    torch.compile registration.
+    """
+    unknown = sorted(set(kd_kwargs) - set(KD_KEYWORDS))
+    if unknown:
+        raise TypeError(f"fused_linear_kd_loss got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                        f"kd_loss's keywords {', '.join(KD_KEYWORDS)}")  # fmt: skip
+    _check_linear(student_hidden, student_weight, student_bias, "student")
+    _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)} (one teacher row "
+                         f"per student row); got {tuple(teacher_hidden.shape)}")  # fmt: skip
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} classes but student_weight has "
+                         f"{student_weight.shape[0]}: teacher and student must share the vocabulary")  # fmt: skip
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {student_hidden.device}")
+    if chunk_size is not None:
+        check_int(chunk_size, "chunk_size", 1)
+    n_classes = student_weight.shape[0]
+    # The logits' stand-in: their shape, dtype and device, no memory (what the checks read).
+    logits = student_hidden.new_zeros(()).expand(*lead, n_classes)
+    options = check_options(logits, target, **kd_kwargs)
+    backend = resolve_backend(backend, logits)
+    n_rows = lead.numel()
+    for key in ("temperature", "teacher_temperature"):
+        if isinstance(options[key], Tensor) and options[key].dim() > 0:
+            options[key] = options[key].reshape(-1)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_rows, n_classes, student_hidden.dtype, student_hidden.device, backend)
+    loss = FusedLinearKDFunction.apply(
+        student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight, student_bias,
+        teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1]), teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        None if target is None else target.reshape(-1), options, backend, chunk_size,
+    )  # fmt: skip
+    return loss.reshape(lead) if options["reduction"] == "none" else loss
+
+
+class FusedLinearKDLoss(nn.Module):
+    """``fused_linear_kd_loss`` as a module: ``kd_loss``'s keywords (and ``chunk_size``, ``backend``) set
+    once; the call takes (student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+    student_bias, teacher_bias). A tensor temperature is registered as a buffer."""
+
+    def __init__(self, chunk_size: int | None = None, backend: str = "auto", **kd_kwargs):
+        super().__init__()
+        unknown = sorted(set(kd_kwargs) - set(KD_KEYWORDS))
+        if unknown:
+            raise TypeError(f"FusedLinearKDLoss got unexpected keyword argument(s) {', '.join(unknown)}")
+        self.chunk_size, self.backend = chunk_size, backend
+        self.kd_kwargs = {k: v for k, v in kd_kwargs.items() if not isinstance(v, Tensor)}
+        for name, value in kd_kwargs.items():
+            if isinstance(value, Tensor):
+                self.register_buffer(name, value)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+                target: Tensor | None = None, student_bias: Tensor | None = None,
+                teacher_bias: Tensor | None = None) -> Tensor:  # fmt: skip
+        buffers = {name: buffer for name, buffer in self.named_buffers(recurse=False)}
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, chunk_size=self.chunk_size, backend=self.backend, **self.kd_kwargs, **buffers,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in {"chunk_size": self.chunk_size, **self.kd_kwargs}.items())
