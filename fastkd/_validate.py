@@ -188,3 +188,58 @@ def check_probs(probs: torch.Tensor, name: str, *, check_values: bool, rows: tor
             f"{name}: input='probs' needs rows that sum to 1 (within {tol:g}); a row sums to {worst:.6g}. "
             "Pass logits with input='logits', or normalize the rows"
         )
+
+
+def check_topk(
+    teacher_topk: object, student: torch.Tensor, values_are: str, *, check_values: bool, rows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse teacher ``(indices, values)``: int32/int64 indices and float values, each of the student's
+    row shape + (k,) with 1 <= k <= V, on its device. With ``check_values``, over the ``rows`` that count
+    (a bool mask of the row shape, or None for all): indices in [0, V) and distinct within a row; values
+    not NaN, log-probabilities <= 0 whose e^v sum to at most 1 (within max(1e-3, 4 eps)), logits < +inf.
+    Returns the pair."""
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError(f"teacher_topk must be a pair (indices, values), got {type(teacher_topk).__name__}")
+    indices, values = teacher_topk
+    for name, tensor in (("indices", indices), ("values", values)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"teacher_topk {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != student.device:
+            raise ValueError(f"teacher_topk {name} are on {tensor.device} but student_logits are on {student.device}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"teacher_topk indices must be int64 (or int32) class indices, got {indices.dtype}")
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"teacher_topk values must be a float tensor, got {values.dtype}")
+    n_classes = student.shape[-1]
+    if indices.shape != values.shape or indices.shape[:-1] != student.shape[:-1] or indices.dim() != student.dim():
+        raise ValueError(
+            f"teacher_topk indices and values must both have the student's row shape + (k,), "
+            f"{tuple(student.shape[:-1])} + (k,); got {tuple(indices.shape)} and {tuple(values.shape)}"
+        )
+    k = indices.shape[-1]
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"teacher_topk must give 1 <= k <= V = {n_classes} entries a row, got k = {k}")
+    if not check_values or indices.numel() == 0:
+        return indices, values
+    if rows is not None:
+        indices, values = indices[rows], values[rows]
+    if bool(((indices < 0) | (indices >= n_classes)).any()):
+        bad = indices[(indices < 0) | (indices >= n_classes)][0].item()
+        raise ValueError(f"teacher_topk indices hold class index {bad}, outside [0, {n_classes})")
+    ordered = indices.sort(-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("teacher_topk indices must be distinct within a row; a row repeats a class")
+    if bool(values.isnan().any()):
+        raise ValueError("teacher_topk values hold NaN")
+    if values_are == "logprobs":
+        if bool((values > 0).any()):
+            raise ValueError(f"teacher_topk values are log-probabilities (values_are='logprobs') and must be <= 0; "
+                             f"got {values.max().item():.6g}; pass values_are='logits' for logits")  # fmt: skip
+        mass = values.double().exp().sum(-1)
+        tol = max(1e-3, 4 * torch.finfo(values.dtype).eps)
+        if mass.numel() and mass.max().item() > 1 + tol:
+            raise ValueError(f"teacher_topk log-probabilities of a row sum to {mass.max().item():.6g} in probability "
+                             f"(at most 1 within {tol:g})")  # fmt: skip
+    elif bool((values == float("inf")).any()):
+        raise ValueError("teacher_topk logits hold +inf")
+    return teacher_topk[0], teacher_topk[1]

@@ -22,6 +22,7 @@ from fastkd._validate import (
     check_number,
     check_target,
     check_teacher,
+    check_topk,
     check_temperature,
     should_check_values,
 )
@@ -62,7 +63,46 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(student, teacher, target, t_tensor, t_value, tt_tensor, tt_value, *args):
+def _(student, *args):
+    return _fwd_op_fake(student, *args)
+
+
+@torch.library.custom_op("fastkd::kd_loss_topk_fwd", mutates_args=())
+def _topk_fwd_op(
+    student: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    target: Tensor | None,
+    t_tensor: Tensor | None,
+    t_value: float,
+    tt_tensor: Tensor | None,
+    tt_value: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    temperature_squared: bool,
+    label_smoothing: float,
+    tail: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastkd.kernels.kd_loss_topk import kd_loss_topk_forward
+
+    rows, grad, later = kd_loss_topk_forward(
+        student, indices, values, target, t_value if t_tensor is None else t_tensor,
+        tt_value if tt_tensor is None else tt_tensor, alpha, divergence, beta, ignore_index, reduction,
+        temperature_squared, label_smoothing, tail, need_grad=need_grad,
+    )  # fmt: skip
+    return rows, grad, (rows.new_ones(()) if later is None else later)
+
+
+@_topk_fwd_op.register_fake
+def _(student, *args):
+    return _fwd_op_fake(student, *args)
+
+
+def _fwd_op_fake(student, *args):
     need_grad = args[-1]
     rows = student.new_empty(student.shape[0], dtype=torch.float32)
     return rows, student.new_empty(student.shape if need_grad else (0, student.shape[1])), rows.new_empty(())
@@ -73,9 +113,36 @@ def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
     return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, temperature)
 
 
+def _launch(student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None, options: dict,
+            inplace: bool, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """(row losses, dL/dx, the scale left to the backward) from the dense kernel (``teacher`` (K, N, V))
+    or the sparse one (``teacher`` = (indices, values), each (N, k)): called directly in eager mode, and
+    through its ``torch.library`` op under ``torch.compile``."""
+    o = options
+    compiling = torch.compiler.is_compiling()
+    temperatures = (o["temperature"], o["teacher_temperature"])
+    if compiling:
+        temperatures = (*_split(temperatures[0]), *_split(temperatures[1]))
+    common = (o["alpha"], o["divergence"], o["beta"], o["ignore_index"], o["reduction"], o["temperature_squared"])
+    if isinstance(teacher, tuple):
+        args = (student, *teacher, target, *temperatures, *common, o["label_smoothing"], o["tail"])
+        if compiling:
+            return _topk_fwd_op(*args, need_grad)
+        from fastkd.kernels.kd_loss_topk import kd_loss_topk_forward
+
+        return kd_loss_topk_forward(*args, inplace_grad=inplace, need_grad=need_grad)
+    args = (student, teacher, target, *temperatures, *common, o["logit_norm"], o["norm_scale"], o["label_smoothing"])
+    if compiling:
+        return _fwd_op(*args, need_grad)
+    from fastkd.kernels.kd_loss import kd_loss_forward
+
+    return kd_loss_forward(*args, inplace_grad=inplace, need_grad=need_grad)
+
+
 class KDLossFunction(torch.autograd.Function):
-    """The loss over rows: student (N, V), teacher (K, N, V), target (N,) or None; ``options`` are
-    ``kd_loss``'s keywords after checking (temperatures as floats or per-row tensors).
+    """The loss over rows: student (N, V), teacher (K, N, V) or a sparse teacher (indices, values) (N, k)
+    each, target (N,) or None; ``options`` are ``kd_loss``'s keywords after checking (temperatures as
+    floats or per-row tensors).
 
     Forward returns the loss (a scalar, or (N,) for reduction "none") in the student's dtype and keeps
     the gradient the kernel wrote (none when ``options["need_grad"]`` is false); backward scales it in
@@ -84,21 +151,11 @@ class KDLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, target: Tensor | None, options: dict) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
+                options: dict) -> Tensor:  # fmt: skip
         need_grad = options["need_grad"]
         inplace = options["inplace_grad"] and need_grad and not torch.compiler.is_compiling()
-        args = (
-            student, teacher, target, options["temperature"], options["teacher_temperature"], options["alpha"],
-            options["divergence"], options["beta"], options["ignore_index"], options["reduction"],
-            options["temperature_squared"], options["logit_norm"], options["norm_scale"], options["label_smoothing"],
-        )  # fmt: skip
-        if torch.compiler.is_compiling():
-            t, tt = _split(args[3]), _split(args[4])
-            rows, grad, later = _fwd_op(*args[:3], *t, *tt, *args[5:], need_grad)
-        else:
-            from fastkd.kernels.kd_loss import kd_loss_forward
-
-            rows, grad, later = kd_loss_forward(*args, inplace_grad=inplace, need_grad=need_grad)
+        rows, grad, later = _launch(student, teacher, target, options, inplace, need_grad)
         if inplace:  # the logits now hold the gradient: fail any backward that saved them
             ctx.grad = grad
             torch.autograd.graph.increment_version(student)
@@ -191,11 +248,37 @@ def check_options(
     )  # fmt: skip
 
 
+VALUES_ARE = ("logprobs", "logits")
+TAILS = ("none", "bucket")
+
+
+def check_topk_options(values_are: str | None, tail: str | None, divergence: str, logit_norm: str | None) -> dict:
+    """A sparse teacher's ``values_are`` and ``tail`` (None: "logprobs", "none"), checked against each
+    other and the loss's other options; returned as the options the backends take."""
+    values_are = "logprobs" if values_are is None else values_are
+    tail = "none" if tail is None else tail
+    check_choice(values_are, VALUES_ARE, "values_are")
+    check_choice(tail, TAILS, "tail")
+    if tail == "bucket" and values_are == "logits":
+        raise ValueError("tail='bucket' needs values_are='logprobs': top-k logits do not say how much mass lies "
+                         "outside the k entries")  # fmt: skip
+    if divergence == "reverse_kl" and tail == "none":
+        raise ValueError("divergence='reverse_kl' with tail='none' is infinite wherever the student puts mass "
+                         "outside the teacher's k entries: use tail='bucket' (or forward_kl / jsd)")  # fmt: skip
+    if logit_norm is not None:
+        raise ValueError(f"logit_norm={logit_norm!r} needs dense teacher_logits: the statistics of a row are not "
+                         "known from k entries")  # fmt: skip
+    return {"values_are": values_are, "tail": tail}
+
+
 def kd_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None = None,
     target: Tensor | None = None,
     *,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    values_are: str | None = None,
+    tail: str | None = None,
     temperature: float | Tensor = 1.0,
     alpha: float = 0.5,
     divergence: str = "forward_kl",
@@ -259,9 +342,33 @@ def kd_loss(
 
     Masked classes (-inf logits) get probability 0. A student row of all -inf logits gives NaN. Where
     the teacher puts mass on a class the student masks, forward KL is infinite (as its math says).
+
+    **Sparse teachers.** ``teacher_topk=(indices, values)`` replaces ``teacher_logits`` with a teacher
+    given at k entries per row (1 <= k <= V), as offline top-k log-probabilities (vLLM-style servers)
+    are: ``indices`` int64/int32 and ``values`` float, each (..., k) with the student's leading shape.
+    The distributions compared are over k + 1 classes: the k entries I and the bucket R of all others.
+
+        teacher   log p_I = log_softmax(v / T_t) over I; p_R = 0            (tail="none")
+                  log p = log_softmax([v, ln(1 - sum_I e^v)] / T_t)         (tail="bucket", log-probs)
+        student   q_j = softmax(a_s / T)_j for j in I (the full row's softmax),  q_R = sum_{j not in I} q_j
+
+    ``values_are="logprobs"`` (default): v = log p_t at temperature 1, as stored. With ``tail="none"``
+    (default) the k entries are renormalized, and the student is pushed to put its mass on them
+    (forward KL = sum_I p_j (log p_j - log q_j)). ``tail="bucket"`` keeps the teacher's missing mass
+    1 - sum_I e^v as one class, matched against the student's mass outside I; tempered with the k
+    entries as one class (exact at T_t = 1, where the stored log-probs stay as they are; at T_t != 1
+    how the missing mass spreads is unknown, so the bucket is tempered as a single class). With k = V
+    no class is left for the bucket, and it is dropped. ``values_are="logits"``: v are the teacher's
+    logits at I, tempered and renormalized over I (``tail="none"`` only: logits carry no normalizer).
+    Reverse KL needs the bucket (KL(q || p) is infinite where the student has mass and p_R = 0), and
+    ``logit_norm`` a dense teacher. Indices are checked to be distinct and in [0, V), log-probabilities
+    <= 0 summing to at most 1 (``validate_args``); unchecked, an index outside [0, V) gives a NaN row
+    and a repeated one a wrong loss. One kernel reads the student's row (twice when wider than 4096
+    columns) and the k entries, and writes the loss and the gradient, like the dense kernel.
     """
     check_logits(student_logits, "student_logits")
-    n_teachers = check_teacher(teacher_logits, student_logits)
+    if (teacher_logits is None) == (teacher_topk is None):
+        raise ValueError("pass exactly one teacher: teacher_logits (dense) or teacher_topk=(indices, values)")
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
     options = check_options(
@@ -270,9 +377,19 @@ def kd_loss(
         teacher_temperature=teacher_temperature, logit_norm=logit_norm, norm_scale=norm_scale,
         label_smoothing=label_smoothing, validate_args=validate_args,
     )  # fmt: skip
+    if teacher_topk is None:
+        n_teachers = check_teacher(teacher_logits, student_logits)
+        for name, value in (("values_are", values_are), ("tail", tail)):
+            if value is not None:
+                raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to teacher_logits")
+    else:
+        options.update(check_topk_options(values_are, tail, divergence, logit_norm))
+        rows = None if target is None else target != ignore_index
+        teacher_topk = check_topk(teacher_topk, student_logits, options["values_are"],
+                                  check_values=should_check_values(validate_args), rows=rows)  # fmt: skip
 
     if resolve_backend(backend, student_logits) == "torch":
-        return reference.kd_loss(student_logits, teacher_logits, target, **options)
+        return reference.kd_loss(student_logits, teacher_logits, target, teacher_topk=teacher_topk, **options)
     n_classes = student_logits.shape[-1]
     options["need_grad"] = torch.is_grad_enabled() and student_logits.requires_grad
     options["inplace_grad"] = inplace_grad
@@ -290,7 +407,11 @@ def kd_loss(
             )
     else:
         student = student_logits.reshape(-1, n_classes)
-    teacher = teacher_logits.detach().reshape(n_teachers, -1, n_classes)
+    if teacher_topk is None:
+        teacher = teacher_logits.detach().reshape(n_teachers, -1, n_classes)
+    else:
+        k = teacher_topk[0].shape[-1]
+        teacher = (teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k))
     for key in ("temperature", "teacher_temperature"):
         if isinstance(options[key], Tensor) and options[key].dim() > 0:
             options[key] = options[key].reshape(-1)  # one per row; may keep a stride, which the kernel takes
@@ -299,7 +420,9 @@ def kd_loss(
 
 
 class KDLoss(nn.Module):
-    """``kd_loss`` as a module: the keywords are set once, the call takes (student, teacher, target).
+    """``kd_loss`` as a module: the keywords are set once, the call takes (student, teacher, target),
+    the teacher as logits or as a sparse teacher (indices, values) (``kd_loss``'s ``teacher_topk``,
+    with the module's ``values_are`` and ``tail``).
 
     A tensor temperature is registered as a buffer, so it follows the module's ``.to()`` and
     ``state_dict``.
@@ -318,6 +441,8 @@ class KDLoss(nn.Module):
         logit_norm: str | None = None,
         norm_scale: float | None = None,
         label_smoothing: float = 0.0,
+        values_are: str | None = None,
+        tail: str | None = None,
         inplace_grad: bool = False,
         backend: str = "auto",
         validate_args: bool = True,
@@ -331,11 +456,16 @@ class KDLoss(nn.Module):
         self.alpha, self.divergence, self.beta, self.ignore_index = alpha, divergence, beta, ignore_index
         self.reduction, self.temperature_squared = reduction, temperature_squared
         self.logit_norm, self.norm_scale, self.label_smoothing = logit_norm, norm_scale, label_smoothing
+        self.values_are, self.tail = values_are, tail
         self.inplace_grad, self.backend, self.validate_args = inplace_grad, backend, validate_args
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor],
+                target: Tensor | None = None) -> Tensor:  # fmt: skip
+        sparse = isinstance(teacher, (tuple, list))
         return kd_loss(
-            student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
+            student_logits, None if sparse else teacher, target, teacher_topk=teacher if sparse else None,
+            values_are=self.values_are if sparse else None, tail=self.tail if sparse else None,
+            temperature=self.temperature, alpha=self.alpha,
             divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction,
             temperature_squared=self.temperature_squared, teacher_temperature=self.teacher_temperature,
             logit_norm=self.logit_norm, norm_scale=self.norm_scale, label_smoothing=self.label_smoothing,

@@ -119,6 +119,67 @@ def cross_entropy(
     return (1 - label_smoothing) * nll - label_smoothing * log_p.mean(-1)
 
 
+def topk_teacher_log_probs(
+    values: torch.Tensor, teacher_temperature: float | torch.Tensor, values_are: str, tail: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse teacher's tempered log-probabilities: (over its k entries (..., k), over the bucket of all
+    other classes (...,), -inf without one), from its k stored ``values`` (..., k) in the compute dtype.
+
+    ``tail="none"``: log p_I = log_softmax(v / T_t) over the k entries (``values_are`` "logprobs" or
+    "logits" alike: either way the k entries are renormalized). ``tail="bucket"`` (log-probs only): the
+    k entries and the bucket, of log mass log(1 - sum_I e^v), tempered together as k + 1 classes:
+    log_softmax([v, log(1 - sum e^v)] / T_t). Exact at T_t = 1, where it leaves the stored log-probs as
+    they are; at T_t != 1 it tempers the bucket as one class (how the missing mass spreads over the
+    other classes, which would change its tempered mass, is unknown)."""
+    t = teacher_temperature.unsqueeze(-1) if isinstance(teacher_temperature, torch.Tensor) and teacher_temperature.dim() else teacher_temperature
+    if tail == "none":
+        return torch.log_softmax(values / t, -1), values.new_full(values.shape[:-1], float("-inf"))
+    rest = torch.log1p(-values.exp().sum(-1).clamp(max=1.0))
+    log_p = torch.log_softmax(torch.cat([values, rest.unsqueeze(-1)], -1) / t, -1)
+    return log_p[..., :-1], log_p[..., -1]
+
+
+def topk_divergence(
+    s: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float | torch.Tensor,
+    teacher_temperature: float | torch.Tensor,
+    divergence: str,
+    beta: float,
+    values_are: str,
+    tail: str,
+) -> torch.Tensor:
+    """D(p_t, p_s) per row of a sparse teacher given at k entries per row (``indices``, ``values``
+    (..., k)), over k + 1 classes: the k entries I and the bucket R of every other class. The teacher's
+    are ``topk_teacher_log_probs`` (mass 0 on R with ``tail="none"``); the student's are its full
+    softmax(s / T) at I and its summed mass outside I on R. ``valid`` rows are computed (the others'
+    indices and values may be anything); a row with an index outside [0, V) gives NaN. With k = V no
+    class is left for the bucket, which is then dropped (the rounding of the stored values would
+    otherwise put a little teacher mass on it)."""
+    n_classes = s.shape[-1]
+    k = indices.shape[-1]
+    if k == n_classes:
+        tail = "none"
+    in_range = ((indices >= 0) & (indices < n_classes)).all(-1) | ~valid
+    spare = torch.arange(k, device=s.device).expand_as(indices)  # distinct in-range stand-ins for unused rows
+    indices = torch.where((valid & in_range).unsqueeze(-1), indices, spare).long()
+    values = torch.where(valid.unsqueeze(-1), values.to(s.dtype), 0.0)
+    log_p, log_p_rest = topk_teacher_log_probs(values, teacher_temperature, values_are, tail)
+    u = scale_logits(s, temperature, -1)
+    lse = torch.logsumexp(u, -1, keepdim=True)
+    log_q = u.gather(-1, indices) - lse
+    in_top = torch.zeros_like(u, dtype=torch.bool).scatter(-1, indices, True)
+    rest = torch.where(in_top, float("-inf"), u)
+    has_rest = (rest > float("-inf")).any(-1, keepdim=True)  # else logsumexp's backward would give NaN
+    log_q_rest = torch.where(has_rest, torch.logsumexp(torch.where(has_rest, rest, 0.0), -1, keepdim=True) - lse,
+                             float("-inf"))  # fmt: skip
+    log_p = torch.cat([log_p, log_p_rest.unsqueeze(-1)], -1)
+    log_q = torch.cat([log_q, log_q_rest], -1)
+    return torch.where(in_range, kd_divergence(log_p, log_q, divergence, beta), float("nan"))
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -135,10 +196,13 @@ def kd_loss(
     logit_norm: str | None = None,
     norm_scale: float | None = None,
     label_smoothing: float = 0.0,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    values_are: str = "logprobs",
+    tail: str = "none",
 ) -> torch.Tensor:
     """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract); autograd gives
-    the gradient. Arguments are already checked: ``teacher_logits`` is the student's shape or (K,) + it,
-    temperatures are floats or tensors of one value or one per row."""
+    the gradient. Arguments are already checked: ``teacher_logits`` is the student's shape or (K,) + it
+    (None with ``teacher_topk``), temperatures are floats or tensors of one value or one per row."""
     dtype = compute_dtype(student_logits.dtype)
     s = student_logits.to(dtype)
     t_t = temperature if teacher_temperature is None else teacher_temperature
@@ -148,7 +212,11 @@ def kd_loss(
         valid = target != ignore_index
         s = torch.where(valid.unsqueeze(-1), s, 0.0)
     loss = s.new_zeros(row_shape)
-    if alpha > 0:
+    coef = alpha * (temperature**2 if temperature_squared else 1.0)
+    if alpha > 0 and teacher_topk is not None:
+        t_t = t_t.detach() if isinstance(t_t, torch.Tensor) else t_t
+        loss = coef * topk_divergence(s, *teacher_topk, valid, temperature, t_t, divergence, beta, values_are, tail)
+    elif alpha > 0:
         scale = 2.0 if norm_scale is None else norm_scale
         log_q = torch.log_softmax(scale_logits(normalize_logits(s, logit_norm, scale), temperature, -1), -1)
         teachers = teacher_logits.detach().to(dtype)
@@ -162,7 +230,6 @@ def kd_loss(
             log_p = log_p[0]
         else:  # the ensemble's mean distribution
             log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
-        coef = alpha * (temperature**2 if temperature_squared else 1.0)
         loss = coef * kd_divergence(log_p, log_q, divergence, beta)
     if target is not None and alpha < 1:
         loss = loss + (1 - alpha) * cross_entropy(s, target, label_smoothing)

@@ -208,14 +208,19 @@ def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGE
 
 
 @triton.jit
+def _divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE: tl.constexpr):
+    """D'_j = dD/du_j of a tile (module doc), given the row sum qh_sum = sum_k q_k h_k."""
+    if DIVERGENCE == FORWARD_KL:
+        return q - p
+    if DIVERGENCE == REVERSE_KL:
+        return q * (h - qh_sum[:, None])
+    return (1.0 - beta) * q * (h - qh_sum[:, None])
+
+
+@triton.jit
 def _kd_grad(x, q, p, h, qh_sum, mu, k_s, w, g_mean, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr):
     """dKD/dx of a tile given the row sums (module doc)."""
-    if DIVERGENCE == FORWARD_KL:
-        g = q - p
-    elif DIVERGENCE == REVERSE_KL:
-        g = q * (h - qh_sum[:, None])
-    else:
-        g = (1.0 - beta) * q * (h - qh_sum[:, None])
+    g = _divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
     if NORM != NO_NORM:
         live = x > float("-inf")
         c = tl.where(live, x - mu[:, None], 0.0)
@@ -236,6 +241,34 @@ def _ce_grad(x, cols, y, m, ln_d, ls_eps, n_cols):
     """dCE/dx of a tile: softmax(x) - (1 - eps) [j = y] - eps / V."""
     s = tl.exp((x - m[:, None]) - ln_d[:, None])
     return s - tl.where(cols == y[:, None], 1.0 - ls_eps, 0.0) - ls_eps / n_cols
+
+
+@triton.jit
+def _row_setup(X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x,
+               HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, T_SQUARED: tl.constexpr,
+               SCALE_GRAD: tl.constexpr):  # fmt: skip
+    """The rows' targets and weights: (valid (not ignored), y, x_y read before the gradient may
+    overwrite x, the KD term's weight alpha T^2 (or alpha), the CE term's 1 - alpha (NaN for a target
+    outside [0, V) that is not ignored), the reduction's scale, the scale the gradient takes now)."""
+    valid = row_ok
+    y = tl.zeros(rows.shape, tl.int64)
+    x_y = tl.zeros(rows.shape, tl.float32)
+    in_range = row_ok
+    if HAS_TARGET:
+        y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_cols)
+        if HAS_CE:
+            x_y = tl.load(X + rows.to(tl.int64) * stride_x + y, mask=valid & in_range, other=float("nan"))
+    if SCALE is not None:
+        scale = tl.load(SCALE)
+    kd_weight = tl.full(rows.shape, alpha, tl.float32)
+    if T_SQUARED:
+        kd_weight = kd_weight / (inv_t * inv_t)
+    ce_weight = tl.full(rows.shape, 1.0 - alpha, tl.float32)
+    if HAS_CE:
+        ce_weight = tl.where(in_range, ce_weight, float("nan"))
+    return valid, y, x_y.to(tl.float32), kd_weight, ce_weight, scale, scale if SCALE_GRAD else 1.0
 
 
 @triton.jit
@@ -292,25 +325,10 @@ def kd_loss_fwd_kernel(
     inv_t = _row_inv_temperature(T, inv_temp, rows, row_ok, stride_temp, HAS_T)
     inv_tt = _row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)
 
-    # The row's weights: valid rows only, the reduction's scale, alpha T^2 and 1 - alpha.
-    valid = row_ok
-    y = tl.zeros([ROWS], tl.int64)
-    x_y = tl.zeros([ROWS], tl.float32)
-    if HAS_TARGET:
-        y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-        valid = row_ok & (y != ignore_index)
-        in_range = (y >= 0) & (y < n_cols)
-        if HAS_CE:  # read before the gradient may overwrite x
-            x_y = tl.load(X + rows64 * stride_x + y, mask=valid & in_range, other=float("nan")).to(tl.float32)
-    if SCALE is not None:
-        scale = tl.load(SCALE)
-    kd_weight = tl.full([ROWS], alpha, tl.float32)
-    if T_SQUARED:
-        kd_weight = kd_weight / (inv_t * inv_t)
-    ce_weight = tl.full([ROWS], 1.0 - alpha, tl.float32)
-    if HAS_CE:  # a target outside [0, V) that is not ignored: NaN loss and gradient
-        ce_weight = tl.where(in_range, ce_weight, float("nan"))
-    grad_scale = scale if SCALE_GRAD else 1.0
+    valid, y, x_y, kd_weight, ce_weight, scale, grad_scale = _row_setup(
+        X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x, HAS_TARGET, HAS_CE,
+        T_SQUARED, SCALE_GRAD,
+    )  # fmt: skip
 
     kd = tl.zeros([ROWS], tl.float32)
     ce = tl.zeros([ROWS], tl.float32)
@@ -501,6 +519,24 @@ def _temperature(temperature: float | torch.Tensor) -> tuple[torch.Tensor | None
     return None, 1.0 / temperature, 0
 
 
+def reduction_scale(
+    student: torch.Tensor, target: torch.Tensor | None, reduction: str, ignore_index: int
+) -> tuple[torch.Tensor | None, float, bool, torch.Tensor | None]:
+    """(the reduction's scale as a 0-d fp32 tensor (1 / rows not ignored, for "mean" with a target: no
+    host sync) or None, else as a float; whether the kernel applies it to the gradient; the scale left
+    to the backward, or None). A float16 gradient is stored unscaled (module doc of ``kd_loss_forward``)."""
+    scale_t, scale = None, 1.0
+    if reduction == "mean" and target is not None:
+        scale_t = 1.0 / (target != ignore_index).sum().clamp_min(1).float()
+    elif reduction in ("mean", "batchmean"):
+        scale = 1.0 / max(student.shape[0], 1)
+    scale_grad = student.dtype != torch.float16 or (scale_t is None and scale == 1.0)
+    later = None
+    if not scale_grad:
+        later = scale_t if scale_t is not None else torch.full((), scale, device=student.device)
+    return scale_t, scale, scale_grad, later
+
+
 def kd_loss_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -541,15 +577,7 @@ def kd_loss_forward(
         grad = student
     else:
         grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
-    scale_t, scale = None, 1.0
-    if reduction == "mean" and target is not None:
-        scale_t = 1.0 / (target != ignore_index).sum().clamp_min(1).float()
-    elif reduction in ("mean", "batchmean"):
-        scale = 1.0 / max(n_rows, 1)
-    scale_grad = student.dtype != torch.float16 or (scale_t is None and scale == 1.0)
-    later = None
-    if not scale_grad:
-        later = scale_t if scale_t is not None else torch.full((), scale, device=student.device)
+    scale_t, scale, scale_grad, later = reduction_scale(student, target, reduction, ignore_index)
     if student.numel() == 0:
         return loss.zero_(), grad, later
     t, inv_t, stride_t = _temperature(temperature)

@@ -29,6 +29,7 @@ from triton.runtime.jit import create_function_from_signature
 import fastkd.kernels.calibration as calibration_kernels
 import fastkd.kernels.fidelity as fidelity_kernels
 import fastkd.kernels.kd_loss as kd_kernels
+import fastkd.kernels.kd_loss_topk as topk_kernels
 import fastkd.kernels.softmax as softmax_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -124,6 +125,24 @@ def kd_loss_launches():
         kd_kernels.scale_grad_(grad, torch.empty((), device="meta"))
 
 
+def kd_loss_topk_launches():
+    """Every launch config of the sparse teacher's loss (forward KL + CE, k = 64, bf16); at three widths
+    every mode (divergence, values, tail) with k = 1 and 1024, label smoothing and per-row temperatures."""
+    modes = [("forward_kl", "none"), ("forward_kl", "bucket"), ("reverse_kl", "bucket"), ("jsd", "none"),
+             ("jsd", "bucket")]  # fmt: skip
+    cases = [(w, 64, "forward_kl", "none", False) for w in KD_WIDTHS if w >= 64]
+    cases += [(w, k, div, tail, True) for w in (1024, 4096, 131072) for k in (1, 1024) for div, tail in modes]
+    for width, k, divergence, tail, per_row in cases:
+        n_rows = 16384 if width > 4096 else 4096
+        x = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
+        indices = torch.empty(n_rows, k, dtype=torch.int64, device="meta")
+        values = torch.empty(n_rows, k, dtype=torch.bfloat16, device="meta")
+        target = torch.empty(n_rows, dtype=torch.int64, device="meta")
+        t = torch.empty(n_rows, device="meta") if per_row else 4.0
+        topk_kernels.kd_loss_topk_forward(x, indices, values, target, t, t, 0.5, divergence, 0.5, -100, "mean", True,
+                                          0.1 if per_row else 0.0, tail)  # fmt: skip
+
+
 CALIBRATION_WIDTHS = [2**i for i in range(11)] + [131072]  # every launch config: 1 to LOOP_BLOCK, then the loop
 
 
@@ -159,6 +178,7 @@ def fidelity_launches():
 CASES = [
     (softmax_kernels, ["tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel"], softmax_launches),
     (kd_kernels, ["kd_loss_fwd_kernel", "scale_grad_kernel"], kd_loss_launches),
+    (topk_kernels, ["kd_loss_topk_fwd_kernel"], kd_loss_topk_launches),
     (calibration_kernels, ["calibration_kernel"], calibration_launches),
     (fidelity_kernels, ["fidelity_kernel"], fidelity_launches),
 ]

@@ -25,6 +25,7 @@ def test_kernels_compile_for_sm90_without_spills():
         "tempered_softmax_bwd_kernel": 126,  # the same x 3 launches
         "kd_loss_fwd_kernel": 68,  # 14 configs + 3 widths x 3 divergences x 3 normalizations x (1, 3) teachers
         "scale_grad_kernel": 3,
+        "kd_loss_topk_fwd_kernel": 38,  # 8 configs with k = 64 + 3 widths x (k = 1, 1024) x 5 modes
         "calibration_kernel": 33,  # 12 configs + 1024 bins at 3 widths + 3 widths x 6 variants
         "fidelity_kernel": 17,  # 12 configs + an ensemble of 3 at 3 widths + ensembles of 2 and 8
     }
