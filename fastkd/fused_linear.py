@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ from torch.autograd.function import once_differentiable
 
 from fastkd import reference
 from fastkd._backend import resolve_backend
-from fastkd._validate import check_int, check_logits
-from fastkd.kd_loss import check_options
+from fastkd._validate import check_int, check_logits, check_topk, should_check_values
+from fastkd.kd_loss import _launch, check_options, check_topk_options
 
 CHUNK_BUDGET = 512 << 20  # bytes of per-chunk buffers at most, whatever the free memory
 # Bytes per logit entry of a chunk: on the kernels, the student's and teacher's logits and the slice
@@ -64,24 +65,36 @@ def _rows(value: float | Tensor, start: int, stop: int) -> float | Tensor:
     return value[start:stop] if isinstance(value, Tensor) and value.dim() else value
 
 
-def _chunk_loss(student: Tensor, teacher: Tensor, target: Tensor | None, options: dict, backend: str,
-                need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """(row losses (C,), dL/d student (C, V) in the student's dtype, or None) of ``sum_rows kd_loss``,
-    with the gradient written over ``student`` on the kernels."""
+class _LinearTeacher(NamedTuple):
+    """A teacher given by its final layer: hidden (N, H_t), weight (V, H_t), bias (V,) or None."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+
+def _teacher_rows(teacher: _LinearTeacher | tuple[Tensor, Tensor], start: int, stop: int):
+    """The teacher of rows [start, stop): logits (C, V) from its layer, or its entries (indices, values)."""
+    if isinstance(teacher, _LinearTeacher):
+        return F.linear(teacher.hidden[start:stop], teacher.weight, teacher.bias)
+    return teacher[0][start:stop], teacher[1][start:stop]
+
+
+def _chunk_loss(student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None, options: dict,
+                backend: str, need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """(row losses (C,), dL/d student (C, V) in the student's dtype, or None) of ``sum_rows kd_loss``
+    against teacher logits (C, V) or a sparse teacher (indices, values), with the gradient written over
+    ``student`` on the kernels."""
+    sparse = isinstance(teacher, tuple)
     if backend == "torch":
         x = student.to(reference.compute_dtype(student.dtype)).requires_grad_(need_grad)
         with torch.enable_grad():
-            rows = reference.kd_loss(x, teacher, target, **dict(options, reduction="none"))
+            rows = reference.kd_loss(x, None if sparse else teacher, target, teacher_topk=teacher if sparse else None,
+                                     **dict(options, reduction="none"))  # fmt: skip
             grad = torch.autograd.grad(rows.sum(), x)[0].to(student.dtype) if need_grad else None
         return rows.detach(), grad
-    from fastkd.kernels.kd_loss import kd_loss_forward
-
-    o = options
-    rows, grad, _ = kd_loss_forward(
-        student, teacher[None], target, o["temperature"], o["teacher_temperature"], o["alpha"], o["divergence"],
-        o["beta"], o["ignore_index"], "sum", o["temperature_squared"], o["logit_norm"], o["norm_scale"],
-        o["label_smoothing"], inplace_grad=True, need_grad=need_grad,
-    )  # fmt: skip
+    rows, grad, _ = _launch(student, teacher if sparse else teacher[None], target, dict(options, reduction="sum"),
+                            inplace=True, need_grad=need_grad)  # fmt: skip
     return rows, grad if need_grad else None
 
 
@@ -96,11 +109,13 @@ def _accumulate(acc: Tensor, g: Tensor, rhs: Tensor, alpha: float) -> None:
         acc[start : start + step].add_(g[:, start : start + step].t() @ rhs, alpha=alpha)
 
 
-def _walk(inputs: tuple, target: Tensor | None, options: dict, backend: str, chunk_size: int,
-          row_weight: float | Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, list]:  # fmt: skip
-    """Row losses (N,) in the compute dtype and, for the inputs flagged in ``needs`` (hidden, weight,
-    bias), the gradients of sum_i w_i loss_i with w = ``row_weight``: a float, or one weight per row."""
-    hidden, weight, bias, t_hidden, t_weight, t_bias = inputs
+def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], target: Tensor | None, options: dict,
+          backend: str, chunk_size: int, row_weight: float | Tensor,
+          needs: tuple[bool, bool, bool]) -> tuple[Tensor, list]:  # fmt: skip
+    """Row losses (N,) in the compute dtype and, for the parts of ``student`` (hidden, weight, bias)
+    flagged in ``needs``, the gradients of sum_i w_i loss_i with w = ``row_weight``: a float, or one
+    weight per row."""
+    hidden, weight, bias = student
     n_rows, n_classes = hidden.shape[0], weight.shape[0]
     need_grad = any(needs)
     acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -113,13 +128,13 @@ def _walk(inputs: tuple, target: Tensor | None, options: dict, backend: str, chu
         stop = min(start + chunk_size, n_rows)
         h = hidden[start:stop]
         logits = F.linear(h, weight, bias)
-        teacher = F.linear(t_hidden[start:stop], t_weight, t_bias)
+        teacher_rows = _teacher_rows(teacher, start, stop)
         chunk_options = dict(options, temperature=_rows(options["temperature"], start, stop),
                              teacher_temperature=_rows(options["teacher_temperature"], start, stop))  # fmt: skip
         y = None if target is None else target[start:stop]
-        rows, g = _chunk_loss(logits, teacher, y, chunk_options, backend, need_grad)
+        rows, g = _chunk_loss(logits, teacher_rows, y, chunk_options, backend, need_grad)
         losses.append(rows)
-        del teacher
+        del teacher_rows
         if not need_grad:
             continue
         w = row_weight[start:stop, None].to(g.dtype) if per_row else None
@@ -148,21 +163,23 @@ def _reduction_scale(reduction: str, target: Tensor | None, ignore_index: int, n
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """The loss over rows: hidden (N, H), weight (V, H), bias (V,) or None, and the teacher's three
-    likewise (never differentiated); target (N,) or None; ``options`` from ``kd_loss.check_options``.
-    Returns a 0-d loss, or (N,) for reduction "none", in the hidden states' dtype."""
+    """The loss over rows: hidden (N, H), weight (V, H), bias (V,) or None; the teacher as a
+    ``_LinearTeacher`` or a sparse (indices, values) (N, k) each (never differentiated); target (N,) or
+    None; ``options`` from ``kd_loss.check_options``. Returns a 0-d loss, or (N,) for reduction "none",
+    in the hidden states' dtype."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, target, options, backend, chunk_size):
-        inputs = (hidden, weight, bias, t_hidden, t_weight, t_bias)
+    def forward(ctx, hidden, weight, bias, teacher, target, options, backend, chunk_size):
+        student = (hidden, weight, bias)
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.options, ctx.backend, ctx.chunk_size, ctx.used = options, backend, chunk_size, False
         if options["reduction"] == "none":  # each row's dL/dloss is known only in the backward
-            ctx.save_for_backward(*inputs, target)
-            rows, _ = _walk(inputs, target, options, backend, chunk_size, 1.0, (False, False, False))
+            ctx.save_for_backward(*student, target)
+            ctx.teacher = teacher
+            rows, _ = _walk(student, teacher, target, options, backend, chunk_size, 1.0, (False, False, False))
             return rows.to(hidden.dtype)
         scale = _reduction_scale(options["reduction"], target, options["ignore_index"], hidden.shape[0])
-        rows, grads = _walk(inputs, target, options, backend, chunk_size, scale, needs)
+        rows, grads = _walk(student, teacher, target, options, backend, chunk_size, scale, needs)
         ctx.grads = grads
         return (rows.sum() * scale).to(hidden.dtype)
 
@@ -170,9 +187,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         if ctx.options["reduction"] == "none":
-            *inputs, target = ctx.saved_tensors
+            *student, target = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
-            _, grads = _walk(tuple(inputs), target, ctx.options, ctx.backend, ctx.chunk_size,
+            _, grads = _walk(tuple(student), ctx.teacher, target, ctx.options, ctx.backend, ctx.chunk_size,
                              grad_output, needs)  # fmt: skip
         else:
             if ctx.used:
@@ -181,7 +198,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             ctx.used = True
             grads = [None if g is None else g.mul_(grad_output) for g in ctx.grads]
             del ctx.grads
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_linear(hidden: object, weight: object, bias: object, prefix: str) -> None:
@@ -208,12 +225,15 @@ def _check_linear(hidden: object, weight: object, bias: object, prefix: str) -> 
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
     target: Tensor | None = None,
     *,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    values_are: str | None = None,
+    tail: str | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
     **kd_kwargs,
@@ -230,11 +250,13 @@ def fused_linear_kd_loss(
             (V, H_t) and ``teacher_bias`` (V,) in its dtype. No gradient reaches them.
         target: class indices of the leading shape, or None (pure distillation, alpha=1), as in ``kd_loss``.
         student_bias, teacher_bias: (V,) or None.
+        teacher_topk, values_are, tail: a sparse teacher (indices, values) (..., k) instead of the
+            teacher's layer, as in ``kd_loss`` (offline top-k log-probabilities, say).
         chunk_size: rows per chunk; None for ``default_chunk_size`` (from V, the dtype and the free memory).
             Peak extra memory grows with chunk_size x V.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``: which computes each chunk's loss and gradient
             (``fastkd._backend``); the matmuls are PyTorch's either way.
-        **kd_kwargs: ``kd_loss``'s keywords: ``temperature``, ``alpha``, ``divergence``, ``beta``,
+        **kd_kwargs: ``kd_loss``'s other keywords: ``temperature``, ``alpha``, ``divergence``, ``beta``,
             ``ignore_index``, ``reduction``, ``temperature_squared``, ``teacher_temperature``,
             ``logit_norm``, ``norm_scale``, ``label_smoothing``, ``validate_args``, with its defaults
             and checks (a per-row temperature has the leading shape).
@@ -249,22 +271,40 @@ def fused_linear_kd_loss(
         raise TypeError(f"fused_linear_kd_loss got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
                         f"kd_loss's keywords {', '.join(KD_KEYWORDS)}")  # fmt: skip
     _check_linear(student_hidden, student_weight, student_bias, "student")
-    _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     lead = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead:
-        raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)} (one teacher row "
-                         f"per student row); got {tuple(teacher_hidden.shape)}")  # fmt: skip
-    if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} classes but student_weight has "
-                         f"{student_weight.shape[0]}: teacher and student must share the vocabulary")  # fmt: skip
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {student_hidden.device}")
-    if chunk_size is not None:
-        check_int(chunk_size, "chunk_size", 1)
     n_classes = student_weight.shape[0]
     # The logits' stand-in: their shape, dtype and device, no memory (what the checks read).
     logits = student_hidden.new_zeros(()).expand(*lead, n_classes)
     options = check_options(logits, target, **kd_kwargs)
+    if teacher_topk is None:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("pass the teacher's layer (teacher_hidden and teacher_weight) or a sparse teacher_topk")
+        for name, value in (("values_are", values_are), ("tail", tail)):
+            if value is not None:
+                raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to the teacher's layer")
+        _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)} (one teacher "
+                             f"row per student row); got {tuple(teacher_hidden.shape)}")  # fmt: skip
+        if teacher_weight.shape[0] != n_classes:
+            raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} classes but student_weight has "
+                             f"{n_classes}: teacher and student must share the vocabulary")  # fmt: skip
+        if teacher_hidden.device != student_hidden.device:
+            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
+                             f"{student_hidden.device}")  # fmt: skip
+        teacher = _LinearTeacher(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+                                 None if teacher_bias is None else teacher_bias.detach())  # fmt: skip
+    else:
+        if not (teacher_hidden is None and teacher_weight is None and teacher_bias is None):
+            raise ValueError("pass either the teacher's layer (teacher_hidden, teacher_weight) or teacher_topk, not both")
+        options.update(check_topk_options(values_are, tail, options["divergence"], options["logit_norm"]))
+        rows = None if target is None else target != options["ignore_index"]
+        check_topk(teacher_topk, logits, options["values_are"], check_values=should_check_values(
+            kd_kwargs.get("validate_args", True)), rows=rows)  # fmt: skip
+        k = teacher_topk[0].shape[-1]
+        teacher = (teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k))
+    if chunk_size is not None:
+        check_int(chunk_size, "chunk_size", 1)
     backend = resolve_backend(backend, logits)
     n_rows = lead.numel()
     for key in ("temperature", "teacher_temperature"):
@@ -273,37 +313,40 @@ def fused_linear_kd_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, n_classes, student_hidden.dtype, student_hidden.device, backend)
     loss = FusedLinearKDFunction.apply(
-        student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight, student_bias,
-        teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1]), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
+        student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight, student_bias, teacher,
         None if target is None else target.reshape(-1), options, backend, chunk_size,
     )  # fmt: skip
     return loss.reshape(lead) if options["reduction"] == "none" else loss
 
 
 class FusedLinearKDLoss(nn.Module):
-    """``fused_linear_kd_loss`` as a module: ``kd_loss``'s keywords (and ``chunk_size``, ``backend``) set
-    once; the call takes (student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-    student_bias, teacher_bias). A tensor temperature is registered as a buffer."""
+    """``fused_linear_kd_loss`` as a module: ``kd_loss``'s keywords (and ``chunk_size``, ``backend``,
+    ``values_are``, ``tail``) set once; the call takes (student_hidden, student_weight, teacher_hidden,
+    teacher_weight, target, student_bias, teacher_bias, teacher_topk). A tensor temperature is
+    registered as a buffer."""
 
-    def __init__(self, chunk_size: int | None = None, backend: str = "auto", **kd_kwargs):
+    def __init__(self, chunk_size: int | None = None, backend: str = "auto", values_are: str | None = None,
+                 tail: str | None = None, **kd_kwargs):  # fmt: skip
         super().__init__()
         unknown = sorted(set(kd_kwargs) - set(KD_KEYWORDS))
         if unknown:
             raise TypeError(f"FusedLinearKDLoss got unexpected keyword argument(s) {', '.join(unknown)}")
-        self.chunk_size, self.backend = chunk_size, backend
+        self.chunk_size, self.backend, self.values_are, self.tail = chunk_size, backend, values_are, tail
         self.kd_kwargs = {k: v for k, v in kd_kwargs.items() if not isinstance(v, Tensor)}
         for name, value in kd_kwargs.items():
             if isinstance(value, Tensor):
                 self.register_buffer(name, value)
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-                target: Tensor | None = None, student_bias: Tensor | None = None,
-                teacher_bias: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None = None,
+                teacher_weight: Tensor | None = None, target: Tensor | None = None, student_bias: Tensor | None = None,
+                teacher_bias: Tensor | None = None, teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
         buffers = {name: buffer for name, buffer in self.named_buffers(recurse=False)}
+        sparse = teacher_topk is not None
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
-            teacher_bias=teacher_bias, chunk_size=self.chunk_size, backend=self.backend, **self.kd_kwargs, **buffers,
+            teacher_bias=teacher_bias, teacher_topk=teacher_topk, values_are=self.values_are if sparse else None,
+            tail=self.tail if sparse else None, chunk_size=self.chunk_size, backend=self.backend, **self.kd_kwargs,
+            **buffers,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

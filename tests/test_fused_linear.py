@@ -39,21 +39,25 @@ def problem(n=23, h=16, h_t=24, v=101, dtype=torch.float32, bias=True, lead=None
 STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 
-def run(inputs, target, fused=True, grad_output=None, **options):
+def run(inputs, target, fused=True, **options):
     """(loss, grads wrt the student's hidden, weight and bias) of L = sum(w * loss) (w random for
-    reduction "none") or 2 * loss; ``fused`` False runs ``kd_loss`` on the materialized logits."""
+    reduction "none") or 2 * loss; ``fused`` False runs ``kd_loss`` on the materialized logits. Inputs
+    without a teacher layer come with ``teacher_topk`` in ``options``."""
     leaves = {k: v.detach().clone().requires_grad_(k in STUDENT) if v is not None else None for k, v in inputs.items()}
+    teacher = {k: leaves.get(k) for k in ("teacher_hidden", "teacher_weight", "teacher_bias")}
     if fused:
         loss = fastkd.fused_linear_kd_loss(leaves["student_hidden"], leaves["student_weight"],
-                                           leaves["teacher_hidden"], leaves["teacher_weight"], target,
-                                           student_bias=leaves["student_bias"], teacher_bias=leaves["teacher_bias"],
+                                           teacher["teacher_hidden"], teacher["teacher_weight"], target,
+                                           student_bias=leaves["student_bias"], teacher_bias=teacher["teacher_bias"],
                                            **options)  # fmt: skip
     else:
         backend = options.pop("backend", "auto")
         options.pop("chunk_size", None)
         student = F.linear(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
-        teacher = F.linear(leaves["teacher_hidden"], leaves["teacher_weight"], leaves["teacher_bias"])
-        loss = fastkd.kd_loss(student, teacher, target, backend=backend, **options)
+        dense = None
+        if teacher["teacher_hidden"] is not None:
+            dense = F.linear(teacher["teacher_hidden"], teacher["teacher_weight"], teacher["teacher_bias"])
+        loss = fastkd.kd_loss(student, dense, target, backend=backend, **options)
     weights = tensor(*loss.shape, dtype=loss.dtype, seed=9) if loss.dim() else torch.tensor(2.0, dtype=loss.dtype)
     (loss * weights.to(loss.device)).sum().backward()
     grads = [leaves[k].grad if leaves[k] is not None else None for k in STUDENT]
@@ -64,6 +68,8 @@ def exact(inputs, target, **options):
     """``run`` on materialized logits by the reference in float64, on the same (rounded) inputs."""
     double = {k: None if v is None else v.double() for k, v in inputs.items()}
     options = dict(options, backend="torch")
+    if "teacher_topk" in options:
+        options["teacher_topk"] = (options["teacher_topk"][0], options["teacher_topk"][1].double())
     for key in ("temperature", "teacher_temperature"):
         if isinstance(options.get(key), torch.Tensor):
             options[key] = options[key].double()
@@ -143,6 +149,26 @@ def test_all_rows_ignored_and_no_rows(backend):
     assert loss.item() == 0 and grads[0].shape == (0, 16) and not grads[1].any()
 
 
+@pytest.mark.parametrize("mode", [("forward_kl", "none"), ("reverse_kl", "bucket"), ("jsd", "bucket")], ids="-".join)
+def test_sparse_teacher(backend, mode):
+    """A student layer against offline top-k log-probabilities: kd_loss with teacher_topk on the
+    materialized logits, chunk by chunk."""
+    divergence, tail = mode
+    inputs, target = problem(lead=(3, 7), v=300)
+    student = {k: v for k, v in inputs.items() if k.startswith("student")}
+    gen = torch.Generator().manual_seed(8)
+    indices = torch.rand(3, 7, 300, generator=gen).argsort(-1)[..., :20].to(DEVICE)
+    log_p = torch.log_softmax(F.linear(inputs["teacher_hidden"], inputs["teacher_weight"]), -1)
+    topk = (indices, log_p.gather(-1, indices))
+    check(student, target, backend, chunk_size=4, teacher_topk=topk, tail=tail, divergence=divergence,
+          temperature=2.0)  # fmt: skip
+    module = fastkd.FusedLinearKDLoss(tail=tail, divergence=divergence, temperature=2.0, chunk_size=4)
+    got = module(student["student_hidden"], student["student_weight"], target=target,
+                 student_bias=student["student_bias"], teacher_topk=topk)  # fmt: skip
+    want, _ = run(student, target, teacher_topk=topk, tail=tail, divergence=divergence, temperature=2.0)
+    assert torch.equal(got, want)
+
+
 def test_teacher_gets_no_gradient_and_hidden_only():
     inputs, target = problem(bias=False)
     teacher_weight = inputs["teacher_weight"].clone().requires_grad_()
@@ -214,6 +240,9 @@ def _with(**changes):
         (I, dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
         (I, dict(alpha=0.5, target=None), ValueError, "target=None"),
         (I, dict(target=Y[:4]), ValueError, "target must have the logits' shape"),
+        (_with(teacher_hidden=None), {}, ValueError, "pass the teacher's layer"),
+        (I, dict(teacher_topk=(Y[:, None].clamp(min=0), I["student_hidden"][:, :1])), ValueError, "not both"),
+        (I, dict(tail="bucket"), ValueError, "tail applies to a sparse teacher"),
     ],
 )
 def test_bad_input(inputs, options, error, match):
