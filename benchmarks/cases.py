@@ -12,6 +12,10 @@ Bytes per case, for N rows of V classes of ``b`` bytes (the int64 targets, N x 8
     ece       stats      1 N V b   reads the logits
     fit_temperature      1 N V b   one read of the logits: the least any method needs (fastkd reads
                                    them once per Newton pass, LBFGS once per function evaluation)
+    fused_linear         (3 N H + 3 V H) b   reads the student's and teacher's hidden states and weights,
+                                   writes dL/dh and dL/dW (H = the hidden size; the logits need not
+                                   move at all: this case is bound by its matmuls and read for its time
+                                   and peak memory)
 
 The ECE and temperature cases draw each row's label from softmax(logits / 2), so the fitted temperature
 has a finite optimum near 2 (on labels independent of the logits it would run to its bound).
@@ -48,8 +52,13 @@ class Case:
     needs_cuda: set[str] = field(default_factory=set)  # impls that run only on CUDA tensors
     compiled: set[str] = field(default_factory=set)  # impls under torch.compile (skipped in quick runs on CPU)
     max_elements_cpu: int = 1 << 25  # larger shapes are skipped on the CPU
+    shapes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # device type -> its own shapes
+    memory_cpu: bool = False  # peak memory measured on the CPU too (in a subprocess per implementation)
+    bytes_of: Callable[[int, int, torch.dtype, torch.device], int] | None = None  # else passes x N V b
 
-    def bytes_moved(self, rows: int, width: int, dtype: torch.dtype) -> int:
+    def bytes_moved(self, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
+        if self.bytes_of is not None:
+            return self.bytes_of(rows, width, dtype, device)
         return self.passes * rows * width * dtype.itemsize
 
 
@@ -226,7 +235,6 @@ def _ece_plain(inputs):
     def call():
         confidence, prediction = logits.float().softmax(-1).max(-1)
         bins = torch.bucketize(confidence, edges)
-        count = torch.zeros(N_BINS, device=logits.device).scatter_add_(0, bins, torch.ones_like(confidence))
         conf_sum = torch.zeros(N_BINS, device=logits.device).scatter_add_(0, bins, confidence)
         correct = torch.zeros(N_BINS, device=logits.device).scatter_add_(0, bins, (prediction == target).float())
         return ((conf_sum - correct).abs().sum() / len(target)).cpu()
@@ -273,7 +281,85 @@ FIT = Case(
     max_elements_cpu=1 << 23,
 )  # fmt: skip
 
-CASES = {case.name: case for case in (SOFTMAX, KD_LOSS, JSD, ECE, FIT)}
+# --- fused_linear: JSD of two final linear layers -------------------------------------------------------
+
+HIDDEN = {"cuda": 4096, "cpu": 256}  # H of the student and the teacher
+
+
+def _linear_inputs(rows, width, dtype, device):
+    """Hidden states (N, H) and (V, H) weights of a student and a teacher whose logits spread over a few
+    units; the student's hidden states and weight get gradients."""
+    hidden = HIDDEN[device.type]
+    scale = 3 * hidden**-0.5
+    return {
+        "x": _logits(rows, hidden, dtype, device, 0, scale=1.0).requires_grad_(),
+        "weight": _logits(width, hidden, dtype, device, 1, scale=scale).requires_grad_(),
+        "teacher_hidden": _logits(rows, hidden, dtype, device, 2, scale=1.0),
+        "teacher_weight": _logits(width, hidden, dtype, device, 3, scale=scale),
+    }
+
+
+def _linear_fwd_bwd(loss_of: Callable[[dict], Tensor]) -> Factory:
+    """A factory whose call computes ``loss_of(inputs)`` and its gradients wrt the student's hidden states
+    and weight."""
+
+    def factory(inputs: dict) -> Callable[[], tuple[Tensor, Tensor, Tensor]]:
+        def call():
+            inputs["x"].grad = inputs["weight"].grad = None
+            loss = loss_of(inputs)
+            loss.backward()
+            return loss.detach(), inputs["x"].grad, inputs["weight"].grad
+
+        return call
+
+    return factory
+
+
+def _linear_logits(inputs: dict) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        teacher = F.linear(inputs["teacher_hidden"], inputs["teacher_weight"])
+    return F.linear(inputs["x"], inputs["weight"]), teacher
+
+
+def _linear_eager(inputs):
+    student, teacher = _linear_logits(inputs)
+    return _jsd_eager(student, {"teacher": teacher})
+
+
+def _linear_compiled(inputs: dict):
+    torch._dynamo.reset()
+    return _linear_fwd_bwd(torch.compile(_linear_eager, dynamic=False))(inputs)
+
+
+@functools.cache
+def _liger_linear():
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    return LigerFusedLinearJSD(jsd_beta=BETA)
+
+
+FUSED_LINEAR = Case(  # passes: unused, see bytes_of
+    "fused_linear", f"fused-linear JSD (beta = {BETA}): student and teacher heads, H = {HIDDEN['cuda']} "
+    f"(CUDA) / {HIDDEN['cpu']} (CPU), forward + backward wrt hidden and weight", 0, _linear_inputs,
+    {
+        "fastkd": _linear_fwd_bwd(lambda i: fastkd.fused_linear_kd_loss(i["x"], i["weight"], i["teacher_hidden"],
+                                                                        i["teacher_weight"], divergence="jsd",
+                                                                        beta=BETA, alpha=1.0)),
+        "materialized": _linear_fwd_bwd(lambda i: fastkd.kd_loss(*_linear_logits(i), divergence="jsd", beta=BETA,
+                                                                 alpha=1.0)),
+        "eager": _linear_fwd_bwd(_linear_eager),
+        "compiled": _linear_compiled,
+        "liger": _linear_fwd_bwd(lambda i: _liger_linear()(i["x"], i["weight"], i["teacher_hidden"],
+                                                           i["teacher_weight"])),
+    },
+    needs_cuda={"liger"},
+    compiled={"compiled"},
+    shapes={"cuda": [(4096, 32000), (8192, 128256), (16384, 131072)], "cpu": [(1024, 8000), (2048, 32000)]},
+    memory_cpu=True,
+    bytes_of=lambda rows, width, dtype, device: 3 * (rows + width) * HIDDEN[device.type] * dtype.itemsize,
+)  # fmt: skip
+
+CASES = {case.name: case for case in (SOFTMAX, KD_LOSS, JSD, ECE, FIT, FUSED_LINEAR)}
 
 
 def available(case: Case, impl: str, device: torch.device) -> str | None:

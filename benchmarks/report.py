@@ -16,6 +16,8 @@ BYTES_NOTE = {
     "jsd": "3 N V b (read student and teacher, write the gradient)",
     "ece": "N V b (read the logits)",
     "fit_temperature": "N V b (one read of the logits, the least any method needs)",
+    "fused_linear": "3 (N + V) H b (read the hidden states and weights, write dL/dh and dL/dW; no logits: the "
+    "case is bound by its matmuls, its GB/s are not a bandwidth figure; read it for time and peak memory)",
 }
 
 
@@ -29,6 +31,8 @@ def _baseline_cell(record: dict) -> str:
     if "median_ms" not in record:
         return record["status"]
     cell = f"{record['median_ms']:.3g} ({record['speedup']:.2f}x)" if "speedup" in record else f"{record['median_ms']:.3g}"
+    if record.get("peak_bytes") is not None:
+        cell += f", {record['peak_bytes'] / 2**20:.0f} MiB"
     return cell + _fitted(record)
 
 
@@ -39,7 +43,8 @@ def _fitted(record: dict) -> str:
 
 def tables(results: dict) -> str:
     """One markdown table per case: fastkd's time, GB/s, % of copy bandwidth and peak memory, then each
-    baseline's time with fastkd's speedup over it (its time / fastkd's)."""
+    baseline's time with fastkd's speedup over it (its time / fastkd's) and, where measured, its peak
+    memory."""
     by_case: dict[str, dict[tuple, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for record in results["records"]:
         by_case[record["case"]][(record["dtype"], record["rows"], record["width"])][record["impl"]] = record
@@ -69,7 +74,7 @@ def tables(results: dict) -> str:
 
 
 COLORS = {"fastkd": "#C44E52", "eager": "#4C72B0", "compiled": "#55A868", "liger": "#8172B2",
-          "torchmetrics": "#CCB974", "plain": "#64B5CD", "lbfgs": "#8C8C8C"}  # fmt: skip
+          "torchmetrics": "#CCB974", "plain": "#64B5CD", "lbfgs": "#8C8C8C", "materialized": "#DD8452"}  # fmt: skip
 
 
 def plot(results: dict, path: Path) -> None:

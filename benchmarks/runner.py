@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import fastkd
 from benchmarks.cases import CASES, available
+from benchmarks.memory import peak_cpu, release_grads
 from benchmarks.timing import copy_bandwidth, peak_memory, summarize, time_call
 
 GPU_SHAPES = [(256, 100), (4096, 1000), (4096, 32000), (8192, 32000), (16384, 131072), (8192, 262144)]
@@ -55,7 +56,11 @@ def run_shape(case, rows, width, dtype, device, rounds, quick, bandwidth) -> lis
         try:
             call = factory(inputs)
             record["value"] = _scalar(call())  # the first call compiles; its value is kept for the record
-            record["peak_bytes"] = peak_memory(call, device)
+            release_grads(inputs)
+            if device.type == "cuda":
+                record["peak_bytes"] = peak_memory(call, device)
+            elif case.memory_cpu and not quick:
+                record["peak_bytes"] = peak_cpu(case.name, impl, rows, width, dtype)
             calls[impl] = call
         except Exception as error:  # noqa: BLE001  (a baseline's failure is a result, reported in its cell)
             record["status"], record["detail"] = _failure(error), str(error)[:300]
@@ -67,7 +72,7 @@ def run_shape(case, rows, width, dtype, device, rounds, quick, bandwidth) -> lis
             except Exception as error:  # noqa: BLE001
                 records[impl]["status"], records[impl]["detail"] = _failure(error), str(error)[:300]
                 del calls[impl]
-    n_bytes = case.bytes_moved(rows, width, dtype)
+    n_bytes = case.bytes_moved(rows, width, dtype, device)
     for impl in calls:
         timing = summarize(samples[impl], device)
         seconds = timing.median_ms * 1e-3
@@ -115,13 +120,14 @@ def environment(device: torch.device, bandwidth: float, quick: bool) -> dict:
 
 
 def run(case_names, shapes, dtypes, device: torch.device, rounds: int, quick: bool, progress: bool = True) -> dict:
-    """Every case at every shape and dtype; returns ``{"environment": ..., "records": [...]}``."""
+    """Every case at every shape and dtype (a case's own shapes for the device, where it has them, but in
+    quick runs); returns ``{"environment": ..., "records": [...]}``."""
     bandwidth = copy_bandwidth(device, quick)
     jobs = []
     for name in case_names:
         case = CASES[name]
         for dtype in dtypes:
-            for rows, width in shapes:
+            for rows, width in case.shapes.get(device.type, shapes) if not quick else shapes:
                 if device.type == "cpu" and rows * width > case.max_elements_cpu:
                     continue
                 jobs.append((case, rows, width, dtype))

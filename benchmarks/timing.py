@@ -62,10 +62,9 @@ def summarize(samples: list[float], device: torch.device) -> Timing:
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8))
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Bytes allocated by one call of ``fn`` at its peak, beyond what was allocated before (CUDA only)."""
-    if device.type != "cuda":
-        return None
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes allocated by one call of ``fn`` at its peak, beyond what was allocated before (CUDA; the CPU's
+    is ``benchmarks.memory.peak_cpu``)."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)

@@ -519,22 +519,36 @@ def _temperature(temperature: float | torch.Tensor) -> tuple[torch.Tensor | None
     return None, 1.0 / temperature, 0
 
 
-def reduction_scale(
-    student: torch.Tensor, target: torch.Tensor | None, reduction: str, ignore_index: int
-) -> tuple[torch.Tensor | None, float, bool, torch.Tensor | None]:
-    """(the reduction's scale as a 0-d fp32 tensor (1 / rows not ignored, for "mean" with a target: no
-    host sync) or None, else as a float; whether the kernel applies it to the gradient; the scale left
-    to the backward, or None). A float16 gradient is stored unscaled (module doc of ``kd_loss_forward``)."""
+def forward_outputs(
+    student: torch.Tensor, target: torch.Tensor | None, reduction: str, ignore_index: int, inplace_grad: bool,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float, bool, torch.Tensor | None]:
+    """What a forward kernel reads and writes, and how it scales: (the student with a unit column stride
+    (as it is with ``inplace_grad``), the row losses (N,) fp32, dL/dx (N, V): the student itself with
+    ``inplace_grad``, empty without ``need_grad``; the reduction's scale as a 0-d fp32 tensor (1 / rows
+    not ignored, for "mean" with a target: no host sync) or None, else as a float; whether the kernel
+    applies it to the gradient; the scale left to the backward, or None). A float16 gradient is stored
+    unscaled (``kd_loss_forward``'s doc)."""
+    n_rows, n_cols = student.shape
+    if not inplace_grad:
+        student = _unit_column_stride(student)
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    if not need_grad:
+        grad = student.new_empty((0, n_cols))
+    elif inplace_grad:
+        grad = student
+    else:
+        grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
     scale_t, scale = None, 1.0
     if reduction == "mean" and target is not None:
         scale_t = 1.0 / (target != ignore_index).sum().clamp_min(1).float()
     elif reduction in ("mean", "batchmean"):
-        scale = 1.0 / max(student.shape[0], 1)
+        scale = 1.0 / max(n_rows, 1)
     scale_grad = student.dtype != torch.float16 or (scale_t is None and scale == 1.0)
     later = None
     if not scale_grad:
         later = scale_t if scale_t is not None else torch.full((), scale, device=student.device)
-    return scale_t, scale, scale_grad, later
+    return student, loss, grad, scale_t, scale, scale_grad, later
 
 
 def kd_loss_forward(
@@ -567,17 +581,10 @@ def kd_loss_forward(
     (an empty tensor is returned).
     """
     n_rows, n_cols = student.shape
-    if not inplace_grad:
-        student = _unit_column_stride(student)
+    student, loss, grad, scale_t, scale, scale_grad, later = forward_outputs(
+        student, target, reduction, ignore_index, inplace_grad, need_grad
+    )
     teacher = _unit_column_stride(teacher)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    if not need_grad:
-        grad = student.new_empty((0, n_cols))
-    elif inplace_grad:
-        grad = student
-    else:
-        grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
-    scale_t, scale, scale_grad, later = reduction_scale(student, target, reduction, ignore_index)
     if student.numel() == 0:
         return loss.zero_(), grad, later
     t, inv_t, stride_t = _temperature(temperature)

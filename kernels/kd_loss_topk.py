@@ -48,7 +48,7 @@ from fastkd.kernels.kd_loss import (
     _divergence_tile,
     _row_setup,
     _temperature,
-    reduction_scale,
+    forward_outputs,
 )
 from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
 
@@ -104,7 +104,7 @@ def kd_loss_topk_fwd_kernel(
     stride_temp_t,
     DIVERGENCE: tl.constexpr,
     BUCKET: tl.constexpr,  # the teacher's missing mass as a class of its own
-    NEED_REST: tl.constexpr,  # q_R enters the loss (the bucket, or JSD)
+    NEED_REST: tl.constexpr,  # q_R enters the loss (the bucket, or a divergence other than forward KL)
     HAS_KD: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_TARGET: tl.constexpr,
@@ -298,22 +298,15 @@ def kd_loss_topk_forward(
     (N, k) int32/int64 and ``values`` (N, k) (log-probabilities, or logits with ``tail="none"``; the
     kernel reads both the same way, renormalizing over the k entries). The same returns."""
     n_rows, n_cols = student.shape
-    if not inplace_grad:
-        student = _unit_column_stride(student)
+    student, loss, grad, scale_t, scale, scale_grad, later = forward_outputs(
+        student, target, reduction, ignore_index, inplace_grad, need_grad
+    )
     indices, values = _unit_column_stride(indices), _unit_column_stride(values)
     k = indices.shape[1]
     bucket = tail == "bucket" and k < n_cols  # with k = V no class is left for the bucket
-    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    if not need_grad:
-        grad = student.new_empty((0, n_cols))
-    elif inplace_grad:
-        grad = student
-    else:
-        grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
-    scale_t, scale, scale_grad, later = reduction_scale(student, target, reduction, ignore_index)
     if student.numel() == 0:
         return loss.zero_(), grad, later
-    need_rest = alpha > 0 and (bucket or divergence == "jsd")
+    need_rest = alpha > 0 and (bucket or divergence != "forward_kl")
     bits = membership_bitmap(indices, n_cols) if need_rest or need_grad else None
     t, inv_t, stride_t = _temperature(temperature)
     tt, inv_tt, stride_tt = _temperature(teacher_temperature)

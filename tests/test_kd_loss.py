@@ -46,11 +46,13 @@ def run(student, teacher, target=None, backend="torch", **options):
 
 
 def exact(student, teacher, target=None, **options):
-    """``run`` by the reference in float64 on the same (rounded) inputs."""
+    """``run`` by the reference in float64 on the same (rounded) inputs (a sparse teacher's values too)."""
     for key in ("temperature", "teacher_temperature"):
         if isinstance(options.get(key), torch.Tensor):
             options[key] = options[key].double()
-    return run(student.double(), teacher.double(), target, "torch", **options)
+    if "teacher_topk" in options:
+        options["teacher_topk"] = (options["teacher_topk"][0], options["teacher_topk"][1].double())
+    return run(student.double(), None if teacher is None else teacher.double(), target, "torch", **options)
 
 
 def finite_max(x: torch.Tensor) -> float:

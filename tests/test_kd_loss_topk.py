@@ -8,7 +8,9 @@ import torch
 from conftest import DEVICE, DTYPES, assert_close
 from hypothesis import given
 from hypothesis import strategies as st
+from test_kd_loss import check as kd_check
 from test_kd_loss import finite_max, logits, row_weight, targets
+from test_kd_loss import run as kd_run
 
 import fastkd
 from fastkd import reference
@@ -35,36 +37,13 @@ def sparse_teacher(rows, width, k, values_are="logprobs", dtype=torch.float32, s
 
 
 def run(student, topk, target=None, backend="torch", **options):
-    """(loss, dL/d student) with L = 2 * loss, or sum(w * loss) with random w for reduction "none"."""
-    x = student.detach().clone().requires_grad_()
-    loss = fastkd.kd_loss(x, None, target, teacher_topk=topk, backend=backend, **options)
-    if loss.dim():
-        (loss * logits(*loss.shape, dtype=loss.dtype, seed=7, scale=1.0)).sum().backward()
-    else:
-        (2 * loss).backward()
-    return loss.detach(), x.grad
-
-
-def exact(student, topk, target=None, **options):
-    """``run`` by the reference in float64 on the same (rounded) inputs."""
-    for key in ("temperature", "teacher_temperature"):
-        if isinstance(options.get(key), torch.Tensor):
-            options[key] = options[key].double()
-    return run(student.double(), (topk[0], topk[1].double()), target, "torch", **options)
+    """test_kd_loss's ``run`` with the sparse teacher ``topk``."""
+    return kd_run(student, None, target, backend, teacher_topk=topk, **options)
 
 
 def check(student, topk, target=None, backend="torch", **options):
-    """Loss and gradient of ``backend`` within the dtype's tolerance of float64 (widened by the float32
-    reference's own error, as in test_kd_loss.py); returns them."""
-    loss, grad = run(student, topk, target, backend, **options)
-    want_loss, want_grad = exact(student, topk, target, **options)
-    assert loss.dtype == student.dtype and grad.dtype == student.dtype and grad.shape == student.shape
-    rows = student.shape[:-1].numel() if options.get("reduction") == "sum" else 1
-    base_loss, base_grad = run(student, topk, target, "torch", **options) if backend != "torch" else (None, None)
-    assert_close(loss, want_loss, student.dtype, scale=max(finite_max(want_loss), rows), baseline=base_loss)
-    grad_scale = max(finite_max(want_grad), row_weight(student, target, **options))
-    assert_close(grad, want_grad, student.dtype, scale=grad_scale, baseline=base_grad)
-    return loss, grad
+    """test_kd_loss's ``check`` (against float64) with the sparse teacher ``topk``."""
+    return kd_check(student, None, target, backend, teacher_topk=topk, **options)
 
 
 @pytest.mark.parametrize("mode", MODES, ids="-".join)
