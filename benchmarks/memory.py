@@ -14,9 +14,11 @@ the warm-up's freed blocks are not reused silently, which would hide them from t
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"case": args.case, "impl": args.impl, "peak_bytes": measure_here(args.case, args.impl, rows,
                                                                                           width, dtype)}))  # fmt: skip
         return
-    print(f"{args.case} at {rows} x {width}, {args.dtype}, CPU: peak memory of one call beyond its inputs")
+    from benchmarks.runner import _git_commit
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {args.case} at {rows} x {width}, {args.dtype}, CPU: peak memory of one call beyond its inputs\n\n"
+          f"{date}; {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; commit {_git_commit()}; "
+          "each implementation in a fresh process (benchmarks/memory.py)\n")  # fmt: skip
     print("| implementation | peak MiB |\n|---|---|")
     for impl in CASES[args.case].impls:
         reason = available(CASES[args.case], impl, torch.device("cpu"))
