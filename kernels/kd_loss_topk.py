@@ -176,7 +176,8 @@ def kd_loss_topk_fwd_kernel(
             a_sub = _safe_max(a_new)
             a_sum = a_sum * tl.exp(a_max - a_sub) + tl.sum(tl.exp(a - a_sub[:, None]), 1)
             a_max = a_new
-            mass += tl.sum(tl.exp(v), 1)
+            if BUCKET:
+                mass += tl.sum(tl.exp(v), 1)
         lse_t = _safe_max(a_max) + tl.log(a_sum)
         log_p_rest = tl.full([ROWS], float("-inf"), tl.float32)
         if BUCKET:  # the missing mass ln(1 - sum e^v), tempered as one more class
