@@ -149,9 +149,12 @@ def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], targe
         if grad_b is not None:
             _accumulate(grad_b, g, w if per_row else g.new_ones(stop - start, 1), alpha)
         del logits, g
-    grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype), None if grad_b is None else grad_b.view(-1).to(weight.dtype)]  # fmt: skip
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.view(-1).to(weight.dtype)
     rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=reference.compute_dtype(hidden.dtype))
-    return rows, grads
+    return rows, [grad_h, grad_w, grad_b]
 
 
 def _reduction_scale(reduction: str, target: Tensor | None, ignore_index: int, n_rows: int) -> float:
@@ -296,10 +299,11 @@ def fused_linear_kd_loss(
                                  None if teacher_bias is None else teacher_bias.detach())  # fmt: skip
     else:
         if not (teacher_hidden is None and teacher_weight is None and teacher_bias is None):
-            raise ValueError("pass either the teacher's layer (teacher_hidden, teacher_weight) or teacher_topk, not both")
-        options.update(check_topk_options(values_are, tail, options["divergence"], options["logit_norm"]))
+            raise ValueError("pass either the teacher's layer (teacher_hidden, teacher_weight) or teacher_topk, "
+                             "not both")  # fmt: skip
+        values_are, options["tail"] = check_topk_options(values_are, tail, options["divergence"], options["logit_norm"])
         rows = None if target is None else target != options["ignore_index"]
-        check_topk(teacher_topk, logits, options["values_are"], check_values=should_check_values(
+        check_topk(teacher_topk, logits, values_are, check_values=should_check_values(
             kd_kwargs.get("validate_args", True)), rows=rows)  # fmt: skip
         k = teacher_topk[0].shape[-1]
         teacher = (teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k))
@@ -337,9 +341,17 @@ class FusedLinearKDLoss(nn.Module):
             if isinstance(value, Tensor):
                 self.register_buffer(name, value)
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None = None,
-                teacher_weight: Tensor | None = None, target: Tensor | None = None, student_bias: Tensor | None = None,
-                teacher_bias: Tensor | None = None, teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
+        target: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        teacher_topk: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         buffers = {name: buffer for name, buffer in self.named_buffers(recurse=False)}
         sparse = teacher_topk is not None
         return fused_linear_kd_loss(

@@ -252,9 +252,12 @@ VALUES_ARE = ("logprobs", "logits")
 TAILS = ("none", "bucket")
 
 
-def check_topk_options(values_are: str | None, tail: str | None, divergence: str, logit_norm: str | None) -> dict:
+def check_topk_options(
+    values_are: str | None, tail: str | None, divergence: str, logit_norm: str | None
+) -> tuple[str, str]:
     """A sparse teacher's ``values_are`` and ``tail`` (None: "logprobs", "none"), checked against each
-    other and the loss's other options; returned as the options the backends take."""
+    other and the loss's other options. ``values_are`` matters to the checks only: the math renormalizes
+    the k entries either way (the tail bucket, for log-probabilities only, aside)."""
     values_are = "logprobs" if values_are is None else values_are
     tail = "none" if tail is None else tail
     check_choice(values_are, VALUES_ARE, "values_are")
@@ -268,7 +271,7 @@ def check_topk_options(values_are: str | None, tail: str | None, divergence: str
     if logit_norm is not None:
         raise ValueError(f"logit_norm={logit_norm!r} needs dense teacher_logits: the statistics of a row are not "
                          "known from k entries")  # fmt: skip
-    return {"values_are": values_are, "tail": tail}
+    return values_are, tail
 
 
 def kd_loss(
@@ -383,9 +386,9 @@ def kd_loss(
             if value is not None:
                 raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to teacher_logits")
     else:
-        options.update(check_topk_options(values_are, tail, divergence, logit_norm))
+        values_are, options["tail"] = check_topk_options(values_are, tail, divergence, logit_norm)
         rows = None if target is None else target != ignore_index
-        teacher_topk = check_topk(teacher_topk, student_logits, options["values_are"],
+        teacher_topk = check_topk(teacher_topk, student_logits, values_are,
                                   check_values=should_check_values(validate_args), rows=rows)  # fmt: skip
 
     if resolve_backend(backend, student_logits) == "torch":

@@ -120,18 +120,20 @@ def cross_entropy(
 
 
 def topk_teacher_log_probs(
-    values: torch.Tensor, teacher_temperature: float | torch.Tensor, values_are: str, tail: str
+    values: torch.Tensor, teacher_temperature: float | torch.Tensor, tail: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A sparse teacher's tempered log-probabilities: (over its k entries (..., k), over the bucket of all
     other classes (...,), -inf without one), from its k stored ``values`` (..., k) in the compute dtype.
 
-    ``tail="none"``: log p_I = log_softmax(v / T_t) over the k entries (``values_are`` "logprobs" or
-    "logits" alike: either way the k entries are renormalized). ``tail="bucket"`` (log-probs only): the
+    ``tail="none"``: log p_I = log_softmax(v / T_t) over the k entries (log-probabilities and logits
+    alike: either way the k entries are renormalized). ``tail="bucket"`` (log-probabilities only): the
     k entries and the bucket, of log mass log(1 - sum_I e^v), tempered together as k + 1 classes:
     log_softmax([v, log(1 - sum e^v)] / T_t). Exact at T_t = 1, where it leaves the stored log-probs as
     they are; at T_t != 1 it tempers the bucket as one class (how the missing mass spreads over the
     other classes, which would change its tempered mass, is unknown)."""
-    t = teacher_temperature.unsqueeze(-1) if isinstance(teacher_temperature, torch.Tensor) and teacher_temperature.dim() else teacher_temperature
+    t = teacher_temperature
+    if isinstance(t, torch.Tensor) and t.dim():
+        t = t.unsqueeze(-1)
     if tail == "none":
         return torch.log_softmax(values / t, -1), values.new_full(values.shape[:-1], float("-inf"))
     rest = torch.log1p(-values.exp().sum(-1).clamp(max=1.0))
@@ -148,7 +150,6 @@ def topk_divergence(
     teacher_temperature: float | torch.Tensor,
     divergence: str,
     beta: float,
-    values_are: str,
     tail: str,
 ) -> torch.Tensor:
     """D(p_t, p_s) per row of a sparse teacher given at k entries per row (``indices``, ``values``
@@ -166,7 +167,7 @@ def topk_divergence(
     spare = torch.arange(k, device=s.device).expand_as(indices)  # distinct in-range stand-ins for unused rows
     indices = torch.where((valid & in_range).unsqueeze(-1), indices, spare).long()
     values = torch.where(valid.unsqueeze(-1), values.to(s.dtype), 0.0)
-    log_p, log_p_rest = topk_teacher_log_probs(values, teacher_temperature, values_are, tail)
+    log_p, log_p_rest = topk_teacher_log_probs(values, teacher_temperature, tail)
     u = scale_logits(s, temperature, -1)
     lse = torch.logsumexp(u, -1, keepdim=True)
     log_q = u.gather(-1, indices) - lse
@@ -197,7 +198,6 @@ def kd_loss(
     norm_scale: float | None = None,
     label_smoothing: float = 0.0,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    values_are: str = "logprobs",
     tail: str = "none",
 ) -> torch.Tensor:
     """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract); autograd gives
@@ -215,7 +215,7 @@ def kd_loss(
     coef = alpha * (temperature**2 if temperature_squared else 1.0)
     if alpha > 0 and teacher_topk is not None:
         t_t = t_t.detach() if isinstance(t_t, torch.Tensor) else t_t
-        loss = coef * topk_divergence(s, *teacher_topk, valid, temperature, t_t, divergence, beta, values_are, tail)
+        loss = coef * topk_divergence(s, *teacher_topk, valid, temperature, t_t, divergence, beta, tail)
     elif alpha > 0:
         scale = 2.0 if norm_scale is None else norm_scale
         log_q = torch.log_softmax(scale_logits(normalize_logits(s, logit_norm, scale), temperature, -1), -1)

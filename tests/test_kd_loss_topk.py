@@ -91,7 +91,7 @@ def test_reference_against_merged_classes(mode):
     m = 0.3 * p_c + 0.7 * q_c
     kl = lambda a, b: torch.where(a > 0, a * (a / b).log(), 0.0).sum(-1)  # noqa: E731
     want = {"forward_kl": kl(p_c, q_c), "reverse_kl": kl(q_c, p_c), "jsd": 0.3 * kl(p_c, m) + 0.7 * kl(q_c, m)}
-    got = reference.kd_loss(student, None, teacher_topk=(indices, values.double()), values_are=values_are, tail=tail,
+    got = reference.kd_loss(student, None, teacher_topk=(indices, values.double()), tail=tail,
                             divergence=divergence, beta=0.3, temperature=2.0, teacher_temperature=t_t, alpha=1.0,
                             temperature_squared=False, reduction="none")  # fmt: skip
     torch.testing.assert_close(got, want[divergence])
