@@ -354,7 +354,8 @@ FUSED_LINEAR = Case(  # passes: unused, see bytes_of
     },
     needs_cuda={"liger"},
     compiled={"compiled"},
-    shapes={"cuda": [(4096, 32000), (8192, 128256), (16384, 131072)], "cpu": [(1024, 8000), (2048, 32000)]},
+    shapes={"cuda": [(4096, 32000), (8192, 128256), (16384, 131072)], "cpu": [(1024, 8000), (4096, 32000)]},
+    max_elements_cpu=1 << 27,
     memory_cpu=True,
     bytes_of=lambda rows, width, dtype, device: 3 * (rows + width) * HIDDEN[device.type] * dtype.itemsize,
 )  # fmt: skip
