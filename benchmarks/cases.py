@@ -53,7 +53,8 @@ class Case:
     compiled: set[str] = field(default_factory=set)  # impls under torch.compile (skipped in quick runs on CPU)
     max_elements_cpu: int = 1 << 25  # larger shapes are skipped on the CPU
     shapes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # device type -> its own shapes
-    memory_cpu: bool = False  # peak memory measured on the CPU too (in a subprocess per implementation)
+    about_memory: bool = False  # peak memory is the point: measured on the CPU too (a subprocess per
+    # implementation) and plotted instead of GB/s
     bytes_of: Callable[[int, int, torch.dtype, torch.device], int] | None = None  # else passes x N V b
 
     def bytes_moved(self, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -339,8 +340,8 @@ def _liger_linear():
 
 
 FUSED_LINEAR = Case(  # passes: unused, see bytes_of
-    "fused_linear", f"fused-linear JSD (beta = {BETA}): student and teacher heads, H = {HIDDEN['cuda']} "
-    f"(CUDA) / {HIDDEN['cpu']} (CPU), forward + backward wrt hidden and weight", 0, _linear_inputs,
+    "fused_linear", f"fused-linear JSD (beta = {BETA}), H = {HIDDEN['cuda']} (CUDA) / {HIDDEN['cpu']} (CPU), "
+    "fwd + bwd", 0, _linear_inputs,
     {
         "fastkd": _linear_fwd_bwd(lambda i: fastkd.fused_linear_kd_loss(i["x"], i["weight"], i["teacher_hidden"],
                                                                         i["teacher_weight"], divergence="jsd",
@@ -356,7 +357,7 @@ FUSED_LINEAR = Case(  # passes: unused, see bytes_of
     compiled={"compiled"},
     shapes={"cuda": [(4096, 32000), (8192, 128256), (16384, 131072)], "cpu": [(1024, 8000), (4096, 32000)]},
     max_elements_cpu=1 << 27,
-    memory_cpu=True,
+    about_memory=True,
     bytes_of=lambda rows, width, dtype, device: 3 * (rows + width) * HIDDEN[device.type] * dtype.itemsize,
 )  # fmt: skip
 

@@ -79,7 +79,8 @@ COLORS = {"fastkd": "#C44E52", "eager": "#4C72B0", "compiled": "#55A868", "liger
 
 def plot(results: dict, path: Path) -> None:
     """Time and GB/s per shape (sorted by width), per case: a line per implementation and dtype (solid
-    bfloat16, dashed float32), fastkd in red; the dotted line is the measured copy bandwidth."""
+    bfloat16, dashed float32), fastkd in red; the dotted line is the measured copy bandwidth. For a case
+    about memory (``Case.about_memory``) the second panel is each implementation's peak memory."""
     from matplotlib.figure import Figure
 
     shapes: dict[str, set[tuple[int, int]]] = defaultdict(set)
@@ -87,7 +88,10 @@ def plot(results: dict, path: Path) -> None:
     for r in results["records"]:
         if "median_ms" in r:
             shapes[r["case"]].add((r["width"], r["rows"]))
-            series[r["case"]][(r["impl"], r["dtype"])][(r["width"], r["rows"])] = (r["median_ms"], r["gbps"])
+            second = r["gbps"]
+            if CASES[r["case"]].about_memory:  # NaN (no point) where it was not measured (CPU quick runs)
+                second = r["peak_bytes"] / 2**20 if r.get("peak_bytes") is not None else math.nan
+            series[r["case"]][(r["impl"], r["dtype"])][(r["width"], r["rows"])] = (r["median_ms"], second)
     fig = Figure(figsize=(11, 3.3 * len(series)), layout="constrained")
     axes = fig.subplots(len(series), 2, squeeze=False)
     for (time_ax, rate_ax), (name, lines) in zip(axes, series.items()):
@@ -98,14 +102,17 @@ def plot(results: dict, path: Path) -> None:
                      "label": f"{impl} {dtype}", "linewidth": 2 if impl == "fastkd" else 1.2}  # fmt: skip
             time_ax.plot(xs, [points[order[i]][0] for i in xs], **style)
             rate_ax.plot(xs, [points[order[i]][1] for i in xs], **style)
-        rate_ax.axhline(results["environment"]["copy_bandwidth_gbps"], color="0.4", linewidth=1, linestyle=":",
-                        label="copy bandwidth")  # fmt: skip
+        about_memory = CASES[name].about_memory
+        if not about_memory:
+            rate_ax.axhline(results["environment"]["copy_bandwidth_gbps"], color="0.4", linewidth=1, linestyle=":",
+                            label="copy bandwidth")  # fmt: skip
         labels = [f"{rows}x{width}" for width, rows in order]
-        for ax, ylabel in ((time_ax, "median ms"), (rate_ax, "GB/s (bytes that must move)")):
+        second = "peak MiB (one call, beyond its inputs)" if about_memory else "GB/s (bytes that must move)"
+        for ax, ylabel in ((time_ax, "median ms"), (rate_ax, second)):
             ax.set(yscale="log", ylabel=ylabel, xticks=range(len(order)))
             ax.set_xticklabels(labels, fontsize=8)
         time_ax.set_title(CASES[name].title, fontsize=10)
-        rate_ax.set_title(f"{name}: effective bandwidth", fontsize=10)
+        rate_ax.set_title(f"{name}: {'peak memory' if about_memory else 'effective bandwidth'}", fontsize=10)
         rate_ax.legend(fontsize=7, ncol=2)
     env = results["environment"]
     fig.suptitle(f"fastkd benchmarks: {env['device']}, commit {env['commit']}, {env['date']}")

@@ -59,7 +59,7 @@ def run_shape(case, rows, width, dtype, device, rounds, quick, bandwidth) -> lis
             release_grads(inputs)
             if device.type == "cuda":
                 record["peak_bytes"] = peak_memory(call, device)
-            elif case.memory_cpu and not quick:
+            elif case.about_memory and not quick:
                 record["peak_bytes"] = peak_cpu(case.name, impl, rows, width, dtype)
             calls[impl] = call
         except Exception as error:  # noqa: BLE001  (a baseline's failure is a result, reported in its cell)
