@@ -58,8 +58,7 @@ from torch.autograd.function import once_differentiable
 
 from fastkd import reference
 from fastkd._validate import check_logits
-from fastkd.fused_linear import KD_KEYWORDS
-from fastkd.kd_loss import check_options
+from fastkd.kd_loss import KD_KEYWORDS, check_options
 
 
 def _world(group) -> tuple[int, int]:

@@ -14,7 +14,9 @@ g = dL/dlogits (C, V), written over the student logits; then at once
 and the chunk's buffers go. For the reductions to a scalar all of this happens in the forward and the
 backward only scales the three gradients by dL/dloss. Under reduction="none" each row's g is weighed by
 its own dL/dloss, known only in the backward: the forward computes the losses alone, and the backward
-walks the chunks again (the logits' matmuls run twice). The teacher's parameters get no gradient.
+walks the chunks again (the logits' matmuls run twice). The teacher's parameters get no gradient. A
+sparse teacher (``teacher_topk``, as in ``kd_loss``) may replace the teacher's layer: each chunk takes
+its rows of the (N, k) indices and values.
 
 Memory beyond the inputs and the gradients returned: the chunk's student and teacher logits (2 C V
 entries in their dtypes; the gradient overwrites the student's) and, for float16/bfloat16 weights, a
@@ -23,7 +25,6 @@ float32 (V, H) accumulator of dL/dW, added to a slice of at most C V entries at 
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import NamedTuple
 
@@ -35,14 +36,13 @@ from torch.autograd.function import once_differentiable
 from fastkd import reference
 from fastkd._backend import resolve_backend
 from fastkd._validate import check_int, check_logits, check_topk, should_check_values
-from fastkd.kd_loss import _launch, check_options, check_topk_options
+from fastkd.kd_loss import KD_KEYWORDS, _launch, check_options, check_topk_options
 
 CHUNK_BUDGET = 512 << 20  # bytes of per-chunk buffers at most, whatever the free memory
 # Bytes per logit entry of a chunk: on the kernels, the student's and teacher's logits and the slice
 # of the weight gradient's update (3 x the itemsize); on the reference, its float32 intermediates and
 # autograd buffers (measured: 37 for forward KL, 55 for JSD, at 512 x 32000).
 KERNEL_ENTRY_FACTOR, REFERENCE_ENTRY_BYTES = 3, 64
-KD_KEYWORDS = tuple(inspect.signature(check_options).parameters)[2:]  # kd_loss's keywords
 
 
 def _free_memory(device: torch.device) -> int:

@@ -10,6 +10,8 @@ only scales that gradient by dL/dloss. Inside ``torch.compile`` the kernel is re
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -246,6 +248,10 @@ def check_options(
         logit_norm=logit_norm, norm_scale=2.0 if norm_scale is None else float(norm_scale),
         label_smoothing=float(label_smoothing),
     )  # fmt: skip
+
+
+# The loss's keywords, for the ops that wrap it (fused-linear, vocab-parallel).
+KD_KEYWORDS = tuple(inspect.signature(check_options).parameters)[2:]
 
 
 VALUES_ARE = ("logprobs", "logits")
