@@ -5,7 +5,9 @@ The path of one call: check the arguments (``fastkd._validate``), pick a backend
 it) or the kernel: the logits are viewed as rows (N, V) and ``KDLossFunction`` runs one Triton kernel
 that writes the row losses and the gradient wrt the student logits in the forward pass; the backward
 only scales that gradient by dL/dloss. Inside ``torch.compile`` the kernel is reached through the
-``torch.library`` op ``fastkd::kd_loss_fwd`` (eager calls skip the op dispatch).
+``torch.library`` op ``fastkd::kd_loss_fwd`` (eager calls skip the op dispatch). A sparse teacher
+(``teacher_topk``) takes the same path with its own kernel (``kernels/kd_loss_topk.py``) and op,
+``fastkd::kd_loss_topk_fwd``.
 """
 
 from __future__ import annotations
