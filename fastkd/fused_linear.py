@@ -35,8 +35,8 @@ from torch.autograd.function import once_differentiable
 
 from fastkd import reference
 from fastkd._backend import resolve_backend
-from fastkd._validate import check_int, check_logits, check_topk, should_check_values
-from fastkd.kd_loss import KD_KEYWORDS, _launch, check_options, check_topk_options
+from fastkd._validate import check_int, check_logits
+from fastkd.kd_loss import KD_KEYWORDS, _launch, check_options, check_sparse_teacher
 
 CHUNK_BUDGET = 512 << 20  # bytes of per-chunk buffers at most, whatever the free memory
 # Bytes per logit entry of a chunk: on the kernels, the student's and teacher's logits and the slice
@@ -301,10 +301,8 @@ def fused_linear_kd_loss(
         if not (teacher_hidden is None and teacher_weight is None and teacher_bias is None):
             raise ValueError("pass either the teacher's layer (teacher_hidden, teacher_weight) or teacher_topk, "
                              "not both")  # fmt: skip
-        values_are, options["tail"] = check_topk_options(values_are, tail, options["divergence"], options["logit_norm"])
-        rows = None if target is None else target != options["ignore_index"]
-        check_topk(teacher_topk, logits, values_are, check_values=should_check_values(
-            kd_kwargs.get("validate_args", True)), rows=rows)  # fmt: skip
+        check_sparse_teacher(teacher_topk, logits, target, options, values_are, tail,
+                             kd_kwargs.get("validate_args", True))  # fmt: skip
         k = teacher_topk[0].shape[-1]
         teacher = (teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k))
     if chunk_size is not None:

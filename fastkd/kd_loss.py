@@ -260,12 +260,16 @@ VALUES_ARE = ("logprobs", "logits")
 TAILS = ("none", "bucket")
 
 
-def check_topk_options(
-    values_are: str | None, tail: str | None, divergence: str, logit_norm: str | None
-) -> tuple[str, str]:
-    """A sparse teacher's ``values_are`` and ``tail`` (None: "logprobs", "none"), checked against each
-    other and the loss's other options. ``values_are`` matters to the checks only: the math renormalizes
-    the k entries either way (the tail bucket, for log-probabilities only, aside)."""
+def check_sparse_teacher(
+    teacher_topk: object, logits: Tensor, target: Tensor | None, options: dict, values_are: str | None,
+    tail: str | None, validate_args: bool,
+) -> tuple[Tensor, Tensor]:
+    """A sparse teacher checked against the loss's ``logits`` (only their shape, dtype and device are
+    read), ``target`` and the ``options`` of ``check_options``: its ``values_are`` and ``tail`` (None:
+    "logprobs", "none") against each other and the options, then its tensors (``check_topk``, values
+    read on the rows not ignored). Sets ``options["tail"]``; returns (indices, values). ``values_are``
+    matters to the checks only: the math renormalizes the k entries either way (the tail bucket, for
+    log-probabilities only, aside)."""
     values_are = "logprobs" if values_are is None else values_are
     tail = "none" if tail is None else tail
     check_choice(values_are, VALUES_ARE, "values_are")
@@ -273,13 +277,15 @@ def check_topk_options(
     if tail == "bucket" and values_are == "logits":
         raise ValueError("tail='bucket' needs values_are='logprobs': top-k logits do not say how much mass lies "
                          "outside the k entries")  # fmt: skip
-    if divergence == "reverse_kl" and tail == "none":
+    if options["divergence"] == "reverse_kl" and tail == "none":
         raise ValueError("divergence='reverse_kl' with tail='none' is infinite wherever the student puts mass "
                          "outside the teacher's k entries: use tail='bucket' (or forward_kl / jsd)")  # fmt: skip
-    if logit_norm is not None:
-        raise ValueError(f"logit_norm={logit_norm!r} needs dense teacher_logits: the statistics of a row are not "
-                         "known from k entries")  # fmt: skip
-    return values_are, tail
+    if options["logit_norm"] is not None:
+        raise ValueError(f"logit_norm={options['logit_norm']!r} needs dense teacher_logits: the statistics of a row "
+                         "are not known from k entries")  # fmt: skip
+    options["tail"] = tail
+    rows = None if target is None else target != options["ignore_index"]
+    return check_topk(teacher_topk, logits, values_are, check_values=should_check_values(validate_args), rows=rows)
 
 
 def kd_loss(
@@ -394,10 +400,8 @@ def kd_loss(
             if value is not None:
                 raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to teacher_logits")
     else:
-        values_are, options["tail"] = check_topk_options(values_are, tail, divergence, logit_norm)
-        rows = None if target is None else target != ignore_index
-        teacher_topk = check_topk(teacher_topk, student_logits, values_are,
-                                  check_values=should_check_values(validate_args), rows=rows)  # fmt: skip
+        teacher_topk = check_sparse_teacher(teacher_topk, student_logits, target, options, values_are, tail,
+                                            validate_args)  # fmt: skip
 
     if resolve_backend(backend, student_logits) == "torch":
         return reference.kd_loss(student_logits, teacher_logits, target, teacher_topk=teacher_topk, **options)
