@@ -95,6 +95,8 @@ class TemperedSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, temperature: float | Tensor, log: bool) -> Tensor:
         need_dt = ctx.needs_input_grad[1]
+        if need_dt:  # the backward reads the logits as the kernel does: rows of unit column stride
+            x = x if x.stride(-1) == 1 else x.contiguous()
         y, stats = _forward(x, temperature, log, store_stats=need_dt)
         t_tensor = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(x if need_dt else y, t_tensor, stats)

@@ -310,7 +310,7 @@ def tempered_softmax_backward(
     ``grad`` is dL/dy. ``saved`` is the logits x with their ``stats`` from the forward when
     ``need_dt``, else the output y (``stats`` unused).
     """
-    grad = _unit_column_stride(grad)
+    grad, saved = _unit_column_stride(grad), _unit_column_stride(saved)
     n_rows, n_cols = saved.shape
     dx = torch.empty((n_rows, n_cols), dtype=saved.dtype, device=saved.device) if need_dx else None
     if saved.numel() == 0:  # no rows, or rows of no classes (on which L does not depend)

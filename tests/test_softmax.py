@@ -167,6 +167,40 @@ def test_non_contiguous(backend, layout, log):
     check(log, x, 2.0, dim=dim, backend=backend)
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("layout", ["dim0", "transposed", "strided_columns", "expanded", "middle_dim"])
+def test_non_contiguous_with_temperature_gradient(backend, layout, log):
+    """A learnable per-row temperature on logits whose classes are not contiguous: the backward must read
+    the logits the forward read (the kernels once read a saved strided view as contiguous rows)."""
+    base = randn(6, 300, 8, seed=26)
+    x, dim = {
+        "dim0": (base[:5, :7, 0], 0),  # the issue's (5, 7) at dim=0: rows along dim 1
+        "transposed": (base[:, :, 0].t(), 0),
+        "strided_columns": (base[:, ::2, 1], 1),
+        "expanded": (base[:1, :, 2].expand(4, 300), 1),  # row stride 0
+        "middle_dim": (base, 1),
+    }[layout]
+    row_shape = x.shape[:dim] + x.shape[dim + 1 :]
+    t = torch.rand(row_shape, generator=torch.Generator().manual_seed(27)).to(DEVICE) * 3 + 0.5
+    weights = torch.arange(x.numel(), dtype=torch.float32, device=DEVICE).reshape(x.shape) / x.numel()
+    _, _, dt = check(log, x, t, dim=dim, backend=backend, grad=weights)
+    assert dt.shape == t.shape
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_non_contiguous_temperature_gradient_compiled(backend, log):
+    """The same under torch.compile, where the kernels are reached through their ops."""
+    x = randn(5, 7, seed=28)
+    t = torch.full((7,), 2.0, device=DEVICE)
+    weights = torch.arange(35, dtype=torch.float32, device=DEVICE).view(5, 7)
+    compiled = torch.compile(lambda x, t: (OPS[log](x, t, 0, backend=backend) * weights).sum(), fullgraph=True)
+    x_c, t_c = x.clone().requires_grad_(), t.clone().requires_grad_()
+    compiled(x_c, t_c).backward()
+    _, dx, dt = exact(log, x, t, weights, 0)
+    assert_close(t_c.grad, dt, torch.float32, scale=dt.abs().max().item())
+    assert_close(x_c.grad, dx, torch.float32, scale=dx.abs().max().item())
+
+
 def test_expanded_gradient(backend):
     """dL/dy with stride 0, as ``y.sum().backward()`` produces."""
     x = randn(4, 1000, seed=8).requires_grad_()
