@@ -83,9 +83,9 @@ def normalize_logits(logits: torch.Tensor, logit_norm: str | None, norm_scale: f
 
 
 def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """a (log a - log b) per entry, 0 where a = 0 (with a gradient of 0 there, not NaN)."""
+    """a (log a - log b) per entry, 0 where a = 0 (with a gradient of 0 there, not NaN); NaN where a is."""
     a = log_a.exp()
-    live = a > 0
+    live = a != 0  # not a > 0: a NaN (a NaN logit, a bad temperature) must stay NaN
     return torch.where(live, a * (torch.where(live, log_a, 0.0) - torch.where(live, log_b, 0.0)), 0.0)
 
 

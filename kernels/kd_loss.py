@@ -169,20 +169,22 @@ def _teacher_log_prob(t_ptr, offs, mask, k_t, m_t, lnd_t, kk, n_teachers, stride
 
 @triton.jit
 def _divergence_tile(log_q, log_p, beta, DIVERGENCE: tl.constexpr):
-    """(q, p, loss terms, h) per entry; h (zero for forward_kl) is as in the module doc."""
+    """(q, p, loss terms, h) per entry; h (zero for forward_kl) is as in the module doc. The terms of a
+    probability 0 are 0; a NaN probability (a NaN logit, a bad temperature) gives NaN terms (``!= 0``,
+    not ``> 0``, which would read NaN as 0)."""
     q = tl.exp(log_q)
     p = tl.exp(log_p)
     if DIVERGENCE == FORWARD_KL:
-        return q, p, tl.where(p > 0, p * (log_p - log_q), 0.0), tl.zeros_like(q)
+        return q, p, tl.where(p != 0, p * (log_p - log_q), 0.0), tl.zeros_like(q)
     if DIVERGENCE == REVERSE_KL:
-        h = tl.where(q > 0, log_q - log_p, 0.0)
+        h = tl.where(q != 0, log_q - log_p, 0.0)
         return q, p, q * h, h
     a = log_p + tl.log(beta)  # log m = logaddexp(a, b), formed in log space: beta p + (1 - beta) q
     b = log_q + tl.log(1.0 - beta)  # underflows to 0 where log q is finite but q is a denormal
     top = _safe_max(tl.maximum(a, b))
     log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-    h = tl.where(q > 0, log_q - log_m, 0.0)
-    return q, p, beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * q * h, h
+    h = tl.where(q != 0, log_q - log_m, 0.0)
+    return q, p, beta * tl.where(p != 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * q * h, h
 
 
 @triton.jit

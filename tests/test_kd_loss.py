@@ -530,3 +530,42 @@ def test_unchecked_out_of_range_target_gives_nan(backend):
     assert loss[1].isnan() and not loss[[0, 2, 3]].isnan().any()
     if backend == "triton":
         assert grad[1].isnan().all() and not grad[[0, 2, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("width", [10, 4097])
+def test_nan_teacher_logit_gives_a_nan_row(backend, divergence, width):
+    """NaN in, NaN out: a NaN teacher logit makes its row's loss and gradient NaN on every backend (the
+    p > 0 guard of the divergence once read NaN as 0 and dropped the KD term)."""
+    student, teacher = logits(3, width, seed=60), logits(3, width, seed=61)
+    teacher[1, 0] = math.nan
+    target = torch.tensor([1, 2, 3], device=DEVICE)
+    loss, grad = run(student, teacher, target, backend, divergence=divergence, reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
+    assert grad[1].isnan().any() and not grad[[0, 2]].isnan().any()
+    ref_loss, ref_grad = exact(student, teacher, target, divergence=divergence, reduction="none")
+    assert torch.equal(grad.isnan(), ref_grad.isnan()) and torch.equal(loss.isnan(), ref_loss.isnan())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_counted_row_of_all_neg_inf_is_nan(backend, alpha):
+    """A counted row whose student and teacher logits are all -inf has no distribution: NaN, not 0."""
+    student, teacher = logits(3, 10, seed=62), logits(3, 10, seed=63)
+    student[1], teacher[1] = -math.inf, -math.inf
+    target = torch.tensor([1, 2, 3], device=DEVICE)
+    loss, _ = run(student, teacher, target, backend, alpha=alpha, reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
+    assert run(student, teacher, target, backend, alpha=alpha)[0].isnan()
+
+
+@pytest.mark.parametrize("which", ["temperature", "teacher_temperature"])
+def test_unchecked_bad_tensor_temperature_gives_a_nan_row(backend, which):
+    """validate_args=False (and torch.compile) skip the temperature check; a per-row temperature <= 0
+    then gives a NaN row on every backend, never a finite one."""
+    temperature = torch.tensor([2.0, -1.0, -1.0, 0.0], device=DEVICE)  # row 1 is ignored: 0 whatever its T
+    options = {which: temperature, "reduction": "none"}
+    loss, grad = run(S, T_, Y, backend, validate_args=False, **options)
+    assert loss[2:].isnan().all() and loss[1] == 0 and loss[0].isfinite()
+    assert grad[2:].isnan().any(-1).all() and not grad[:2].isnan().any()
+    compiled = torch.compile(lambda s, t: fastkd.kd_loss(s, t, Y, backend=backend, **options), fullgraph=True)
+    assert compiled(S, T_)[2:].isnan().all()
