@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastkd.calibration import CalibrationStats
 from fastkd.demo.experiment import METRICS
-from fastkd.reliability import reliability_diagram
+from fastkd.reliability import legend_entries, reliability_diagram
 
 PERCENT = {"accuracy", "ece", "confidence", "agreement", "agreement_independent", "ece_scaled"}
 COLUMNS = [  # (metric, header)
@@ -169,16 +169,19 @@ def diagram_title(key: str, results: dict) -> str:
 
 
 def write_diagrams(stats: dict[str, CalibrationStats], results: dict, out: Path) -> list[Path]:
-    """``reliability.png`` with every model's diagram side by side, then one PNG per model."""
+    """``reliability.png`` with every model's diagram and rows per bin side by side, then one PNG per model."""
     from matplotlib.figure import Figure
 
-    columns = 4
-    fig = Figure(figsize=(4 * columns, 4.2 * math.ceil(len(stats) / columns)), layout="constrained")
-    axes = fig.subplots(math.ceil(len(stats) / columns), columns, squeeze=False).ravel()
-    for ax, (key, s) in zip(axes, stats.items()):
-        reliability_diagram(s, ax=ax, title=diagram_title(key, results))
-    for ax in axes[len(stats) :]:
-        ax.set_axis_off()
+    columns = min(4, len(stats))
+    rows = math.ceil(len(stats) / columns)
+    fig = Figure(figsize=(4 * columns, 5.2 * rows + 0.4), layout="constrained")
+    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
+    for i, (key, s) in enumerate(stats.items()):
+        row, column = divmod(i, columns)
+        ax = fig.add_subplot(grid[2 * row, column])
+        count_ax = fig.add_subplot(grid[2 * row + 1, column], sharex=ax)
+        reliability_diagram(s, ax=ax, count_ax=count_ax, title=diagram_title(key, results), legend=False)
+    fig.legend(*legend_entries(), loc="outside lower center", ncols=4)  # one legend, under every diagram
     paths = [out / "reliability.png"]
     fig.savefig(paths[0], dpi=100)
     for key, s in stats.items():
@@ -231,9 +234,9 @@ def markdown(results: dict, stats: dict[str, CalibrationStats], figures: list[Pa
         "A difference between methods is called resolved when it exceeds twice the combined seed spread "
         "2·sqrt(std_a² + std_b²).",
         "## Reliability diagrams",
-        "Bars: accuracy per confidence bin; red: the gap to the bin's mean confidence; the dashed diagonal is "
-        "perfect calibration; under each model's own diagram, the rows per bin (log scale), which the side-by-side "
-        "overview leaves out. Each diagram pools the test predictions of every seed.\n\n"
+        "Bars: accuracy per confidence bin; hatched, the gap to the bin's mean confidence: red above the bar "
+        "(over-confident), amber inside it (under-confident); the dashed diagonal is perfect calibration; under "
+        "each diagram, the rows per bin (log scale). Each diagram pools the test predictions of every seed.\n\n"
         + "\n\n".join(f"![{p.stem}]({p.name})" for p in figures),
     ]
     return "\n\n".join(sections) + "\n"
