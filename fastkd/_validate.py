@@ -131,9 +131,13 @@ def check_target(
         n_classes = logits.shape[-1]
         bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
         if bool(bad.any()):
+            hint = ""
+            if n_classes == 1:
+                hint = (f": the logits have a single class; for a binary classifier's one logit per row, pass "
+                        f"logits of the target's shape {tuple(target.shape)} (or two classes)")  # fmt: skip
             raise ValueError(
                 f"{name} holds class index {target[bad].flatten()[0].item()}, outside [0, {n_classes}) "
-                f"and not ignore_index={ignore_index}"
+                f"and not ignore_index={ignore_index}{hint}"
             )
 
 
@@ -187,6 +191,27 @@ def check_probs(probs: torch.Tensor, name: str, *, check_values: bool, rows: tor
         raise ValueError(
             f"{name}: input='probs' needs rows that sum to 1 (within {tol:g}); a row sums to {worst:.6g}. "
             "Pass logits with input='logits', or normalize the rows"
+        )
+
+
+PROBE_ROWS = 8  # rows read by check_not_probs
+
+
+def check_not_probs(logits: torch.Tensor, name: str, *, check_values: bool, fix: str) -> None:
+    """Logits, not probabilities: a ``ValueError`` naming ``name`` (and saying ``fix``) when the first
+    ``PROBE_ROWS`` rows (last dim, at least 2 classes) all lie in [0, 1] and each sums to 1 within
+    max(1e-3, 4 eps): rows a model does not emit as logits, and that a softmax would flatten into a
+    plausible wrong answer. Reads those rows only when ``check_values``."""
+    if not check_values or logits.dim() == 0 or logits.shape[-1] < 2 or logits.numel() == 0:
+        return
+    rows = logits.detach().reshape(-1, logits.shape[-1])[:PROBE_ROWS]
+    tol = max(1e-3, 4 * torch.finfo(logits.dtype).eps)
+    unit = ((rows >= 0) & (rows <= 1)).all()
+    summing = ((rows.sum(-1, dtype=torch.float64) - 1).abs() <= tol).all()
+    if bool(unit & summing):
+        raise ValueError(
+            f"{name} look like probabilities, not logits: each of the first {rows.shape[0]} row(s) lies in [0, 1] "
+            f"and sums to 1. {fix} (or validate_args=False if these really are logits)"
         )
 
 

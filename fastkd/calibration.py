@@ -16,11 +16,26 @@ The calibration error over bins with n_m rows, mean confidence conf_m and accura
     "l2"   RMS calibration error = sqrt(sum_m (n_m / N) (acc_m - conf_m)^2)
     "max"  MCE = max over non-empty bins of |acc_m - conf_m|
 
-Rows whose target is ``ignore_index`` are skipped everywhere (their values are not checked). With
-``input="probs"`` the rows are probabilities (checked: in [0, 1], summing to 1), tempered as
-softmax(log p / T) when T != 1 (the log taken as the rows are read); there is no guessing which of
-the two a tensor holds. A counted row whose logits are all -inf has no distribution: its confidence
-and NLL are NaN (it is counted in the last bin), and so are the ECE, NLL and Brier score.
+**Inputs.** Rows whose target is ``ignore_index`` are skipped everywhere (their values are not
+checked). ``input="logits"`` (the default) takes logits; ``input="probs"`` probabilities (checked: in
+[0, 1], summing to 1), tempered as softmax(log p / T) when T != 1 (the log taken as the rows are read).
+Which of the two a tensor holds is never guessed; with ``validate_args``, logits whose first rows all
+lie in [0, 1] and sum to 1 (rows a model does not emit as logits, and whose softmax would be a
+plausible wrong answer) raise a ``ValueError`` that says to pass ``input="probs"``.
+
+**Binary problems.** Logits of the target's own shape, one logit z per row with targets in {0, 1},
+are a binary classifier's: the two classes' logits are (0, z), so p(class 1) = sigmoid(z / T)
+(``input="probs"``: the rows are p(class 1)), the top-label confidence is max(p, 1 - p) and the
+prediction [z > 0]. torchmetrics' ``binary_calibration_error`` scores p(class 1) against the target
+instead: that is the class-1 term of ``classwise=True`` here, which for two classes equals the class-0
+term (up to which end of a bin is closed), and so the classwise error.
+
+**Rows with no distribution.** A counted row that holds NaN or whose logits are all -inf has no
+distribution. With ``validate_args`` (the default) it raises a ``ValueError`` naming the row (looked
+for only when a sum comes out NaN: no extra pass otherwise); unchecked, its confidence and NLL are
+NaN (it is counted in the last bin), and so are the ECE, NLL and Brier score.
+``expected_calibration_error`` of no rows (N = 0, or every target ignored) is a ``ValueError``;
+``CalibrationStats`` of no rows give NaN means.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from fastkd._validate import (
     check_choice,
     check_int,
     check_logits,
+    check_not_probs,
     check_number,
     check_probs,
     check_target,
@@ -152,11 +168,15 @@ def _prepare(
 ) -> tuple[Tensor, Tensor, float | Tensor, bool, str]:
     """Checked arguments as (rows (N, C) detached, targets (N,) contiguous, temperature (a float or a
     tensor of one value or N, detached), whether the rows are probabilities, backend). Ignored rows are
-    not value-checked (their probabilities or temperature may be padding)."""
+    not value-checked (their probabilities or temperature may be padding). Binary logits (the target's
+    shape) come back as two classes (module doc)."""
     check_logits(logits)
+    check_choice(input, INPUTS, "input")
+    probs = input == "probs"
+    if isinstance(target, Tensor) and target.shape == logits.shape:
+        logits = binary_as_two_classes(logits.detach(), probs)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have at least one class (the last dimension is 0)")
-    check_choice(input, INPUTS, "input")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_values = should_check_values(validate_args)
@@ -165,12 +185,29 @@ def _prepare(
     temperature = check_temperature(temperature, logits, logits.dim() - 1, check_values=check_values, rows=counted)
     if isinstance(temperature, Tensor):
         temperature = temperature.detach().reshape(-1) if temperature.dim() else temperature.detach()
-    probs = input == "probs"
     if probs:
         check_probs(logits, "logits", check_values=check_values, rows=counted)
+    else:
+        check_not_probs(logits, "logits", check_values=check_values, fix='Pass input="probs" for probabilities')
     backend = resolve_backend(backend, logits)
     rows = logits.detach().reshape(-1, logits.shape[-1])
     return rows, target.reshape(-1).contiguous(), temperature, probs, backend
+
+
+def binary_as_two_classes(scores: Tensor, probs: bool) -> Tensor:
+    """A binary classifier's scores (...) as two classes (..., 2): logits (0, z), or probabilities (1 - p, p)."""
+    if probs:
+        return torch.stack([1 - scores, scores], -1)
+    return torch.stack([torch.zeros_like(scores), scores], -1)
+
+
+def no_distribution_error(rows: Tensor, target: Tensor, ignore_index: int, name: str = "logits") -> ValueError:
+    """The error for a counted row of ``rows`` (N, C) that holds NaN or is all -inf (module doc)."""
+    counted = target != ignore_index
+    bad = (rows.isnan().any(-1) | rows.isneginf().all(-1)) & counted
+    where = f"row {int(bad.nonzero()[0, 0])}" if bool(bad.any()) else "a row"
+    return ValueError(f"{name}: {where} holds NaN or is all -inf: it has no distribution, so its confidence and "
+                      "NLL are NaN (validate_args=False returns them as NaN)")  # fmt: skip
 
 
 def _row_chunks(rows: Tensor, target: Tensor, temperature: float | Tensor):
@@ -251,22 +288,28 @@ def calibration_stats(
             out = calibration_pass(
                 rows, target, "bins", temperature=temperature, probs=probs, ignore_index=ignore_index, n_bins=n_bins
             )
-            return CalibrationStats(out["bin_count"], out["bin_correct"], out["bin_confidence_sum"], out["nll"],
+            sums = CalibrationStats(out["bin_count"], out["bin_correct"], out["bin_confidence_sum"], out["nll"],
                                     out["brier"])  # fmt: skip
-        out = calibration_pass(rows, target, "rows", temperature=temperature, probs=probs, ignore_index=ignore_index)
-        keep = out["correct"] >= 0
-        confidence = out["confidence"][keep]
-        bins = reference.confidence_bins(confidence, n_bins)
-        return CalibrationStats(*_binned(bins, out["correct"][keep], confidence, n_bins), out["nll"], out["brier"])
-    sums = None
-    for x, y, t in _row_chunks(rows, target, temperature):
-        count, confidence_sum, correct, nll, brier = reference.calibration_sums(x, y, n_bins, t, ignore_index, probs)
-        chunk = CalibrationStats(count, correct, confidence_sum, nll, brier)
-        sums = chunk if sums is None else sums + chunk
-    if sums is None:  # no rows
-        zeros = torch.zeros(n_bins, dtype=torch.int64, device=rows.device)
-        zero = torch.zeros((), dtype=torch.float64, device=rows.device)
-        sums = CalibrationStats(zeros, zeros, zeros.double(), zero, zero)
+        else:
+            out = calibration_pass(rows, target, "rows", temperature=temperature, probs=probs,
+                                   ignore_index=ignore_index)  # fmt: skip
+            keep = out["correct"] >= 0
+            confidence = out["confidence"][keep]
+            bins = reference.confidence_bins(confidence, n_bins)
+            sums = CalibrationStats(*_binned(bins, out["correct"][keep], confidence, n_bins), out["nll"], out["brier"])
+    else:
+        sums = None
+        for x, y, t in _row_chunks(rows, target, temperature):
+            count, confidence_sum, correct, nll, brier = reference.calibration_sums(x, y, n_bins, t, ignore_index,
+                                                                                    probs)  # fmt: skip
+            chunk = CalibrationStats(count, correct, confidence_sum, nll, brier)
+            sums = chunk if sums is None else sums + chunk
+        if sums is None:  # no rows
+            zeros = torch.zeros(n_bins, dtype=torch.int64, device=rows.device)
+            zero = torch.zeros((), dtype=torch.float64, device=rows.device)
+            sums = CalibrationStats(zeros, zeros, zeros.double(), zero, zero)
+    if should_check_values(validate_args) and bool(sums.nll_sum.isnan() | sums.bin_confidence_sum[-1].isnan()):
+        raise no_distribution_error(rows, target, ignore_index)
     return sums
 
 
@@ -298,7 +341,7 @@ def expected_calibration_error(
     Adaptive binning needs every row's confidence (one read, then a sort of N values). Classwise
     binning computes the probabilities in row chunks (the softmax kernel on ``backend``) and bins
     them with PyTorch; adaptive classwise binning holds all N x C probabilities, to sort each class.
-    NaN when every row is ignored.
+    Raises ``ValueError`` when no row counts (N = 0, or every target is ``ignore_index``).
     """
     check_int(n_bins, "n_bins", 1)
     check_choice(norm, NORMS, "norm")
@@ -306,17 +349,24 @@ def expected_calibration_error(
     if not isinstance(classwise, bool):
         raise TypeError(f"classwise must be a bool, got {type(classwise).__name__}")
     if classwise:
-        return _classwise_error(logits, target, n_bins, norm, binning, temperature, input, ignore_index, backend,
-                                validate_args)  # fmt: skip
-    if binning == "uniform":
-        return calibration_stats(logits, target, n_bins, temperature, input=input, ignore_index=ignore_index,
-                                 backend=backend, validate_args=validate_args).ece(norm)  # fmt: skip
-    rows, target, temperature, probs, backend = _prepare(
-        logits, target, temperature, input, ignore_index, backend, validate_args
-    )
-    confidence, correct = _top_label_rows(rows, target, temperature, probs, ignore_index, backend)
-    bins = reference.adaptive_bins(confidence, n_bins)
-    return float(bin_calibration_error(*_binned(bins, correct, confidence, n_bins), norm))
+        error = _classwise_error(logits, target, n_bins, norm, binning, temperature, input, ignore_index, backend,
+                                 validate_args)  # fmt: skip
+    elif binning == "uniform":
+        error = calibration_stats(logits, target, n_bins, temperature, input=input, ignore_index=ignore_index,
+                                  backend=backend, validate_args=validate_args).ece(norm)  # fmt: skip
+    else:
+        rows, target, temperature, probs, backend = _prepare(
+            logits, target, temperature, input, ignore_index, backend, validate_args
+        )
+        confidence, correct = _top_label_rows(rows, target, temperature, probs, ignore_index, backend)
+        if should_check_values(validate_args) and bool(confidence.isnan().any()):
+            raise no_distribution_error(rows, target, ignore_index)
+        bins = reference.adaptive_bins(confidence, n_bins)
+        error = float(bin_calibration_error(*_binned(bins, correct, confidence, n_bins), norm))
+    if math.isnan(error) and not bool((target != ignore_index).any()):
+        rows = f"every one of the {target.numel()} targets is ignore_index={ignore_index}" if target.numel() else "0 rows"
+        raise ValueError(f"no rows to score: {rows}")
+    return error
 
 
 def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, ignore_index, backend,
@@ -339,11 +389,13 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
         x, y = x[valid], y[valid]
         x = x.to(reference.compute_dtype(x.dtype))  # probabilities in float32 even for 16-bit logits
         if not probs:
-            p = tempered_softmax(x, t, backend=backend)
+            p = tempered_softmax(x, t, backend=backend, validate_args=False)
         elif reference.is_tempered(t):
-            p = tempered_softmax(reference.probs_as_logits(x), t, backend=backend)
+            p = tempered_softmax(reference.probs_as_logits(x), t, backend=backend, validate_args=False)
         else:
             p = x
+        if should_check_values(validate_args) and bool(p.isnan().any()):
+            raise no_distribution_error(rows, target, ignore_index)
         hit = y.unsqueeze(1) == classes
         if binning == "adaptive":
             kept.append((p, hit))

@@ -257,12 +257,33 @@ def probs_as_logits(probs: torch.Tensor) -> torch.Tensor:
     return probs.to(compute_dtype(probs.dtype)).log()
 
 
+def exact_ceil_product(c: torch.Tensor, n: int) -> torch.Tensor:
+    """ceil(c * n) of the exact product, for float64 c in [0, 1] and an int 1 <= n < 2^26 (NaN stays NaN).
+
+    The rounded product can land on an integer that the exact one misses by less than an ulp (the float64
+    0.9 times 10 rounds to 9, while the double 0.9 exceeds 9/10). Dekker's split c = hi + lo, each of
+    at most 26 significant bits, makes hi n and lo n exact; with k = floor(hi n) and f = hi n - k (exact),
+    c n = k + f + lo n and ceil(c n) = k + ceil(f + lo n), where f + lo n lies within (-1, 2) and its
+    ceiling follows from exact comparisons of f with -lo n and of f - 1 with -lo n."""
+    t = c * 134217729.0  # 2^27 + 1
+    hi = t - (t - c)
+    lo_n = (c - hi) * n
+    hi_n = hi * n
+    k = torch.floor(hi_n)
+    f = hi_n - k
+    return k + torch.where(f <= -lo_n, 0.0, torch.where(f - 1 > -lo_n, 2.0, 1.0))
+
+
 def confidence_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
     """The 0-based bin of each confidence among ``n_bins`` equal bins of [0, 1]: bin m (1-based) holds
     ((m - 1)/M, m/M], a confidence of 0 joins the first bin and a NaN one (a row with no distribution)
-    the last. Exact for float32 confidences: c * M is exact in float64, so ceil(c * M) - 1 compares c
-    with m/M without rounding."""
-    return (torch.ceil(confidence.double() * n_bins).nan_to_num(n_bins).long() - 1).clamp_(0, n_bins - 1)
+    the last. Compared with m/M exactly: for float32 (and lower) confidences c * M is exact in float64,
+    so ceil(c * M) - 1 is; float64 ones take ``exact_ceil_product``."""
+    if confidence.dtype == torch.float64:
+        m = exact_ceil_product(confidence, n_bins)
+    else:
+        m = torch.ceil(confidence.double() * n_bins)
+    return (m.nan_to_num(n_bins).long() - 1).clamp_(0, n_bins - 1)
 
 
 def top_label_rows(
@@ -317,10 +338,10 @@ def calibration_sums(
 def adaptive_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Equal-mass bins: the sample of rank r among N (ascending confidence) goes to bin floor(r M / N),
     where equal confidences all take the rank of the first of them, so that ties share a bin. With
-    N < M some bins stay empty."""
+    N < M some bins stay empty. A NaN confidence (a row with no distribution) joins the last bin."""
     n = confidence.numel()
     first_rank = torch.searchsorted(confidence.sort().values, confidence, right=False)
-    return first_rank * n_bins // max(n, 1)
+    return (first_rank * n_bins // max(n, 1)).clamp_(max=n_bins - 1)
 
 
 def temperature_nll_derivatives(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -158,16 +159,20 @@ def test_all_correct_and_all_wrong(backend, correct):
 
 
 def test_all_rows_ignored_and_no_rows(backend):
+    """Stats of no rows are empty sums with NaN means; an ECE of no rows is an error, never a silent NaN."""
     logits, target = _case(5, 4)
-    stats = fastkd.calibration_stats(logits, torch.full_like(target, -100), backend=backend)
+    ignored = torch.full_like(target, -100)
+    stats = fastkd.calibration_stats(logits, ignored, backend=backend)
     assert stats.count == 0 and math.isnan(stats.ece()) and math.isnan(stats.accuracy)
     empty = fastkd.calibration_stats(logits[:0], target[:0], backend=backend)
     assert empty.count == 0 and empty.bin_count.shape == (15,)
     for binning in ("uniform", "adaptive"):
         for classwise in (False, True):
-            ece = fastkd.expected_calibration_error(logits[:0], target[:0], binning=binning, classwise=classwise,
-                                                    backend=backend)  # fmt: skip
-            assert math.isnan(ece)
+            kwargs = dict(binning=binning, classwise=classwise, backend=backend)
+            with pytest.raises(ValueError, match="no rows to score: 0 rows"):
+                fastkd.expected_calibration_error(logits[:0], target[:0], **kwargs)
+            with pytest.raises(ValueError, match="every one of the 5 targets is ignore_index=-100"):
+                fastkd.expected_calibration_error(logits, ignored, **kwargs)
 
 
 def test_single_class(backend):
@@ -209,9 +214,10 @@ def test_ignored_rows_are_not_value_checked(backend):
 
 
 def test_row_of_all_neg_inf_has_no_distribution(backend):
-    """A counted row with no distribution: NaN confidence and NLL, counted in the last bin, on both backends."""
+    """A counted row with no distribution, unchecked: NaN confidence and NLL, counted in the last bin, on
+    both backends (checked, it raises: test_rows_with_no_distribution_raise)."""
     logits = torch.tensor([[-math.inf] * 3, [1.0, 0.0, 0.0]], device=DEVICE)
-    stats = fastkd.calibration_stats(logits, torch.tensor([0, 0], device=DEVICE), backend=backend)
+    stats = fastkd.calibration_stats(logits, torch.tensor([0, 0], device=DEVICE), backend=backend, validate_args=False)
     assert stats.bin_count.tolist() == [0] * 8 + [1] + [0] * 5 + [1]  # [1, 0, 0]: confidence 0.576 in bin 9
     assert math.isnan(stats.ece()) and math.isnan(stats.nll) and math.isnan(stats.bin_confidence_sum[-1])
 
@@ -326,3 +332,84 @@ def test_bad_input(overrides, error, match):
     args = _bad(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()})
     with pytest.raises(error, match=match):
         fastkd.expected_calibration_error(**args)
+
+
+@pytest.mark.parametrize("bad", ["nan", "all_neg_inf"])
+@pytest.mark.parametrize("binning, classwise", [("uniform", False), ("adaptive", False), ("uniform", True)])
+def test_rows_with_no_distribution_raise(backend, bad, binning, classwise):
+    """A counted row that holds NaN (or is all -inf) is named in a ValueError, not turned into a silent
+    NaN ECE; an ignored one is skipped; unchecked, the ECE is NaN."""
+    logits, target = _case(20, 6, seed=3)
+    logits[7] = math.nan if bad == "nan" else -math.inf
+    if bad == "nan":
+        logits[7, 1:] = 0.0
+    kwargs = dict(binning=binning, classwise=classwise, backend=backend)
+    with pytest.raises(ValueError, match="logits: row 7 holds NaN or is all -inf"):
+        fastkd.expected_calibration_error(logits, target, **kwargs)
+    assert math.isnan(fastkd.expected_calibration_error(logits, target, validate_args=False, **kwargs))
+    target[7] = -100
+    assert math.isfinite(fastkd.expected_calibration_error(logits, target, **kwargs))
+
+
+def test_probabilities_passed_as_logits_are_refused(backend):
+    """Probabilities where logits are expected gave a plausible wrong ECE (0.071 for 0.430) and T (0.57 for
+    4.38); now they raise, saying input="probs", and input="probs" gives the right numbers."""
+    logits, target = _case(500, 10, scale=4.0, seed=5)
+    probs = torch.softmax(logits, -1)
+    for fn in (fastkd.expected_calibration_error, fastkd.calibration_stats, fastkd.fit_temperature):
+        with pytest.raises(ValueError, match='logits look like probabilities, not logits.*input="probs"'):
+            fn(probs, target, backend=backend)
+    right = fastkd.expected_calibration_error(logits, target, backend=backend)
+    assert fastkd.expected_calibration_error(probs, target, input="probs", backend=backend) == pytest.approx(right, rel=1e-4)
+    with pytest.raises(ValueError, match="look like probabilities"):
+        fastkd.CalibrationMeter(backend=backend).update(probs, target)
+    # Real logits in [0, 1] that do not sum to 1, and unchecked calls, pass.
+    fastkd.calibration_stats(torch.rand(8, 10, device=DEVICE), target[:8], backend=backend)
+    fastkd.calibration_stats(probs, target, backend=backend, validate_args=False)
+
+
+@pytest.mark.parametrize("c, n_bins", [(0.9, 10), (0.33, 100), (0.7, 10), (0.6, 5), (0.3, 10), (1 / 3, 3)])
+def test_float64_confidences_are_compared_with_the_edges_exactly(c, n_bins):
+    """A float64 confidence one rounding from m/M is binned by its exact value (the float64 0.9 lies above
+    9/10): the rounded product c * M once equalled the edge and binned it below."""
+    c64 = torch.tensor([c], dtype=torch.float64)
+    edge = round(c * n_bins)
+    above = Fraction(c64.item()) > Fraction(edge, n_bins)
+    assert reference.confidence_bins(c64, n_bins).item() == (edge if above else edge - 1)
+
+
+def test_float64_bin_edges_match_torchmetrics(backend):
+    """The issue's four rows: confidences 0.9 (right) and 0.95 (wrong), twice; ECE 0.425 (torchmetrics,
+    netcal), not 0.525."""
+    p = torch.tensor([[0.9, 0.1], [0.05, 0.95]] * 2, dtype=torch.float64, device=DEVICE)
+    y = torch.tensor([0, 0, 0, 0], device=DEVICE)
+    tm = multiclass_calibration_error(p.cpu(), y.cpu(), 2, 10).item()
+    assert fastkd.expected_calibration_error(p, y, 10, input="probs", backend="torch") == pytest.approx(tm, abs=1e-6)
+    assert tm == pytest.approx(0.425)
+
+
+def test_binary_logits(backend):
+    """(N,) logits with 0/1 targets are a binary classifier's: two classes with logits (0, z) (module doc).
+    Classwise, they give torchmetrics' binary calibration error (p(class 1) against the target)."""
+    g = torch.Generator().manual_seed(8)
+    z = (torch.randn(2000, generator=g) * 2).to(DEVICE)
+    y = torch.bernoulli(torch.sigmoid(z.cpu() / 1.5), generator=g).long().to(DEVICE)
+    two = torch.stack([torch.zeros_like(z), z], -1)
+    for t in (1.0, 2.0):
+        _assert_stats(fastkd.calibration_stats(z, y, temperature=t, backend=backend), _expected(two, y, 15, t))
+    p = torch.sigmoid(z)
+    tm = binary_calibration_error(p.cpu(), y.cpu(), n_bins=15).item()
+    assert fastkd.expected_calibration_error(z, y, classwise=True, backend=backend) == pytest.approx(tm, rel=1e-4)
+    assert fastkd.expected_calibration_error(p, y, classwise=True, input="probs", backend=backend) == pytest.approx(tm, rel=1e-4)
+    assert fastkd.fit_temperature(z, y, backend=backend) == pytest.approx(float(fastkd.fit_temperature(two, y)), rel=1e-5)
+    batched = fastkd.calibration_stats(z.view(40, 50), y.view(40, 50), backend=backend)
+    assert torch.equal(batched.bin_count, fastkd.calibration_stats(z, y, backend=backend).bin_count)
+    with pytest.raises(ValueError, match="target holds class index 2"):
+        fastkd.calibration_stats(z, y + 1, backend=backend)
+
+
+def test_single_logit_column_says_what_to_pass(backend):
+    """(N, 1) logits with 0/1 targets: the error says a binary logit goes as shape (N,)."""
+    with pytest.raises(ValueError, match=r"a single class.*binary classifier.*shape \(4,\)"):
+        fastkd.calibration_stats(torch.randn(4, 1, device=DEVICE), torch.tensor([0, 1, 1, 0], device=DEVICE),
+                                 backend=backend)  # fmt: skip
