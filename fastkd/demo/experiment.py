@@ -50,6 +50,7 @@ class Config:
     n_bins: int = 15
     device: str = "cpu"
     quiet: bool = False
+    quick: bool = False  # a smoke test (``fastkd demo --quick``): the report gives no reading of its numbers
 
 
 @dataclass

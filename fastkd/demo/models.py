@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 import fastkd
 
@@ -95,6 +94,8 @@ def train(
     on the labeled rows alone (CE) or on all rows (``kd`` with ``teacher_logits``); ``target`` holds
     ``UNLABELED`` where a row's label is not used.
     """
+    from tqdm.auto import tqdm  # the demo extra's: imported when a model trains, not with the command line
+
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(x) / BATCH_SIZE)

@@ -29,6 +29,10 @@ COLUMNS = [  # (metric, header)
 TEACHER_COLUMNS = {"agreement": "agreement_independent", "kl": "kl_independent", "agreement_independent": None,
                    "ece_scaled": "ece_calibrated"}  # fmt: skip
 NAMES = {"accuracy": "accuracy", "ece": "ECE", "nll": "NLL"}
+SMOKE_TEST = (
+    "Smoke test (--quick): the models trained for a few steps, so these numbers say nothing about the "
+    "methods. Run without --quick for results."
+)
 
 
 def _value(metric: str, value: float) -> str:
@@ -168,8 +172,9 @@ def diagram_title(key: str, results: dict) -> str:
     return f"{results['students'][key]['label']} ({pooled})"
 
 
-def write_diagrams(stats: dict[str, CalibrationStats], results: dict, out: Path) -> list[Path]:
-    """``reliability.png`` with every model's diagram and rows per bin side by side, then one PNG per model."""
+def write_diagrams(stats: dict[str, CalibrationStats], results: dict, out: Path, each: bool = True) -> list[Path]:
+    """``reliability.png`` with every model's diagram and rows per bin side by side, then (``each``) one
+    PNG per model."""
     from matplotlib.figure import Figure
 
     columns = min(4, len(stats))
@@ -184,7 +189,7 @@ def write_diagrams(stats: dict[str, CalibrationStats], results: dict, out: Path)
     fig.legend(*legend_entries(), loc="outside lower center", ncols=4)  # one legend, under every diagram
     paths = [out / "reliability.png"]
     fig.savefig(paths[0], dpi=100)
-    for key, s in stats.items():
+    for key, s in stats.items() if each else ():
         paths.append(out / f"reliability_{key}.png")
         reliability_diagram(s, paths[-1], title=diagram_title(key, results))
     return paths
@@ -199,6 +204,10 @@ def _teacher_table(teacher: dict) -> str:
     return "\n".join(lines)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def _objective(objective: str | dict) -> str:
     if isinstance(objective, str):
         return objective
@@ -211,12 +220,14 @@ def markdown(results: dict, stats: dict[str, CalibrationStats], figures: list[Pa
     first = next(iter(results["students"].values()))
     fitted = ", ".join(f"{run['temperature']:.3f} ({run['passes']} passes)" for run in teacher["runs"])
     objectives = "\n".join(f"- {s['label']}: `{_objective(s['runs'][0]['objective'])}`" for s in results["students"].values())
+    quick = cfg.get("quick", False)
     sections = [
-        "# fastkd demo: distillation and calibration",
+        "# fastkd demo: distillation and calibration" + (" (smoke test)" if quick else ""),
+        *([f"**{SMOKE_TEST}** They are listed only to show that every part ran; no reading is given."] if quick else []),
         f"Data set **{d['name']}**: {d['train']} train rows ({d['labeled']} of them labeled for the students), "
         f"{d['calibration']} calibration rows, {d['test']} test rows (a fixed split). Per seed, a teacher (a CNN of "
-        f"{teacher['parameters']:,} parameters, {cfg['teacher_epochs']} epochs) and students (an MLP of "
-        f"{first['parameters']:,} parameters, {cfg['epochs']} epochs); {cfg['seeds']} seeds, mean ± sample std. "
+        f"{teacher['parameters']:,} parameters, {_epochs(cfg['teacher_epochs'])}) and students (an MLP of "
+        f"{first['parameters']:,} parameters, {_epochs(cfg['epochs'])}); {cfg['seeds']} seeds, mean ± sample std. "
         f"{env['device']}; fastkd {env['fastkd']}, torch {env['torch']}; {results['seconds']:.0f} s on {env['date']}.",
         "## Teacher calibration (test split)",
         _teacher_table(teacher),
@@ -229,10 +240,12 @@ def markdown(results: dict, stats: dict[str, CalibrationStats], figures: list[Pa
         "at own T is the calibrated teacher's.",
         "Objectives (`fastkd.KDLoss` keywords, seed 0; the calibrated temperature and the spherical radius are "
         "each seed's teacher's). The CE term applies only to labeled rows:\n\n" + objectives,
-        "## Reading",
-        "\n\n".join(reading(results, stats)),
-        "A difference between methods is called resolved when it exceeds twice the combined seed spread "
-        "2·sqrt(std_a² + std_b²).",
+        *([] if quick else [
+            "## Reading",
+            "\n\n".join(reading(results, stats)),
+            "A difference between methods is called resolved when it exceeds twice the combined seed spread "
+            "2·sqrt(std_a² + std_b²).",
+        ]),
         "## Reliability diagrams",
         "Bars: accuracy per confidence bin; hatched, the gap to the bin's mean confidence: red above the bar "
         "(over-confident), amber inside it (under-confident); the dashed diagonal is perfect calibration; under "
@@ -245,7 +258,7 @@ def markdown(results: dict, stats: dict[str, CalibrationStats], figures: list[Pa
 def write(results: dict, stats: dict[str, CalibrationStats], out: Path) -> dict[str, Path | list[Path]]:
     """Write ``results.json``, the PNGs and ``report.md`` into ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_diagrams(stats, results, out)
+    figures = write_diagrams(stats, results, out, each=not results["config"].get("quick"))  # quick: the overview
     json_path, md_path = out / "results.json", out / "report.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(markdown(results, stats, figures))
