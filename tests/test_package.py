@@ -3,12 +3,13 @@
 The kernels in kernels/ are installed as the subpackage fastkd.kernels; the metadata names the license,
 the project's URL and only the dependencies the CPU path needs (Triton is an extra, and the oldest
 versions admitted are the ones CI installs); the wheel, installed into a fresh virtual environment
-with torch alone, gives a working ``fastkd`` command and ops.
+with torch alone, gives a working ``fastkd`` command and ops; the README's examples run on a CPU.
 """
 
 from __future__ import annotations
 
 import email
+import os
 import re
 import shutil
 import subprocess
@@ -129,3 +130,21 @@ def test_wheel_in_fresh_venv_without_extras(wheel, tmp_path):
     run = subprocess.run([python, "-c", op], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "op ok" in run.stdout and str(venv) in run.stdout  # the installed copy, not the checkout
+
+
+def _readme_blocks() -> list[str]:
+    """The README's ```python blocks, except those whose first line says they are a fragment."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    return [block for block in blocks if not block.lstrip().lower().startswith("# fragment")]
+
+
+def test_readme_examples_run_on_a_cpu(tmp_path):
+    """Every README example, as written, in order, in one namespace, with no GPU visible."""
+    blocks = _readme_blocks()
+    assert len(blocks) >= 3
+    script = tmp_path / "readme_examples.py"
+    script.write_text("\n\n".join(blocks))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
