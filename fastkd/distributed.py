@@ -293,7 +293,7 @@ class VocabParallelKDFunction(torch.autograd.Function):
             ctx.save_for_backward(grad.to(student.dtype).reshape(student.shape))
         ctx.per_row = options["reduction"] == "none"
         loss = rows.reshape(lead) if ctx.per_row else rows.sum() / divisor
-        return loss.to(student.dtype)
+        return loss  # in the compute dtype, as kd_loss's
 
     @staticmethod
     @once_differentiable
@@ -324,7 +324,8 @@ def vocab_parallel_kd_loss(
             ``reduction``, ``temperature_squared``, ``teacher_temperature``, ``logit_norm``,
             ``norm_scale``, ``label_smoothing``, ``validate_args``.
 
-    Returns the loss in the student's dtype: 0-d, or the leading shape for reduction "none".
+    Returns the loss in float32 (float64 for float64 shards), as ``kd_loss``: 0-d, or the leading shape for
+    reduction "none".
 
     Checks that read no data (types, shapes, choices, float temperatures) raise before any collective;
     those that read tensors (a target outside [0, V) for the global V, a bad tensor temperature) run

@@ -11,13 +11,22 @@ kernel reads both rows once (an ensemble's members twice: their log-sum-exps com
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from torch import Tensor
 
 from fastkd import reference
 from fastkd._backend import resolve_backend
-from fastkd._validate import check_choice, check_logits, check_probs, check_teacher, check_temperature, should_check_values
+from fastkd._validate import (
+    check_choice,
+    check_logits,
+    check_not_probs,
+    check_probs,
+    check_teacher,
+    check_temperature,
+    should_check_values,
+)
 from fastkd.calibration import CHUNK_ELEMENTS, INPUTS
 
 
@@ -48,7 +57,10 @@ def fidelity(
         validate_args: check tensor temperatures and probabilities (a host sync on CUDA).
 
     Returns ``Fidelity(top1_agreement, predictive_kl, count)``; NaN means with no rows. The KL is
-    infinite where the teacher gives mass to a class the student masks with -inf.
+    infinite where the teacher gives mass to a class the student masks with -inf. With
+    ``validate_args``, logits that look like probabilities (``fastkd.calibration``'s rule) and a row
+    with no distribution (NaN, or all -inf: looked for only when the KL comes out NaN) raise a
+    ``ValueError``; unchecked, such a row makes the KL NaN.
     """
     check_logits(student_logits, "student_logits")
     if student_logits.shape[-1] == 0:
@@ -63,9 +75,11 @@ def fidelity(
     n_classes = student_logits.shape[-1]
     student = student_logits.detach().reshape(-1, n_classes)
     teacher = teacher_logits.detach().reshape(n_teachers, -1, n_classes)
-    if input == "probs":
-        check_probs(student, "student_logits", check_values=check_values)
-        check_probs(teacher, "teacher_logits", check_values=check_values)
+    for name, rows in (("student_logits", student), ("teacher_logits", teacher)):
+        if input == "probs":
+            check_probs(rows, name, check_values=check_values)
+        else:
+            check_not_probs(rows, name, check_values=check_values, fix='Pass input="probs" for probabilities')
     n_rows = student.shape[0]
     # Probabilities become logits log p a chunk of rows at a time; logits go to Triton in one launch.
     if backend == "triton" and input == "logits":
@@ -90,4 +104,10 @@ def fidelity(
         kl += float(chunk_kl)
     if n_rows == 0:
         return Fidelity(float("nan"), float("nan"), 0)
+    if check_values and math.isnan(kl):
+        for name, rows in (("student_logits", student), ("teacher_logits", teacher.reshape(-1, n_classes))):
+            bad = rows.isnan().any(-1) | (rows.isneginf().all(-1) if input == "logits" else (rows == 0).all(-1))
+            if bool(bad.any()):
+                raise ValueError(f"{name}: row {int(bad.nonzero()[0, 0]) % n_rows} holds NaN or has no class of "
+                                 "nonzero probability: the KL is NaN (validate_args=False returns it)")  # fmt: skip
     return Fidelity(agree / n_rows, kl / n_rows, n_rows)

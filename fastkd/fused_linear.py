@@ -165,26 +165,49 @@ def _reduction_scale(reduction: str, target: Tensor | None, ignore_index: int, n
     return 1.0 / max(n_rows, 1) if reduction in ("mean", "batchmean") else 1.0
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives a matmul on ``device`` now, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _cast(tensor: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """``tensor`` in the matmul dtype ``dtype`` (None: as it is), as autocast casts a linear layer's
+    operands: float64 is left alone."""
+    if tensor is None or dtype is None or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
+def _cast_all(student: tuple, teacher, dtype: torch.dtype | None) -> tuple[tuple, object]:
+    """The student's (hidden, weight, bias) and a linear teacher in the matmul dtype (one cast a call)."""
+    if dtype is None:
+        return student, teacher
+    if isinstance(teacher, _LinearTeacher):
+        teacher = _LinearTeacher(*(_cast(t, dtype) for t in teacher))
+    return tuple(_cast(t, dtype) for t in student), teacher
+
+
 class FusedLinearKDFunction(torch.autograd.Function):
     """The loss over rows: hidden (N, H), weight (V, H), bias (V,) or None; the teacher as a
     ``_LinearTeacher`` or a sparse (indices, values) (N, k) each (never differentiated); target (N,) or
-    None; ``options`` from ``kd_loss.check_options``. Returns a 0-d loss, or (N,) for reduction "none",
-    in the hidden states' dtype."""
+    None; ``options`` from ``kd_loss.check_options``; ``matmul_dtype`` the autocast dtype the layers
+    run in (None: their own). Returns a 0-d loss, or (N,) for reduction "none", in the compute dtype
+    (float32, float64 for float64 hidden states); the gradients in the dtypes of the inputs given."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, target, options, backend, chunk_size):
-        student = (hidden, weight, bias)
+    def forward(ctx, hidden, weight, bias, teacher, target, options, backend, chunk_size, matmul_dtype):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.options, ctx.backend, ctx.chunk_size, ctx.used = options, backend, chunk_size, False
+        ctx.matmul_dtype, ctx.dtypes = matmul_dtype, [None if t is None else t.dtype for t in (hidden, weight, bias)]
         if options["reduction"] == "none":  # each row's dL/dloss is known only in the backward
-            ctx.save_for_backward(*student, target)
+            ctx.save_for_backward(hidden, weight, bias, target)
             ctx.teacher = teacher
-            rows, _ = _walk(student, teacher, target, options, backend, chunk_size, 1.0, (False, False, False))
-            return rows.to(hidden.dtype)
+            rows, _ = _walk_as(ctx, (hidden, weight, bias), teacher, target, 1.0, (False, False, False))
+            return rows
         scale = _reduction_scale(options["reduction"], target, options["ignore_index"], hidden.shape[0])
-        rows, grads = _walk(student, teacher, target, options, backend, chunk_size, scale, needs)
+        rows, grads = _walk_as(ctx, (hidden, weight, bias), teacher, target, scale, needs)
         ctx.grads = grads
-        return (rows.sum() * scale).to(hidden.dtype)
+        return rows.sum() * scale
 
     @staticmethod
     @once_differentiable
@@ -192,8 +215,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         if ctx.options["reduction"] == "none":
             *student, target = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
-            _, grads = _walk(tuple(student), ctx.teacher, target, ctx.options, ctx.backend, ctx.chunk_size,
-                             grad_output, needs)  # fmt: skip
+            _, grads = _walk_as(ctx, tuple(student), ctx.teacher, target, grad_output, needs)
         else:
             if ctx.used:
                 raise RuntimeError("fused_linear_kd_loss's backward scales its saved gradients in place and can run "
@@ -201,11 +223,22 @@ class FusedLinearKDFunction(torch.autograd.Function):
             ctx.used = True
             grads = [None if g is None else g.mul_(grad_output) for g in ctx.grads]
             del ctx.grads
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
-def _check_linear(hidden: object, weight: object, bias: object, prefix: str) -> None:
-    """hidden (..., H), weight (V, H) and bias (V,) or None: one float dtype, one device."""
+def _walk_as(ctx, student: tuple, teacher, target: Tensor | None, row_weight, needs) -> tuple[Tensor, list]:
+    """``_walk`` in the Function's matmul dtype, with autocast off (the casts are explicit), and the
+    gradients returned in the dtypes of the tensors given."""
+    student, teacher = _cast_all(student, teacher, ctx.matmul_dtype)
+    with torch.autocast(student[0].device.type, enabled=False):
+        rows, grads = _walk(student, teacher, target, ctx.options, ctx.backend, ctx.chunk_size, row_weight, needs)
+    return rows, [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+
+
+def _check_linear(hidden: object, weight: object, bias: object, prefix: str,
+                  matmul_dtype: torch.dtype | None) -> None:  # fmt: skip
+    """hidden (..., H), weight (V, H) and bias (V,) or None: one float dtype once cast to ``matmul_dtype``
+    (autocast's; None: as they are), one device."""
     check_logits(hidden, f"{prefix}_hidden")
     check_logits(weight, f"{prefix}_weight")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -218,9 +251,10 @@ def _check_linear(hidden: object, weight: object, bias: object, prefix: str) -> 
             raise ValueError(f"{prefix}_bias must be (V,) = ({weight.shape[0]},); got {tuple(bias.shape)}")
         tensors[f"{prefix}_bias"] = bias
     for name, tensor in tensors.items():
-        if tensor.dtype != hidden.dtype:
-            raise TypeError(f"{name} dtype {tensor.dtype} differs from {prefix}_hidden's {hidden.dtype}: the matmul "
-                            "needs one dtype (cast the layer, or the hidden states)")  # fmt: skip
+        if _cast(tensor, matmul_dtype).dtype != _cast(hidden, matmul_dtype).dtype:
+            raise TypeError(f"{name} dtype {tensor.dtype} differs from {prefix}_hidden's {hidden.dtype}: the "
+                            "matmul needs one dtype (cast the layer or the hidden states, or run under "
+                            "torch.autocast)")  # fmt: skip
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but {prefix}_hidden is on {hidden.device}")
 
@@ -266,18 +300,22 @@ def fused_linear_kd_loss(
 
     The gradients are computed in the forward for the reductions to a scalar (the backward scales them
     by dL/dloss and runs once per forward); reduction "none" recomputes the chunks in the backward. The
-    weight's gradient is accumulated in float32 for float16/bfloat16 weights. Eager only: no
-    torch.compile registration.
+    weight's gradient is accumulated in float32 for float16/bfloat16 weights. Under ``torch.autocast``
+    (float32 weights, bfloat16 hidden states: mixed precision) the layers run in the autocast dtype, as
+    ``F.linear`` would, each weight cast once a call; the gradients come back in the dtypes of the
+    tensors given. The loss is float32 (float64 for float64 inputs). Eager only: no torch.compile
+    registration.
     """
     unknown = sorted(set(kd_kwargs) - set(KD_KEYWORDS))
     if unknown:
         raise TypeError(f"fused_linear_kd_loss got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
                         f"kd_loss's keywords {', '.join(KD_KEYWORDS)}")  # fmt: skip
-    _check_linear(student_hidden, student_weight, student_bias, "student")
+    matmul_dtype = autocast_dtype(student_hidden.device)
+    _check_linear(student_hidden, student_weight, student_bias, "student", matmul_dtype)
     lead = student_hidden.shape[:-1]
     n_classes = student_weight.shape[0]
     # The logits' stand-in: their shape, dtype and device, no memory (what the checks read).
-    logits = student_hidden.new_zeros(()).expand(*lead, n_classes)
+    logits = student_hidden.new_zeros((), dtype=_cast(student_hidden, matmul_dtype).dtype).expand(*lead, n_classes)
     options = check_options(logits, target, **kd_kwargs)
     if teacher_topk is None:
         if teacher_hidden is None or teacher_weight is None:
@@ -285,7 +323,7 @@ def fused_linear_kd_loss(
         for name, value in (("values_are", values_are), ("tail", tail)):
             if value is not None:
                 raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to the teacher's layer")
-        _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+        _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher", matmul_dtype)
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)} (one teacher "
                              f"row per student row); got {tuple(teacher_hidden.shape)}")  # fmt: skip
@@ -313,10 +351,10 @@ def fused_linear_kd_loss(
         if isinstance(options[key], Tensor) and options[key].dim() > 0:
             options[key] = options[key].reshape(-1)
     if chunk_size is None:
-        chunk_size = default_chunk_size(n_rows, n_classes, student_hidden.dtype, student_hidden.device, backend)
+        chunk_size = default_chunk_size(n_rows, n_classes, logits.dtype, student_hidden.device, backend)
     loss = FusedLinearKDFunction.apply(
         student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight, student_bias, teacher,
-        None if target is None else target.reshape(-1), options, backend, chunk_size,
+        None if target is None else target.reshape(-1), options, backend, chunk_size, matmul_dtype,
     )  # fmt: skip
     return loss.reshape(lead) if options["reduction"] == "none" else loss
 

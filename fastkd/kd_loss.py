@@ -23,6 +23,7 @@ from fastkd._backend import resolve_backend
 from fastkd._validate import (
     check_choice,
     check_logits,
+    check_not_probs,
     check_number,
     check_target,
     check_teacher,
@@ -148,7 +149,7 @@ class KDLossFunction(torch.autograd.Function):
     each, target (N,) or None; ``options`` are ``kd_loss``'s keywords after checking (temperatures as
     floats or per-row tensors).
 
-    Forward returns the loss (a scalar, or (N,) for reduction "none") in the student's dtype and keeps
+    Forward returns the loss (a scalar, or (N,) for reduction "none") in float32 and keeps
     the gradient the kernel wrote (none when ``options["need_grad"]`` is false); backward scales it in
     place by dL/dloss (free when that is 1), so it runs once per forward. The teacher, target and
     temperatures get no gradient.
@@ -168,8 +169,7 @@ class KDLossFunction(torch.autograd.Function):
         ctx.later = later  # the reduction's scale, when the kernel left it to the backward (float16)
         ctx.per_row = options["reduction"] == "none"
         ctx.used = False
-        loss = rows if ctx.per_row else rows.sum()
-        return loss.to(student.dtype)
+        return rows if ctx.per_row else rows.sum()  # float32, as the kernel's row losses
 
     @staticmethod
     @once_differentiable
@@ -324,7 +324,9 @@ def kd_loss(
 
     Args:
         student_logits: (N, V) or (B, S, V) (any leading dims), float16/bfloat16/float32/float64,
-            any strides. Math in float32 (float64 for float64); the loss has the student's dtype.
+            any strides. Math in float32 (float64 for float64), and the loss is returned in that dtype
+            (as ``F.cross_entropy`` under autocast: a float16/bfloat16 loss would round it); the
+            gradient has the student's dtype.
         teacher_logits: the student's shape, or (K,) + it for an ensemble of K teachers whose
             distribution is the mean of the members' tempered softmaxes. Any float dtype. Detached: the
             teacher gets no gradient.
@@ -353,9 +355,11 @@ def kd_loss(
             of unit column stride. Kernels only (the reference ignores it), and eager only: under
             ``torch.compile`` the gradient gets its own buffer.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
-        validate_args: check target values (in [0, V) or ``ignore_index``) and tensor temperatures
-            before any kernel runs (a host sync on CUDA). Unchecked (and inside ``torch.compile``), an
-            out-of-range target gives a NaN row; a bad tensor temperature, NaN rows.
+        validate_args: check target values (in [0, V) or ``ignore_index``), tensor temperatures, and
+            that the logits are not probabilities (first rows all in [0, 1], each summing to 1: a
+            softmax of them would be a plausible wrong answer) before any kernel runs (a host sync on
+            CUDA). Unchecked (and inside ``torch.compile``), an out-of-range target gives a NaN row; a
+            bad tensor temperature, NaN rows.
 
     Masked classes (-inf logits) get probability 0. A student row of all -inf logits gives NaN. Where
     the teacher puts mass on a class the student masks, forward KL is infinite (as its math says).
@@ -394,11 +398,14 @@ def kd_loss(
         teacher_temperature=teacher_temperature, logit_norm=logit_norm, norm_scale=norm_scale,
         label_smoothing=label_smoothing, validate_args=validate_args,
     )  # fmt: skip
+    fix = "kd_loss takes logits (log-probabilities are logits too: pass p.log())"
+    check_not_probs(student_logits, "student_logits", check_values=should_check_values(validate_args), fix=fix)
     if teacher_topk is None:
         n_teachers = check_teacher(teacher_logits, student_logits)
         for name, value in (("values_are", values_are), ("tail", tail)):
             if value is not None:
                 raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to teacher_logits")
+        check_not_probs(teacher_logits, "teacher_logits", check_values=should_check_values(validate_args), fix=fix)
     else:
         teacher_topk = check_sparse_teacher(teacher_topk, student_logits, target, options, values_are, tail,
                                             validate_args)  # fmt: skip
@@ -409,8 +416,10 @@ def kd_loss(
     options["need_grad"] = torch.is_grad_enabled() and student_logits.requires_grad
     options["inplace_grad"] = inplace_grad
     if inplace_grad:
-        if student_logits.is_leaf and student_logits.requires_grad:
-            raise ValueError("student_logits: inplace_grad=True would overwrite a leaf that requires grad")
+        base = student_logits if student_logits._base is None else student_logits._base
+        if base.is_leaf and base.requires_grad:
+            raise ValueError("student_logits: inplace_grad=True would overwrite a leaf that requires grad (a "
+                             "parameter, or a view of one)")  # fmt: skip
         try:
             student = student_logits.view(-1, n_classes)
         except RuntimeError:

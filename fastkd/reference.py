@@ -200,8 +200,8 @@ def kd_loss(
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     tail: str = "none",
 ) -> torch.Tensor:
-    """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract); autograd gives
-    the gradient. Arguments are already checked: ``teacher_logits`` is the student's shape or (K,) + it
+    """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract), in the compute
+    dtype (float32, float64 for float64 logits); autograd gives the gradient. Arguments are already checked: ``teacher_logits`` is the student's shape or (K,) + it
     (None with ``teacher_topk``), temperatures are floats or tensors of one value or one per row."""
     dtype = compute_dtype(student_logits.dtype)
     s = student_logits.to(dtype)
@@ -235,13 +235,13 @@ def kd_loss(
         loss = loss + (1 - alpha) * cross_entropy(s, target, label_smoothing)
     loss = torch.where(valid, loss, 0.0)
     if reduction == "none":
-        return loss.to(student_logits.dtype)
+        return loss
     total = loss.sum()
     if reduction == "mean":
         total = total / valid.sum().clamp_min(1)
     elif reduction == "batchmean":
         total = total / max(valid.numel(), 1)
-    return total.to(student_logits.dtype)
+    return total
 
 
 # ---- calibration and fidelity -------------------------------------------------------------------------

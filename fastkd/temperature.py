@@ -21,6 +21,7 @@ infimum). Otherwise the T returned is the one the last pass evaluated, ``nll`` a
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -94,8 +95,10 @@ def fit_temperature(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
 
     Returns a ``FittedTemperature``: a float, with the number of passes and the NLL before and after.
-    Raises ``ValueError`` when every row is ignored, or when the NLL is not finite (a target class of
-    probability 0, a row of all -inf or NaN): no temperature fixes those.
+    Warns (``UserWarning``) when T is an end of ``bounds`` (the optimum lies beyond it) or ``max_passes``
+    ran out before convergence: the T returned is then not the optimum. Raises ``ValueError`` when every
+    row is ignored, or when the NLL is not finite (a target class of probability 0, a row of all -inf
+    or NaN): no temperature fixes those.
     """
     if not (isinstance(bounds, tuple) and len(bounds) == 2):
         raise TypeError(f"bounds must be a tuple (T_min, T_max), got {bounds!r}")
@@ -148,9 +151,16 @@ def fit_temperature(
         elif crawling or not lo < u_next < hi:
             u_next = math.sqrt(lo * hi)
         u = min(max(u_next, u_min), u_max)
-    return FittedTemperature(
+    fitted = FittedTemperature(
         1.0 / u, passes=passes, nll=nll, nll_initial=nll_initial, grad=grad, converged=converged, at_bound=at_bound
     )
+    if at_bound:
+        warnings.warn(f"fit_temperature: the NLL's optimum lies beyond bounds={bounds}; T = {float(fitted):g} is the "
+                      "bound, not the optimum (every prediction right by a wide margin, say)", stacklevel=2)  # fmt: skip
+    elif not converged:
+        warnings.warn(f"fit_temperature: max_passes={max_passes} ran out before convergence; T = {float(fitted):g} is "
+                      "the last one evaluated (raise max_passes)", stacklevel=2)  # fmt: skip
+    return fitted
 
 
 class TemperatureScaler(nn.Module):

@@ -127,3 +127,17 @@ def test_no_rows(backend):
 def test_bad_input(student, teacher, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastkd.fidelity(torch.randn(student, device=DEVICE), torch.randn(teacher, device=DEVICE), **kwargs)
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_nan_rows_and_probabilities_are_named(backend, which):
+    """A NaN row makes the KL NaN: checked, a ValueError names it; probabilities passed as logits raise."""
+    student, teacher = _pair(6, 10, seed=40)
+    teacher = teacher[0]
+    (student if which == "student" else teacher)[4, 2] = math.nan
+    with pytest.raises(ValueError, match=f"{which}_logits: row 4 holds NaN"):
+        fastkd.fidelity(student, teacher, backend=backend)
+    assert math.isnan(fastkd.fidelity(student, teacher, backend=backend, validate_args=False).predictive_kl)
+    p, q = (torch.softmax(x, -1) for x in _pair(6, 10, seed=42))
+    with pytest.raises(ValueError, match='student_logits look like probabilities.*input="probs"'):
+        fastkd.fidelity(p, q, backend=backend)

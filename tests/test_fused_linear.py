@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, DTYPES, assert_close
 
 import fastkd
-from fastkd import fused_linear
+from fastkd import fused_linear, reference
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 
@@ -83,7 +83,7 @@ def check(inputs, target, backend, **options):
     loss, grads = run(inputs, target, backend=backend, **options)
     want_loss, want_grads = exact(inputs, target, **options)
     base_loss, base_grads = run(inputs, target, fused=False, backend=backend, **options)
-    assert loss.dtype == dtype and loss.shape == want_loss.shape
+    assert loss.dtype == reference.compute_dtype(dtype) and loss.shape == want_loss.shape
     assert_close(loss, want_loss, dtype, baseline=base_loss)
     for got, want, base in zip(grads, want_grads, base_grads):
         assert (got is None) == (want is None)
@@ -130,6 +130,26 @@ def test_options(backend, options):
 def test_dtypes(backend, dtype):
     inputs, target = problem(dtype=dtype, v=300)
     check(inputs, target, backend, chunk_size=9, temperature=2.0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_autocast_mixed_precision(backend, divergence):
+    """float32 layers and bfloat16 hidden states under torch.autocast (the usual mixed-precision layout;
+    it raised TypeError): the layers run in bfloat16 as F.linear's would, the gradients come back in the
+    dtypes given (float32 for the weight and bias), the loss in float32."""
+    inputs, target = problem()
+    inputs["student_hidden"] = inputs["student_hidden"].bfloat16()
+    inputs["teacher_hidden"] = inputs["teacher_hidden"].bfloat16()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss, grads = run(inputs, target, backend=backend, divergence=divergence, chunk_size=7)
+        base_loss, base_grads = run(inputs, target, fused=False, backend=backend, divergence=divergence)
+    assert loss.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    rounded = {k: v.bfloat16() for k, v in inputs.items()}  # what autocast multiplies
+    want_loss, want_grads = exact(rounded, target, divergence=divergence)
+    assert_close(loss, want_loss, torch.bfloat16, baseline=base_loss)
+    for got, want, base in zip(grads, want_grads, base_grads):
+        assert_close(got, want, torch.bfloat16, baseline=base)
 
 
 def test_no_bias_wide_rows_and_one_row(backend):

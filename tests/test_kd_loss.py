@@ -74,7 +74,8 @@ def check(student, teacher, target=None, backend="torch", **options):
     """Loss and gradient of ``backend`` within the dtype's tolerance of float64; returns them."""
     loss, grad = run(student, teacher, target, backend, **options)
     want_loss, want_grad = exact(student, teacher, target, **options)
-    assert loss.dtype == student.dtype and grad.dtype == student.dtype and grad.shape == student.shape
+    assert loss.dtype == reference.compute_dtype(student.dtype) and grad.dtype == student.dtype
+    assert grad.shape == student.shape
     # The loss is a difference of terms of about 1 per row (lse - x_y, for one), and dL/dx of terms of
     # about dL/d(row loss): their tolerances are relative to those sizes, plus twice the error of the
     # reference in float32 (a KL between close distributions keeps the float32 error of the row's
@@ -569,3 +570,32 @@ def test_unchecked_bad_tensor_temperature_gives_a_nan_row(backend, which):
     assert grad[2:].isnan().any(-1).all() and not grad[:2].isnan().any()
     compiled = torch.compile(lambda s, t: fastkd.kd_loss(s, t, Y, backend=backend, **options), fullgraph=True)
     assert compiled(S, T_)[2:].isnan().all()
+
+
+def test_probabilities_passed_as_logits_are_refused(backend):
+    """Softmax outputs passed as logits (a plausible wrong loss) raise, naming the argument."""
+    p, q = torch.softmax(S, -1), torch.softmax(T_, -1)
+    with pytest.raises(ValueError, match="teacher_logits look like probabilities.*pass p.log()"):
+        fastkd.kd_loss(S, q, Y, backend=backend)
+    with pytest.raises(ValueError, match="student_logits look like probabilities"):
+        fastkd.kd_loss(p, T_, Y, backend=backend)
+    fastkd.kd_loss(S, q, Y, backend=backend, validate_args=False)  # unchecked: taken as logits
+    assert_close(run(S, q.log(), Y, backend)[0], exact(S, T_, Y)[0], torch.float32)  # log p is a teacher's logits
+
+
+def test_inplace_grad_refuses_a_view_of_a_parameter():
+    """inplace_grad=True on a view of a parameter would overwrite the parameter: refused."""
+    weight = torch.nn.Parameter(logits(4, 10).reshape(-1).clone())
+    with pytest.raises(ValueError, match="overwrite a leaf that requires grad .*a view of one"):
+        fastkd.kd_loss(weight.view(4, 10), T_, Y, inplace_grad=True, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_is_float32_for_half_inputs(backend, dtype):
+    """The loss of half-precision logits is returned in float32 (as F.cross_entropy under autocast), not
+    rounded to the logits' dtype; the gradient keeps their dtype."""
+    student, teacher = logits(8, 300, dtype=dtype), logits(8, 300, dtype=dtype, seed=1)
+    loss, grad = run(student, teacher, targets(8, 300), backend)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    want = exact(student, teacher, targets(8, 300))[0]
+    assert abs(loss.double() - want) < abs(loss.to(dtype).double() - want) or loss.to(dtype).double() == want

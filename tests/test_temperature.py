@@ -110,19 +110,24 @@ def test_optimum_beyond_bounds(backend):
     """Every prediction right by a wide margin: the NLL falls toward 0 as T -> 0, so T is the lower bound."""
     logits = torch.eye(5, device=DEVICE).repeat(20, 1) * 10
     target = torch.arange(5, device=DEVICE).repeat(20)
-    temperature = fastkd.fit_temperature(logits, target, backend=backend)
+    with pytest.warns(UserWarning, match=r"optimum lies beyond bounds=\(0.01, 100.0\)"):
+        temperature = fastkd.fit_temperature(logits, target, backend=backend)
     assert temperature.at_bound and temperature == pytest.approx(0.01) and temperature.passes <= 12
     assert temperature.nll < 1e-6
-    wrong = fastkd.fit_temperature(logits, (target + 1) % 5, bounds=(0.1, 50.0), backend=backend)
+    with pytest.warns(UserWarning, match="T = 50 is the bound"):
+        wrong = fastkd.fit_temperature(logits, (target + 1) % 5, bounds=(0.1, 50.0), backend=backend)
     assert wrong.at_bound and wrong == pytest.approx(50.0)
+    with pytest.warns(UserWarning, match="is the bound, not the optimum"):  # the scaler stores it, warned
+        fastkd.TemperatureScaler().fit(logits, target, backend=backend)
 
 
 def test_single_class_and_single_row(backend):
     assert fastkd.fit_temperature(torch.randn(7, 1, device=DEVICE), torch.zeros(7, dtype=torch.int64, device=DEVICE),
                                   backend=backend) == 1.0  # fmt: skip
     # One row whose target is the middle logit: the NLL is least at u = 0 (uniform), so T is the upper bound.
-    single = fastkd.fit_temperature(torch.tensor([[1.0, 0.0, -1.0]], device=DEVICE), torch.tensor([1], device=DEVICE),
-                                    backend=backend)  # fmt: skip
+    with pytest.warns(UserWarning, match="beyond bounds"):
+        single = fastkd.fit_temperature(torch.tensor([[1.0, 0.0, -1.0]], device=DEVICE),
+                                        torch.tensor([1], device=DEVICE), backend=backend)  # fmt: skip
     assert single.at_bound and single == 100.0 and single.nll < single.nll_initial
 
 
@@ -139,7 +144,8 @@ def test_temperature_scaler():
 
 def test_max_passes_returns_an_evaluated_temperature(backend):
     z, y = _well_specified(500)
-    first = fastkd.fit_temperature(z * 3, y, max_passes=1, backend=backend)
+    with pytest.warns(UserWarning, match="max_passes=1 ran out before convergence"):
+        first = fastkd.fit_temperature(z * 3, y, max_passes=1, backend=backend)
     assert first == 1.0 and not first.converged and first.nll == pytest.approx(_nll(z * 3, y, 1.0), rel=1e-6)
 
 
