@@ -81,7 +81,9 @@ def call_in_forward(module: nn.Module, fn: Callable[..., Any], /, *args: Any, **
     arguments go through the hooks too (FSDP2 may move them to the device, cast floating ones to its
     ``param_dtype``): pass the tensors ``fn`` differentiates through as arguments, and data that must not
     be cast by closure. The original forward is back in place while ``fn`` runs (``fn`` may call it) and
-    after the call, whatever happens.
+    after the call, whatever happens. A wrapper set on the instance's forward does not run: accelerate's
+    mixed-precision wrapper (``torch.autocast`` around ``model.forward``) among them; enter the autocast
+    around the call instead (``with accelerator.autocast(): ...``).
     """
     inner = _inner(module)
     sentinel = object()
@@ -173,14 +175,21 @@ def head_kd_loss(
     one (``temperature``, ``alpha``, ``divergence``, ``beta``, ``ignore_index``, ``reduction``, ...,
     ``chunk_size``, ``values_are``, ``tail``). Returns its result: by default the mean over the rows whose
     ``target`` is not ``ignore_index``.
+
+    Under ``torch.autocast`` (a Trainer's bf16 / fp16 mixed precision, entered by the caller: see
+    ``call_in_forward``) the heads' matmuls run in the autocast dtype, as ``fused_linear_kd_loss`` runs
+    them there; a sharded teacher head is gathered in that dtype.
     """
     loss_fn = _loss_fn(loss_fn, kd_kwargs)
     teacher_weight, teacher_bias = _weight_and_bias(teacher_head)
-    dtype = None if teacher_hidden is None else teacher_hidden.dtype
 
     def forward(hidden: Tensor) -> Tensor:
         weight, bias = student_head.weight, getattr(student_head, "bias", None)
         check_not_sharded(student_weight=weight, student_bias=bias)
+        dtype = None if teacher_hidden is None else teacher_hidden.dtype
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device) and dtype != torch.float64:  # the dtype the matmul will take
+            dtype = torch.get_autocast_dtype(device)
         with gathered(teacher_weight, dtype) as whole_weight, \
                 gathered(teacher_bias, dtype, "teacher_bias") as whole_bias:  # fmt: skip
             return loss_fn(hidden, weight, teacher_hidden, whole_weight, target, student_bias=bias,

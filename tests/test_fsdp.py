@@ -10,6 +10,8 @@ outside the forward names the weight and the supported way.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 import traceback
 import types
@@ -116,7 +118,15 @@ CASES = {
     "jsd-replicated-teacher": ("root", "replicated", False, False, dict(divergence="jsd", temperature=3.0)),
     "forward_kl-ddp": ("ddp", "replicated", True, False, dict(temperature=2.0, alpha=0.5)),
     "rank-1-all-ignored": ("head", "root", False, True, dict(divergence="jsd", alpha=0.5)),
+    # Under torch.autocast (bfloat16): the teacher's head gathered in bfloat16; against the same models
+    # under autocast in one process, to bfloat16's tolerance.
+    "forward_kl-tail-autocast": ("tail", "head", False, False, dict(temperature=2.0, alpha=0.5)),
 }
+AUTOCAST = {"forward_kl-tail-autocast"}
+
+
+def _autocast(name: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if name in AUTOCAST else contextlib.nullcontext()
 
 
 def _shard(model: TinyCausalLM, layout: str, mesh) -> nn.Module:
@@ -154,6 +164,24 @@ def _run_case(name: str, rank: int, mesh) -> dict:
     captured = {}
     student.model.register_forward_hook(lambda m, args, out: captured.update(hidden=out) or out.retain_grad())
     loss_fn = fastkd.FusedLinearKDLoss(**kd)
+    with _autocast(name):
+        loss = _loss(model, teacher, teacher_mode, batch, rank, loss_fn)
+    (2 * loss).backward()
+    grads = {n: _numpy(p.grad) for n, p in student.named_parameters()}
+    sharded = {n: isinstance(p, DTensor) for n, p in student.named_parameters()}
+    return {
+        "loss": loss.detach().double().numpy(),
+        "hidden_grad": _numpy(captured["hidden"].grad),
+        "grads": grads,
+        "sharded": sharded,
+        "teacher_grads": [n for n, p in teacher.named_parameters() if p.grad is not None],
+        "teacher_head_sharded_after": isinstance(teacher.lm_head.weight, DTensor),
+    }
+
+
+def _loss(model, teacher, teacher_mode: str, batch: dict, rank: int, loss_fn) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
     if teacher_mode == "topk":
         loss = fsdp.causal_lm_kd_loss(model, batch, teacher_topk=make_topk(rank), loss_fn=loss_fn)
     elif teacher_mode == "hidden-head":
@@ -166,17 +194,7 @@ def _run_case(name: str, rank: int, mesh) -> dict:
                                       teacher_head=teacher.lm_head, loss_fn=loss_fn)  # fmt: skip
     else:
         loss = fsdp.causal_lm_kd_loss(model, batch, teacher=teacher, loss_fn=loss_fn)
-    (2 * loss).backward()
-    grads = {n: _numpy(p.grad) for n, p in student.named_parameters()}
-    sharded = {n: isinstance(p, DTensor) for n, p in student.named_parameters()}
-    return {
-        "loss": loss.detach().double().numpy(),
-        "hidden_grad": _numpy(captured["hidden"].grad),
-        "grads": grads,
-        "sharded": sharded,
-        "teacher_grads": [n for n, p in teacher.named_parameters() if p.grad is not None],
-        "teacher_head_sharded_after": isinstance(teacher.lm_head.weight, DTensor),
-    }
+    return loss
 
 
 def _errors(mesh) -> dict:
@@ -245,15 +263,19 @@ def two_ranks(tmp_path_factory):
 
 
 def _reference_rank(name: str, rank: int) -> dict:
-    """Rank ``rank``'s loss and gradients in one process, float64, on materialized logits: the loss is
-    ``kd_loss`` of the shifted logits, dL/dparams of 2 * loss."""
+    """Rank ``rank``'s loss and gradients in one process, float64 (float32 models under autocast for the
+    autocast case), on materialized logits: the loss is ``kd_loss`` of the shifted logits, dL/dparams of
+    2 * loss."""
     layout, teacher_mode, bias, all_ignored, kd = CASES[name]
-    student, teacher = (m.double() for m in make_models(bias))
+    student, teacher = (m if name in AUTOCAST else m.double() for m in make_models(bias))
     batch = make_batch(rank, all_ignored and rank == 1)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = student.model(**inputs)
-    hidden.retain_grad()
-    logits = student.lm_head(hidden)[:, :-1]
+    with _autocast(name):
+        hidden = student.model(**inputs)
+        hidden.retain_grad()
+        logits = student.lm_head(hidden)[:, :-1].double()
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs)[:, :-1].double()
     options = dict(kd, backend="torch")
     if teacher_mode == "topk":
         indices, values = make_topk(rank, torch.float64)
@@ -261,38 +283,37 @@ def _reference_rank(name: str, rank: int) -> dict:
                               teacher_topk=(indices[:, :-1], values[:, :-1]), **options)  # fmt: skip
     else:
         options.pop("tail", None)
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs)[:, :-1]
         loss = fastkd.kd_loss(logits, teacher_logits, batch["labels"][:, 1:], **options)
     (2 * loss).backward()
     return {"loss": loss.detach(), "hidden_grad": hidden.grad,
             "grads": {n: p.grad for n, p in student.named_parameters()}}  # fmt: skip
 
 
-def _check(actual: np.ndarray, expected: torch.Tensor) -> None:
+def _check(actual: np.ndarray, expected: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
     actual = torch.from_numpy(np.asarray(actual))
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert_close(actual, expected, torch.float32)
+    assert_close(actual, expected.double(), dtype)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_equals_one_process(two_ranks, name):
-    layout = CASES[name][0]
+    layout, dtype = CASES[name][0], torch.bfloat16 if name in AUTOCAST else torch.float32
     reference = [_reference_rank(name, rank) for rank in (0, 1)]
     got = [two_ranks[rank][0][name] for rank in (0, 1)]
+    _check_ = functools.partial(_check, dtype=dtype)
     for rank in (0, 1):
-        _check(got[rank]["loss"], reference[rank]["loss"])
-        _check(got[rank]["hidden_grad"], reference[rank]["hidden_grad"])
+        _check_(got[rank]["loss"], reference[rank]["loss"])
+        _check_(got[rank]["hidden_grad"], reference[rank]["hidden_grad"])
     # FSDP2 and DDP average the parameters' gradients over the ranks.
     for param, grad_0 in reference[0]["grads"].items():
         expected = (grad_0 + reference[1]["grads"][param]) / 2
         if layout == "ddp":
             assert not got[0]["sharded"][param]
             for rank in (0, 1):
-                _check(got[rank]["grads"][param], expected)
+                _check_(got[rank]["grads"][param], expected)
         else:  # Shard(0): rank 0 holds the first ceil(n / 2) rows of the gradient, rank 1 the rest
             assert got[0]["sharded"][param] and got[1]["sharded"][param]
-            _check(np.concatenate([got[0]["grads"][param], got[1]["grads"][param]]), expected)
+            _check_(np.concatenate([got[0]["grads"][param], got[1]["grads"][param]]), expected)
     for rank in (0, 1):
         assert got[rank]["teacher_grads"] == []
 
@@ -476,3 +497,21 @@ def test_hugging_face_causal_lm():
         want = fastkd.kd_loss(student(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1],
                               batch["labels"][:, 1:], divergence="jsd", alpha=0.5)  # fmt: skip
     torch.testing.assert_close(loss.detach(), want, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+def test_under_autocast_the_heads_run_in_its_dtype():
+    """Under torch.autocast (bfloat16 on the CPU) the loss is kd_loss of F.linear's autocast logits, to
+    bfloat16's tolerance, whether the teacher's head is given whole or gathered in that dtype; the float32
+    weight gets a float32 gradient, the teacher none."""
+    student, teacher = make_models(bias=True)
+    h, h_t, y = torch.randn(7, H), torch.randn(7, H_T), torch.tensor([1, 2, -100, 4, 5, 6, 100])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fsdp.head_kd_loss(student.lm_head, h.requires_grad_(), teacher.lm_head, h_t, y,
+                                 temperature=2.0)  # fmt: skip
+        logits, teacher_logits = student.lm_head(h), teacher.lm_head(h_t)
+    assert logits.dtype == torch.bfloat16
+    loss.backward()
+    want = fastkd.kd_loss(logits.double(), teacher_logits.double(), y, temperature=2.0)
+    assert_close(loss.double(), want.detach(), torch.bfloat16)
+    assert student.lm_head.weight.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    assert teacher.lm_head.weight.grad is None
