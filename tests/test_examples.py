@@ -62,3 +62,63 @@ def test_hf_trainer_example_without_transformers_says_what_to_install():
                          timeout=120, check=False)  # fmt: skip
     assert run.returncode != 0
     assert "pip install transformers accelerate" in run.stderr
+
+
+# fastkd.fsdp: FSDP2 examples (examples/fsdp_fused_linear_kd.py, hf_fsdp_trainer_kd.py, trl_distill_fused.py).
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_fsdp_example_on_two_gloo_processes():
+    stdout, first, last = _run([*TORCHRUN, "examples/fsdp_fused_linear_kd.py", "--steps", "12",
+                                "--teacher-steps", "20", "--device", "cpu", "--layout", "tail"])  # fmt: skip
+    # Outside the forward the head is a shard (V = 257: 129 rows on rank 0), refused by name.
+    assert "lm_head.weight outside the forward: DTensor (Shard(dim=0),), 129 of its 257 rows" in stdout
+    assert "outside the forward: ValueError: student_weight is a DTensor (Shard(dim=0))" in stdout
+    assert "2 rank(s), cpu, layout tail, teacher model" in stdout
+    assert last < 0.9 * first, (first, last)
+
+
+def test_hf_fsdp_trainer_example_on_two_gloo_processes():
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    stdout, first, last = _run([*TORCHRUN, "examples/hf_fsdp_trainer_kd.py", "--fsdp", "--steps", "12",
+                                "--teacher-steps", "20"], timeout=240)  # fmt: skip
+    # Accelerate sharded the student (its head a DTensor before the first forward); on each rank the first
+    # fused loss equals kd_loss on the logits of the models' own forwards.
+    assert stdout.count("= kd_loss on the logits") == 2
+    assert stdout.count("FSDPLlamaForCausalLM, its lm_head.weight a DTensor before the first forward") == 2
+    assert "2 process(es), FSDP2" in stdout
+    assert last < 0.9 * first, (first, last)
+
+
+def test_trl_gkd_example():
+    pytest.importorskip("trl")
+    stdout, first, last = _run([sys.executable, "examples/trl_distill_fused.py", "--trainer", "gkd",
+                                "--steps", "12", "--teacher-steps", "20"], timeout=240)  # fmt: skip
+    assert "rank 0: step 0: fused loss" in stdout and "= GKDTrainer's" in stdout  # checked to 1e-4 there
+    assert last < first, (first, last)
+
+
+def test_trl_distillation_example_on_two_gloo_processes():
+    pytest.importorskip("trl")
+    stdout, first, last = _run([*TORCHRUN, "examples/trl_distill_fused.py", "--trainer", "distillation",
+                                "--fsdp", "--steps", "8", "--teacher-steps", "20"], timeout=240)  # fmt: skip
+    assert stdout.count("= DistillationTrainer's") == 2
+    assert "FusedDistillationTrainer, FSDP2" in stdout
+    assert last < first, (first, last)
+
+
+@pytest.mark.parametrize(
+    "script, module, install",
+    [("hf_fsdp_trainer_kd.py", "transformers", "pip install transformers accelerate"),
+     ("trl_distill_fused.py", "trl", "pip install trl")],
+)  # fmt: skip
+def test_fsdp_examples_without_their_packages_say_what_to_install(script, module, install):
+    code = (f"import runpy, sys; sys.modules[{module!r}] = None; "
+            f"runpy.run_path('examples/{script}', run_name='__main__')")  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    assert run.returncode != 0
+    assert install in run.stderr
