@@ -186,8 +186,10 @@ def main() -> None:
         print(f"transformers {transformers.__version__}, accelerate {accelerate.__version__}: {len(losses)} "
               f"steps, {trainer.args.world_size} process(es), {mode}")  # fmt: skip
         print(f"loss first={losses[0]:.6f} last={losses[-1]:.6f}")
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
-        time.sleep(0.1)  # torch 2.13 + gloo: see examples/ddp_fused_linear_kd.py
+    if torch.distributed.is_initialized():  # torchrun: the Trainer's process group, closed before exit
+        if torch.distributed.get_backend() == "gloo":
+            time.sleep(0.1)  # torch 2.13 + gloo: see examples/ddp_fused_linear_kd.py
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
