@@ -19,8 +19,9 @@ head on each of P ranks; see ``fastkd.sharding``), so the loss must run where th
     head_kd_loss(head, h_s, teacher_head, h_t, target):
          as head's forward (a head sharded as its own FSDP2 unit is gathered by its hooks): W_s, b_s as the
          head holds them now (whole: else a ValueError, see ``fastkd.sharding``); W_t, b_t gathered in
-         h_t's dtype (an all_gather of the shards of a DTensor, no gradient) for the call and freed when it
-         returns; loss = FusedLinearKDLoss(h_s, W_s, h_t, W_t, target, b_s, b_t)   (or a sparse teacher_topk)
+         h_t's dtype, autocast's under autocast (an all_gather of the shards of a DTensor, no gradient) for
+         the call and freed when it returns; loss = FusedLinearKDLoss(h_s, W_s, h_t, W_t, target, b_s, b_t)
+         (or a sparse teacher_topk)
 
 The rows: position i of sequence b (i < S - 1) pairs the student's and teacher's hidden states at i with
 labels[b, i + 1], the next token (``shift=True``; Hugging Face's convention, labels = input ids); a row
@@ -34,7 +35,8 @@ unsharded parameter, as in any forward through it), its gradient (V x H, float32
 in the forward and handed to FSDP2's reduce-scatter in the backward), the teacher's head whole (V x H_t,
 gathered for the loss only), and one chunk's logits (C x V, student and teacher): each head once, never
 the (N, V) logits. Materializing the logits adds N x V for each of the student's logits, their gradient
-and the teacher's logits (benchmarks/fsdp_memory.py measures both).
+and the teacher's logits (benchmarks/fsdp_memory.py measures both: on the CPU, float32, V = 32000, 2048
+rows per rank, 684 MiB against 3763 MiB; at 4096 rows 740 against 7494).
 
 Works with plain modules, ``DistributedDataParallel`` and FSDP2 (any layout: the head in the root's
 group, as its own unit, or grouped with the final norm as accelerate does), in eager mode. Not supported:
