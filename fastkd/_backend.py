@@ -1,26 +1,52 @@
-"""Which implementation runs an op: the one place that decides.
+"""Which implementation runs an op: the registry of backends, the one place that decides.
 
-``backend`` names one of
-  ``"torch"``   the pure-PyTorch reference (``fastkd.reference``): any device, any float dtype;
-  ``"triton"``  the Triton kernels (``fastkd.kernels``): CUDA tensors of float16, bfloat16 or float32,
-                or CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before
-                ``fastkd.kernels`` is first imported), which is how the tests run the kernels without
-                a GPU;
-  ``"auto"``    (the default) Triton for CUDA tensors it supports, the reference for everything else.
-The environment variable ``FASTKD_BACKEND`` replaces ``"auto"`` with the backend it names; a backend
-passed explicitly to an op wins over it.
+A backend is a ``Backend`` entry: its name, the module that implements the ops (the contract in
+``fastkd.backends``), imported on first use, a check that refuses the tensors it cannot run with a named
+error, and whether ``"auto"`` picks it for a tensor. ``resolve_backend`` returns the implementation
+module; the ops call ``impl.<op>`` and compare no names. Registered here:
+
+  ``"torch"``   plain PyTorch (``fastkd.backends.torch``): any device, any float dtype;
+  ``"triton"``  the Triton kernels (``fastkd.backends.triton`` over ``fastkd.kernels``): CUDA tensors of
+                float16, bfloat16 or float32, or CPU tensors when Triton's interpreter is on
+                (``TRITON_INTERPRET=1`` set before ``fastkd.kernels`` is first imported), which is how the
+                tests run the kernels without a GPU.
+
+``"auto"`` (the default) takes the first registered backend whose ``auto`` accepts the tensor: Triton
+for the CUDA tensors it supports, else PyTorch. The environment variable ``FASTKD_BACKEND`` replaces
+``"auto"`` with the backend it names; a backend passed explicitly to an op wins over it.
+``register_backend`` adds one (before the others for ``"auto"`` when ``first``).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up, not imported
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of fastkd's ops.
+
+    ``module``: the import path of the module implementing the contract of ``fastkd.backends``.
+    ``check(tensor)``: raises a named ``TypeError`` / ``ValueError`` / ``RuntimeError`` for a tensor
+    this backend cannot run (the op's main input: logits, or the student's).
+    ``auto(tensor)``: whether ``"auto"`` picks this backend for the tensor.
+    """
+
+    name: str
+    module: str
+    check: Callable[[torch.Tensor], None]
+    auto: Callable[[torch.Tensor], bool]
 
 
 def _triton_interpreting() -> bool:
@@ -29,35 +55,88 @@ def _triton_interpreting() -> bool:
     return INTERPRET
 
 
-def _check_name(value: object, source: str) -> str:
-    if value not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))}; got {value!r}")
+def _check_triton(logits: torch.Tensor) -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"backend='triton' runs float16, bfloat16 and float32 logits, got {logits.dtype}; "
+            "use backend='torch' (or 'auto')"
+        )
+    if not logits.is_cuda and not _triton_interpreting():
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, but logits are on {logits.device} (to run the "
+            "kernels on CPU, set TRITON_INTERPRET=1 before importing fastkd)"
+        )
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend, *, first: bool = False) -> None:
+    """Add (or replace) a backend; ``first`` puts it before the others in ``"auto"``'s order."""
+    if backend.name == "auto":
+        raise ValueError("'auto' names the choice among backends, not a backend")
+    _REGISTRY.pop(backend.name, None)
+    if first:
+        entries = dict(_REGISTRY)
+        _REGISTRY.clear()
+        _REGISTRY[backend.name] = backend
+        _REGISTRY.update(entries)
+    else:
+        _REGISTRY[backend.name] = backend
+
+
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name)
+
+
+def backend_names() -> tuple[str, ...]:
+    """``"auto"`` and the registered backends' names, in ``"auto"``'s order."""
+    return ("auto", *_REGISTRY)
+
+
+register_backend(Backend(
+    "triton", "fastkd.backends.triton", _check_triton,
+    auto=lambda x: x.is_cuda and x.dtype in KERNEL_DTYPES and TRITON_AVAILABLE,
+))  # fmt: skip
+register_backend(Backend("torch", "fastkd.backends.torch", check=lambda x: None, auto=lambda x: True))
+
+
+def check_backend_name(value: object, source: str = "backend") -> str:
+    """A registered name or ``"auto"`` (a ValueError listing them otherwise)."""
+    names = backend_names()
+    if not isinstance(value, str) or value not in names:
+        listed = ("auto", *sorted(names[1:]))
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, listed))}; got {value!r}")
     return value
 
 
-def resolve_backend(backend: str, logits: torch.Tensor) -> str:
-    """The backend, ``"torch"`` or ``"triton"``, that runs an op on ``logits``.
+def resolve_backend(backend: str, logits: torch.Tensor) -> ModuleType | SimpleNamespace:
+    """The implementation module that runs an op on ``logits`` (its ``NAME`` is the backend's name).
 
-    Raises ``ValueError`` for an unknown name or a tensor the named backend cannot run on, ``TypeError``
-    for a dtype it does not support, ``RuntimeError`` when Triton is not installed.
+    Raises ``ValueError`` for an unknown name, and the backend's own error for a tensor it cannot run
+    (``TypeError`` for a dtype, ``ValueError`` for a device, ``RuntimeError`` for a missing package).
     """
-    backend = _check_name(backend, "backend")
-    if backend == "auto":
-        backend = _check_name(os.environ.get("FASTKD_BACKEND", "auto"), "FASTKD_BACKEND")
-    if backend == "auto":
-        use_triton = logits.is_cuda and logits.dtype in KERNEL_DTYPES and TRITON_AVAILABLE
-        return "triton" if use_triton else "torch"
-    if backend == "triton":
-        if not TRITON_AVAILABLE:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if logits.dtype not in KERNEL_DTYPES:
-            raise TypeError(
-                f"backend='triton' runs float16, bfloat16 and float32 logits, got {logits.dtype}; "
-                "use backend='torch' (or 'auto')"
-            )
-        if not logits.is_cuda and not _triton_interpreting():
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors, but logits are on {logits.device} (to run the "
-                "kernels on CPU, set TRITON_INTERPRET=1 before importing fastkd)"
-            )
-    return backend
+    name = check_backend_name(backend)
+    if name == "auto":
+        name = check_backend_name(os.environ.get("FASTKD_BACKEND", "auto"), "FASTKD_BACKEND")
+    if name == "auto":
+        name = next(entry.name for entry in _REGISTRY.values() if entry.auto(logits))
+    entry = _REGISTRY[name]
+    entry.check(logits)
+    return implementation(name)
+
+
+def implementation(name: str) -> ModuleType | SimpleNamespace:
+    """The implementation module of the registered backend ``name``, imported on first use.
+
+    While ``torch.compile`` traces a call (which cannot trace an import), a module not imported yet is
+    its name alone, ``NAME``: a traced op reaches the backend through its ``torch.library`` op, whose
+    body runs eagerly and imports it then."""
+    module = sys.modules.get(_REGISTRY[name].module)
+    if module is None:
+        if torch.compiler.is_compiling():
+            return SimpleNamespace(NAME=name)
+        module = importlib.import_module(_REGISTRY[name].module)
+    return module

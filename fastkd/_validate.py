@@ -42,6 +42,35 @@ def should_check_values(validate_args: bool) -> bool:
     return validate_args and not torch.compiler.is_compiling()
 
 
+def check_scalar_temperature(temperature: object, name: str = "temperature") -> None:
+    """A temperature's type (a float or a tensor) and, for a float, its value: finite and > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
+    if not isinstance(temperature, torch.Tensor) and not 0 < temperature < math.inf:
+        # comparisons, not math.isfinite: torch.compile traces them
+        raise ValueError(f"{name} must be finite and > 0, got {temperature}")
+
+
+def check_ignore_index(ignore_index: object) -> None:
+    """An int (not a bool)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_classes(logits: torch.Tensor, name: str = "logits") -> None:
+    """At least one class along the last dimension."""
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one class (the last dimension is 0)")
+
+
+def check_keywords(keywords: dict, allowed: tuple[str, ...], caller: str) -> None:
+    """No keyword outside ``allowed``: a ``TypeError`` naming them, as Python's own for a function."""
+    unknown = sorted(set(keywords) - set(allowed))
+    if unknown:
+        raise TypeError(f"{caller} got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(allowed)}")  # fmt: skip
+
+
 def check_temperature(
     temperature: object,
     logits: torch.Tensor,
@@ -59,11 +88,8 @@ def check_temperature(
     PyTorch treats CPU scalars). ``rows``, a bool mask of the row shape, limits the value check of a
     per-row temperature to the rows that count (e.g. not ``ignore_index``).
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
+    check_scalar_temperature(temperature, name)
     if not isinstance(temperature, torch.Tensor):
-        if not 0 < temperature < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
-            raise ValueError(f"{name} must be finite and > 0, got {temperature}")
         return temperature
 
     if not temperature.is_floating_point():

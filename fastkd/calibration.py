@@ -48,9 +48,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastkd import reference
-from fastkd._backend import BACKENDS, resolve_backend
+from fastkd._backend import check_backend_name, resolve_backend
+from fastkd._host import unit_column_stride
 from fastkd._validate import (
     check_choice,
+    check_ignore_index,
     check_int,
     check_logits,
     check_not_probs,
@@ -64,7 +66,7 @@ from fastkd._validate import (
 NORMS = ("l1", "l2", "max")
 BINNINGS = ("uniform", "adaptive")
 INPUTS = ("logits", "probs")
-CHUNK_ELEMENTS = 1 << 24  # rows x classes per step of the PyTorch path (64 MiB of float32)
+CHUNK_ELEMENTS = 1 << 24  # rows x classes per step of classwise binning (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ def _prepare(
     validate_args: bool,
 ) -> tuple[Tensor, Tensor, float | Tensor, bool, str]:
     """Checked arguments as (rows (N, C) detached, targets (N,) contiguous, temperature (a float or a
-    tensor of one value or N, detached), whether the rows are probabilities, backend). Ignored rows are
+    tensor of one value or N, detached), whether the rows are probabilities, the backend's
+    implementation). Ignored rows are
     not value-checked (their probabilities or temperature may be padding). Binary logits (the target's
     shape) come back as two classes (module doc)."""
     check_logits(logits)
@@ -177,8 +180,7 @@ def _prepare(
         logits = binary_as_two_classes(logits.detach(), probs)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have at least one class (the last dimension is 0)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     check_values = should_check_values(validate_args)
     check_target(target, logits, ignore_index, check_values=check_values)
     counted = target != ignore_index if check_values else None
@@ -189,9 +191,9 @@ def _prepare(
         check_probs(logits, "logits", check_values=check_values, rows=counted)
     else:
         check_not_probs(logits, "logits", check_values=check_values, fix='Pass input="probs" for probabilities')
-    backend = resolve_backend(backend, logits)
-    rows = logits.detach().reshape(-1, logits.shape[-1])
-    return rows, target.reshape(-1).contiguous(), temperature, probs, backend
+    impl = resolve_backend(backend, logits)
+    rows = unit_column_stride(logits.detach().reshape(-1, logits.shape[-1]))
+    return rows, target.reshape(-1).contiguous(), temperature, probs, impl
 
 
 def binary_as_two_classes(scores: Tensor, probs: bool) -> Tensor:
@@ -211,7 +213,7 @@ def no_distribution_error(rows: Tensor, target: Tensor, ignore_index: int, name:
 
 
 def _row_chunks(rows: Tensor, target: Tensor, temperature: float | Tensor):
-    """(rows, target, temperature) in pieces of at most ``CHUNK_ELEMENTS`` entries (PyTorch path)."""
+    """(rows, target, temperature) in pieces of at most ``CHUNK_ELEMENTS`` entries (classwise binning)."""
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
     for start in range(0, rows.shape[0], step):
         t = temperature
@@ -220,34 +222,11 @@ def _row_chunks(rows: Tensor, target: Tensor, temperature: float | Tensor):
         yield rows[start : start + step], target[start : start + step], t
 
 
-def _top_label_rows(rows, target, temperature, probs, ignore_index, backend) -> tuple[Tensor, Tensor]:
+def _top_label_rows(rows, target, temperature, probs, ignore_index, impl) -> tuple[Tensor, Tensor]:
     """(confidence, correct) of the rows not ignored."""
-    if backend == "triton":
-        from fastkd.kernels.calibration import calibration_pass
-
-        out = calibration_pass(rows, target, "rows", temperature=temperature, probs=probs, ignore_index=ignore_index)
-        keep = out["correct"] >= 0
-        return out["confidence"][keep], out["correct"][keep].bool()
-    confidence, correct = [], []
-    for x, y, t in _row_chunks(rows, target, temperature):
-        valid = y != ignore_index
-        if isinstance(t, Tensor) and t.dim():
-            t = t[valid]
-        c, right, _, _ = reference.top_label_rows(x[valid], y[valid], t, probs)
-        confidence.append(c)
-        correct.append(right)
-    if not confidence:  # no rows
-        return rows.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=rows.device)
-    return torch.cat(confidence), torch.cat(correct)
-
-
-def _binned(bins: Tensor, correct: Tensor, confidence: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, correct, confidence sum) per bin, from each sample's bin (int64, any shape)."""
-    count = torch.zeros(n_bins, dtype=torch.int64, device=bins.device)
-    count.index_add_(0, bins.flatten(), torch.ones_like(bins.flatten()))
-    n_correct = torch.zeros_like(count).index_add_(0, bins.flatten(), correct.flatten().long())
-    total = torch.zeros(n_bins, dtype=torch.float64, device=bins.device)
-    return count, n_correct, total.index_add_(0, bins.flatten(), confidence.flatten().double())
+    out = impl.calibration_pass(rows, target, "rows", temperature, probs, ignore_index, 1)
+    keep = out["correct"] >= 0
+    return out["confidence"][keep], out["correct"][keep].bool()
 
 
 def calibration_stats(
@@ -278,36 +257,11 @@ def calibration_stats(
     partial bins without float atomics, so a result is the same on every run.
     """
     check_int(n_bins, "n_bins", 1)
-    rows, target, temperature, probs, backend = _prepare(
+    rows, target, temperature, probs, impl = _prepare(
         logits, target, temperature, input, ignore_index, backend, validate_args
     )
-    if backend == "triton":
-        from fastkd.kernels.calibration import MAX_KERNEL_BINS, calibration_pass
-
-        if n_bins <= MAX_KERNEL_BINS:
-            out = calibration_pass(
-                rows, target, "bins", temperature=temperature, probs=probs, ignore_index=ignore_index, n_bins=n_bins
-            )
-            sums = CalibrationStats(out["bin_count"], out["bin_correct"], out["bin_confidence_sum"], out["nll"],
-                                    out["brier"])  # fmt: skip
-        else:
-            out = calibration_pass(rows, target, "rows", temperature=temperature, probs=probs,
-                                   ignore_index=ignore_index)  # fmt: skip
-            keep = out["correct"] >= 0
-            confidence = out["confidence"][keep]
-            bins = reference.confidence_bins(confidence, n_bins)
-            sums = CalibrationStats(*_binned(bins, out["correct"][keep], confidence, n_bins), out["nll"], out["brier"])
-    else:
-        sums = None
-        for x, y, t in _row_chunks(rows, target, temperature):
-            count, confidence_sum, correct, nll, brier = reference.calibration_sums(x, y, n_bins, t, ignore_index,
-                                                                                    probs)  # fmt: skip
-            chunk = CalibrationStats(count, correct, confidence_sum, nll, brier)
-            sums = chunk if sums is None else sums + chunk
-        if sums is None:  # no rows
-            zeros = torch.zeros(n_bins, dtype=torch.int64, device=rows.device)
-            zero = torch.zeros((), dtype=torch.float64, device=rows.device)
-            sums = CalibrationStats(zeros, zeros, zeros.double(), zero, zero)
+    out = impl.calibration_pass(rows, target, "bins", temperature, probs, ignore_index, n_bins)
+    sums = CalibrationStats(out["bin_count"], out["bin_correct"], out["bin_confidence_sum"], out["nll"], out["brier"])
     if should_check_values(validate_args) and bool(sums.nll_sum.isnan() | sums.bin_confidence_sum[-1].isnan()):
         raise no_distribution_error(rows, target, ignore_index)
     return sums
@@ -317,11 +271,11 @@ def expected_calibration_error(
     logits: Tensor,
     target: Tensor,
     n_bins: int = 15,
+    temperature: float | Tensor = 1.0,
+    *,
     norm: str = "l1",
     binning: str = "uniform",
     classwise: bool = False,
-    *,
-    temperature: float | Tensor = 1.0,
     input: str = "logits",
     ignore_index: int = -100,
     backend: str = "auto",
@@ -355,14 +309,14 @@ def expected_calibration_error(
         error = calibration_stats(logits, target, n_bins, temperature, input=input, ignore_index=ignore_index,
                                   backend=backend, validate_args=validate_args).ece(norm)  # fmt: skip
     else:
-        rows, target, temperature, probs, backend = _prepare(
+        rows, target, temperature, probs, impl = _prepare(
             logits, target, temperature, input, ignore_index, backend, validate_args
         )
-        confidence, correct = _top_label_rows(rows, target, temperature, probs, ignore_index, backend)
+        confidence, correct = _top_label_rows(rows, target, temperature, probs, ignore_index, impl)
         if should_check_values(validate_args) and bool(confidence.isnan().any()):
             raise no_distribution_error(rows, target, ignore_index)
         bins = reference.adaptive_bins(confidence, n_bins)
-        error = float(bin_calibration_error(*_binned(bins, correct, confidence, n_bins), norm))
+        error = float(bin_calibration_error(*reference.binned_sums(bins, correct, confidence, n_bins), norm))
     if math.isnan(error) and not bool((target != ignore_index).any()):
         rows = f"every one of the {target.numel()} targets is ignore_index={ignore_index}" if target.numel() else "0 rows"
         raise ValueError(f"no rows to score: {rows}")
@@ -374,7 +328,7 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
     """``expected_calibration_error(..., classwise=True)``."""
     from fastkd.softmax import tempered_softmax
 
-    rows, target, temperature, probs, backend = _prepare(
+    rows, target, temperature, probs, impl = _prepare(
         logits, target, temperature, input, ignore_index, backend, validate_args
     )
     n_classes = rows.shape[1]
@@ -389,9 +343,9 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
         x, y = x[valid], y[valid]
         x = x.to(reference.compute_dtype(x.dtype))  # probabilities in float32 even for 16-bit logits
         if not probs:
-            p = tempered_softmax(x, t, backend=backend, validate_args=False)
+            p = tempered_softmax(x, t, backend=impl.NAME, validate_args=False)
         elif reference.is_tempered(t):
-            p = tempered_softmax(reference.probs_as_logits(x), t, backend=backend, validate_args=False)
+            p = tempered_softmax(reference.probs_as_logits(x), t, backend=impl.NAME, validate_args=False)
         else:
             p = x
         if should_check_values(validate_args) and bool(p.isnan().any()):
@@ -400,14 +354,14 @@ def _classwise_error(logits, target, n_bins, norm, binning, temperature, input, 
         if binning == "adaptive":
             kept.append((p, hit))
             continue
-        for total, part in zip(sums, _binned(reference.confidence_bins(p, n_bins) + classes * n_bins, hit, p, flat_bins)):
+        for total, part in zip(sums, reference.binned_sums(reference.confidence_bins(p, n_bins) + classes * n_bins, hit, p, flat_bins)):
             total += part
     if binning == "adaptive" and kept:
         p = torch.cat([p for p, _ in kept]).T.contiguous()  # (C, N)
         hit = torch.cat([h for _, h in kept]).T
         first_rank = torch.searchsorted(p.sort(1).values, p, right=False)
         bins = first_rank * n_bins // p.shape[1] + (classes * n_bins).unsqueeze(1)
-        sums = _binned(bins, hit, p, flat_bins)
+        sums = reference.binned_sums(bins, hit, p, flat_bins)
     count, correct, confidence_sum = (s.view(n_classes, n_bins) for s in sums)
     return float(bin_calibration_error(count, correct, confidence_sum, norm).mean())
 
@@ -436,9 +390,8 @@ class CalibrationMeter(nn.Module):
         super().__init__()
         check_int(n_bins, "n_bins", 1)
         check_choice(input, INPUTS, "input")
-        check_choice(backend, BACKENDS, "backend")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        check_backend_name(backend)
+        check_ignore_index(ignore_index)
         if isinstance(temperature, Tensor):
             if temperature.numel() != 1:
                 raise ValueError(f"temperature must be one value for every batch, got shape {tuple(temperature.shape)}")

@@ -25,24 +25,27 @@ float32 (V, H) accumulator of dL/dW, added to a slice of at most C V entries at 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from fastkd import reference
-from fastkd._backend import resolve_backend
-from fastkd._validate import check_int, check_logits
-from fastkd.kd_loss import KD_KEYWORDS, _launch, check_options, check_sparse_teacher
+from fastkd._autograd import first_order
+from fastkd._backend import check_backend_name, resolve_backend
+from fastkd._ops import kd_forward
+from fastkd._options import KDKeywords, KDOptions, check_sparse_options, dense_teacher_only, takes_kd_keywords
+from fastkd._validate import check_int, check_logits, should_check_values
+from fastkd.sharding import check_not_sharded
+from fastkd.kd_loss import check_sparse_teacher
 
 CHUNK_BUDGET = 512 << 20  # bytes of per-chunk buffers at most, whatever the free memory
-# Bytes per logit entry of a chunk: on the kernels, the student's and teacher's logits and the slice
-# of the weight gradient's update (3 x the itemsize); on the reference, its float32 intermediates and
-# autograd buffers (measured: 37 for forward KL, 55 for JSD, at 512 x 32000).
-KERNEL_ENTRY_FACTOR, REFERENCE_ENTRY_BYTES = 3, 64
+# Bytes per logit entry of a chunk: the student's and teacher's logits and the slice of the weight
+# gradient's update (3 x the itemsize), plus the backend's own workspace (WORKSPACE_BYTES_PER_ENTRY).
+ENTRY_FACTOR = 3
 
 
 def _free_memory(device: torch.device) -> int:
@@ -51,18 +54,14 @@ def _free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_chunk_size(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.device, backend: str) -> int:
+def default_chunk_size(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.device,
+                       workspace: int = 0) -> int:  # fmt: skip
     """Rows per chunk: as many as fit min(free memory / 8, ``CHUNK_BUDGET``) at the chunk's bytes per
-    logit entry (3 x the itemsize on the kernels, ``REFERENCE_ENTRY_BYTES`` on the reference), at least
-    1 and at most ``n_rows``. At V = 128256 in bfloat16 that is about 700 rows."""
-    per_entry = REFERENCE_ENTRY_BYTES if backend == "torch" else KERNEL_ENTRY_FACTOR * dtype.itemsize
+    logit entry (3 x the itemsize, plus the backend's ``workspace`` bytes per entry), at least 1 and at
+    most ``n_rows``. At V = 128256 in bfloat16 on the kernels that is about 700 rows."""
+    per_entry = ENTRY_FACTOR * dtype.itemsize + workspace
     budget = min(_free_memory(device) // 8, CHUNK_BUDGET)
     return max(1, min(n_rows, budget // (per_entry * max(n_classes, 1))))
-
-
-def _rows(value: float | Tensor, start: int, stop: int) -> float | Tensor:
-    """A per-row tensor's rows [start, stop); a float or one-value tensor as it is."""
-    return value[start:stop] if isinstance(value, Tensor) and value.dim() else value
 
 
 class _LinearTeacher(NamedTuple):
@@ -80,22 +79,15 @@ def _teacher_rows(teacher: _LinearTeacher | tuple[Tensor, Tensor], start: int, s
     return teacher[0][start:stop], teacher[1][start:stop]
 
 
-def _chunk_loss(student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None, options: dict,
-                backend: str, need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def _chunk_loss(student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
+                options: KDOptions, impl, need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """(row losses (C,), dL/d student (C, V) in the student's dtype, or None) of ``sum_rows kd_loss``
-    against teacher logits (C, V) or a sparse teacher (indices, values), with the gradient written over
-    ``student`` on the kernels."""
+    against teacher logits (C, V) or a sparse teacher (indices, values), the gradient written over
+    ``student``."""
     sparse = isinstance(teacher, tuple)
-    if backend == "torch":
-        x = student.to(reference.compute_dtype(student.dtype)).requires_grad_(need_grad)
-        with torch.enable_grad():
-            rows = reference.kd_loss(x, None if sparse else teacher, target, teacher_topk=teacher if sparse else None,
-                                     **dict(options, reduction="none"))  # fmt: skip
-            grad = torch.autograd.grad(rows.sum(), x)[0].to(student.dtype) if need_grad else None
-        return rows.detach(), grad
-    rows, grad, _ = _launch(student, teacher if sparse else teacher[None], target, dict(options, reduction="sum"),
-                            inplace=True, need_grad=need_grad)  # fmt: skip
-    return rows, grad if need_grad else None
+    out = kd_forward(impl, student, teacher if sparse else teacher[None], target,
+                     dataclasses.replace(options, reduction="sum"), True, need_grad)  # fmt: skip
+    return out.rows, out.grad if need_grad else None
 
 
 def _accumulate(acc: Tensor, g: Tensor, rhs: Tensor, alpha: float) -> None:
@@ -109,8 +101,8 @@ def _accumulate(acc: Tensor, g: Tensor, rhs: Tensor, alpha: float) -> None:
         acc[start : start + step].add_(g[:, start : start + step].t() @ rhs, alpha=alpha)
 
 
-def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], target: Tensor | None, options: dict,
-          backend: str, chunk_size: int, row_weight: float | Tensor,
+def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], target: Tensor | None,
+          options: KDOptions, impl, chunk_size: int, row_weight: float | Tensor,
           needs: tuple[bool, bool, bool]) -> tuple[Tensor, list]:  # fmt: skip
     """Row losses (N,) in the compute dtype and, for the parts of ``student`` (hidden, weight, bias)
     flagged in ``needs``, the gradients of sum_i w_i loss_i with w = ``row_weight``: a float, or one
@@ -129,10 +121,8 @@ def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], targe
         h = hidden[start:stop]
         logits = F.linear(h, weight, bias)
         teacher_rows = _teacher_rows(teacher, start, stop)
-        chunk_options = dict(options, temperature=_rows(options["temperature"], start, stop),
-                             teacher_temperature=_rows(options["teacher_temperature"], start, stop))  # fmt: skip
         y = None if target is None else target[start:stop]
-        rows, g = _chunk_loss(logits, teacher_rows, y, chunk_options, backend, need_grad)
+        rows, g = _chunk_loss(logits, teacher_rows, y, options.rows(start, stop), impl, need_grad)
         losses.append(rows)
         del teacher_rows
         if not need_grad:
@@ -195,24 +185,24 @@ class FusedLinearKDFunction(torch.autograd.Function):
     (float32, float64 for float64 hidden states); the gradients in the dtypes of the inputs given."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, target, options, backend, chunk_size, matmul_dtype):
+    def forward(ctx, hidden, weight, bias, teacher, target, options, impl, chunk_size, matmul_dtype):
         needs = tuple(ctx.needs_input_grad[:3])
-        ctx.options, ctx.backend, ctx.chunk_size, ctx.used = options, backend, chunk_size, False
+        ctx.options, ctx.impl, ctx.chunk_size, ctx.used = options, impl, chunk_size, False
         ctx.matmul_dtype, ctx.dtypes = matmul_dtype, [None if t is None else t.dtype for t in (hidden, weight, bias)]
-        if options["reduction"] == "none":  # each row's dL/dloss is known only in the backward
+        if options.reduction == "none":  # each row's dL/dloss is known only in the backward
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.teacher = teacher
             rows, _ = _walk_as(ctx, (hidden, weight, bias), teacher, target, 1.0, (False, False, False))
             return rows
-        scale = _reduction_scale(options["reduction"], target, options["ignore_index"], hidden.shape[0])
+        scale = _reduction_scale(options.reduction, target, options.ignore_index, hidden.shape[0])
         rows, grads = _walk_as(ctx, (hidden, weight, bias), teacher, target, scale, needs)
         ctx.grads = grads
         return rows.sum() * scale
 
     @staticmethod
-    @once_differentiable
+    @first_order("fused_linear_kd_loss")
     def backward(ctx, grad_output: Tensor):
-        if ctx.options["reduction"] == "none":
+        if ctx.options.reduction == "none":
             *student, target = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
             _, grads = _walk_as(ctx, tuple(student), ctx.teacher, target, grad_output, needs)
@@ -231,7 +221,7 @@ def _walk_as(ctx, student: tuple, teacher, target: Tensor | None, row_weight, ne
     gradients returned in the dtypes of the tensors given."""
     student, teacher = _cast_all(student, teacher, ctx.matmul_dtype)
     with torch.autocast(student[0].device.type, enabled=False):
-        rows, grads = _walk(student, teacher, target, ctx.options, ctx.backend, ctx.chunk_size, row_weight, needs)
+        rows, grads = _walk(student, teacher, target, ctx.options, ctx.impl, ctx.chunk_size, row_weight, needs)
     return rows, [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
 
 
@@ -259,6 +249,7 @@ def _check_linear(hidden: object, weight: object, bias: object, prefix: str,
             raise ValueError(f"{name} is on {tensor.device} but {prefix}_hidden is on {hidden.device}")
 
 
+@takes_kd_keywords
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -273,30 +264,35 @@ def fused_linear_kd_loss(
     tail: str | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
-    **kd_kwargs,
+    validate_args: bool = True,
+    **kd_options,
 ) -> Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
-    teacher_bias, target, **kd_kwargs)``, computed by chunks of rows so that the (N, V) logits are never
-    formed (module doc); the same loss and gradients.
+    teacher_bias, target, ...)``, computed by chunks of rows so that the (N, V) logits are never formed
+    (module doc); the same loss and gradients.
 
     Args:
         student_hidden: (N, H) or (B, S, H): the input of the student's final linear layer, float16/
             bfloat16/float32/float64. Gets a gradient, as do ``student_weight`` and ``student_bias``.
-        student_weight: (V, H), the layer's weight, in ``student_hidden``'s dtype and on its device.
+        student_weight: (V, H), the layer's weight, in ``student_hidden``'s dtype (or under
+            ``torch.autocast``) and on its device.
         teacher_hidden: the teacher's (..., H_t), with the student's leading dimensions; ``teacher_weight``
             (V, H_t) and ``teacher_bias`` (V,) in its dtype. No gradient reaches them.
         target: class indices of the leading shape, or None (pure distillation, alpha=1), as in ``kd_loss``.
         student_bias, teacher_bias: (V,) or None.
         teacher_topk, values_are, tail: a sparse teacher (indices, values) (..., k) instead of the
             teacher's layer, as in ``kd_loss`` (offline top-k log-probabilities, say).
-        chunk_size: rows per chunk; None for ``default_chunk_size`` (from V, the dtype and the free memory).
-            Peak extra memory grows with chunk_size x V.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``: which computes each chunk's loss and gradient
-            (``fastkd._backend``); the matmuls are PyTorch's either way.
-        **kd_kwargs: ``kd_loss``'s other keywords: ``temperature``, ``alpha``, ``divergence``, ``beta``,
-            ``ignore_index``, ``reduction``, ``temperature_squared``, ``teacher_temperature``,
-            ``logit_norm``, ``norm_scale``, ``label_smoothing``, ``validate_args``, with its defaults
-            and checks (a per-row temperature has the leading shape).
+        temperature, alpha, divergence, beta, ignore_index, reduction, temperature_squared,
+            teacher_temperature, logit_norm, norm_scale, label_smoothing, validate_args: as in
+            ``kd_loss``, with its defaults and checks (a per-row temperature has the leading shape).
+        chunk_size: rows per chunk; None for ``default_chunk_size`` (from V, the dtype, the backend and
+            the free memory). Peak extra memory grows with chunk_size x V.
+        backend: ``"auto"`` or a registered backend's name: which computes each chunk's loss and
+            gradient (``fastkd._backend``); the matmuls are PyTorch's either way.
+
+    A weight that is the shard of a sharded one (FSDP2's DTensor, a DeepSpeed ZeRO-3 placeholder: a
+    head read outside its model's forward) raises a ``ValueError`` naming it and pointing to
+    ``fastkd.fsdp``, which computes the loss inside the forward.
 
     The gradients are computed in the forward for the reductions to a scalar (the backward scales them
     by dL/dloss and runs once per forward); reduction "none" recomputes the chunks in the backward. The
@@ -306,23 +302,19 @@ def fused_linear_kd_loss(
     tensors given. The loss is float32 (float64 for float64 inputs). Eager only: no torch.compile
     registration.
     """
-    unknown = sorted(set(kd_kwargs) - set(KD_KEYWORDS))
-    if unknown:
-        raise TypeError(f"fused_linear_kd_loss got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
-                        f"kd_loss's keywords {', '.join(KD_KEYWORDS)}")  # fmt: skip
-    matmul_dtype = autocast_dtype(student_hidden.device)
+    check_not_sharded(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+                      teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    matmul_dtype = autocast_dtype(student_hidden.device) if isinstance(student_hidden, Tensor) else None
     _check_linear(student_hidden, student_weight, student_bias, "student", matmul_dtype)
     lead = student_hidden.shape[:-1]
     n_classes = student_weight.shape[0]
     # The logits' stand-in: their shape, dtype and device, no memory (what the checks read).
     logits = student_hidden.new_zeros((), dtype=_cast(student_hidden, matmul_dtype).dtype).expand(*lead, n_classes)
-    options = check_options(logits, target, **kd_kwargs)
+    options = KDOptions.checked(**kd_options).bind(logits, target, check_values=should_check_values(validate_args))
     if teacher_topk is None:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("pass the teacher's layer (teacher_hidden and teacher_weight) or a sparse teacher_topk")
-        for name, value in (("values_are", values_are), ("tail", tail)):
-            if value is not None:
-                raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to the teacher's layer")
+        dense_teacher_only(values_are, tail, "the teacher's layer")
         _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher", matmul_dtype)
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)} (one teacher "
@@ -339,43 +331,53 @@ def fused_linear_kd_loss(
         if not (teacher_hidden is None and teacher_weight is None and teacher_bias is None):
             raise ValueError("pass either the teacher's layer (teacher_hidden, teacher_weight) or teacher_topk, "
                              "not both")  # fmt: skip
-        check_sparse_teacher(teacher_topk, logits, target, options, values_are, tail,
-                             kd_kwargs.get("validate_args", True))  # fmt: skip
-        k = teacher_topk[0].shape[-1]
-        teacher = (teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k))
+        (indices, values), options = check_sparse_teacher(teacher_topk, logits, target, options, values_are, tail,
+                                                          validate_args)  # fmt: skip
+        k = indices.shape[-1]
+        teacher = (indices.reshape(-1, k), values.detach().reshape(-1, k))
     if chunk_size is not None:
         check_int(chunk_size, "chunk_size", 1)
-    backend = resolve_backend(backend, logits)
+    impl = resolve_backend(backend, logits)
     n_rows = lead.numel()
-    for key in ("temperature", "teacher_temperature"):
-        if isinstance(options[key], Tensor) and options[key].dim() > 0:
-            options[key] = options[key].reshape(-1)
     if chunk_size is None:
-        chunk_size = default_chunk_size(n_rows, n_classes, logits.dtype, student_hidden.device, backend)
+        chunk_size = default_chunk_size(n_rows, n_classes, logits.dtype, student_hidden.device,
+                                        impl.WORKSPACE_BYTES_PER_ENTRY)  # fmt: skip
     loss = FusedLinearKDFunction.apply(
         student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight, student_bias, teacher,
-        None if target is None else target.reshape(-1), options, backend, chunk_size, matmul_dtype,
+        None if target is None else target.reshape(-1), options, impl, chunk_size, matmul_dtype,
     )  # fmt: skip
-    return loss.reshape(lead) if options["reduction"] == "none" else loss
+    return loss.reshape(lead) if options.reduction == "none" else loss
 
 
-class FusedLinearKDLoss(nn.Module):
-    """``fused_linear_kd_loss`` as a module: ``kd_loss``'s keywords (and ``chunk_size``, ``backend``,
-    ``values_are``, ``tail``) set once; the call takes (student_hidden, student_weight, teacher_hidden,
-    teacher_weight, target, student_bias, teacher_bias, teacher_topk). A tensor temperature is
-    registered as a buffer."""
+class FusedLinearKDLoss(KDKeywords):
+    """``fused_linear_kd_loss`` as a module: its keywords set (and checked) once; the call takes
+    (student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
+    teacher_topk). A tensor temperature is registered as a buffer."""
 
-    def __init__(self, chunk_size: int | None = None, backend: str = "auto", values_are: str | None = None,
-                 tail: str | None = None, **kd_kwargs):  # fmt: skip
+    @takes_kd_keywords
+    def __init__(
+        self,
+        temperature: float | Tensor = 1.0,
+        alpha: float = 0.5,
+        *,
+        values_are: str | None = None,
+        tail: str | None = None,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+        validate_args: bool = True,
+        **kd_options,
+    ):
         super().__init__()
-        unknown = sorted(set(kd_kwargs) - set(KD_KEYWORDS))
-        if unknown:
-            raise TypeError(f"FusedLinearKDLoss got unexpected keyword argument(s) {', '.join(unknown)}")
+        keywords = dict(kd_options, temperature=temperature, alpha=alpha)
+        options = KDOptions.checked(**keywords)
+        if values_are is not None or tail is not None:
+            check_sparse_options(options, values_are, tail)
+        if chunk_size is not None:
+            check_int(chunk_size, "chunk_size", 1)
+        check_backend_name(backend)
+        self._keep(keywords)
         self.chunk_size, self.backend, self.values_are, self.tail = chunk_size, backend, values_are, tail
-        self.kd_kwargs = {k: v for k, v in kd_kwargs.items() if not isinstance(v, Tensor)}
-        for name, value in kd_kwargs.items():
-            if isinstance(value, Tensor):
-                self.register_buffer(name, value)
+        self.validate_args = validate_args
 
     def forward(
         self,
@@ -388,14 +390,13 @@ class FusedLinearKDLoss(nn.Module):
         teacher_bias: Tensor | None = None,
         teacher_topk: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        buffers = {name: buffer for name, buffer in self.named_buffers(recurse=False)}
         sparse = teacher_topk is not None
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
             teacher_bias=teacher_bias, teacher_topk=teacher_topk, values_are=self.values_are if sparse else None,
-            tail=self.tail if sparse else None, chunk_size=self.chunk_size, backend=self.backend, **self.kd_kwargs,
-            **buffers,
+            tail=self.tail if sparse else None, chunk_size=self.chunk_size, backend=self.backend,
+            validate_args=self.validate_args, **self.keywords(),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in {"chunk_size": self.chunk_size, **self.kd_kwargs}.items())
+        return f"chunk_size={self.chunk_size}, {super().extra_repr()}"

@@ -1,293 +1,86 @@
 """The distillation loss, ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE``, as a function and a module.
 
-The path of one call: check the arguments (``fastkd._validate``), pick a backend
-(``fastkd._backend``), then either the reference (``fastkd.reference.kd_loss``; autograd differentiates
-it) or the kernel: the logits are viewed as rows (N, V) and ``KDLossFunction`` runs one Triton kernel
-that writes the row losses and the gradient wrt the student logits in the forward pass; the backward
-only scales that gradient by dL/dloss. Inside ``torch.compile`` the kernel is reached through the
-``torch.library`` op ``fastkd::kd_loss_fwd`` (eager calls skip the op dispatch). A sparse teacher
-(``teacher_topk``) takes the same path with its own kernel (``kernels/kd_loss_topk.py``) and op,
-``fastkd::kd_loss_topk_fwd``.
+The path of one call: the arguments are checked (``fastkd._validate``) into one ``KDOptions``
+(``fastkd._options``); the backend's implementation is resolved (``fastkd._backend``); the logits are
+viewed as rows (N, V) and ``KDLossFunction`` has the implementation write the row losses and the
+gradient wrt the student logits in the forward pass (``fastkd._ops.kd_forward``: outputs allocated
+once, for every backend); the backward only scales that gradient by dL/dloss. A sparse teacher
+(``teacher_topk``) takes the same path through the implementation's ``kd_loss_topk_forward``.
 """
 
 from __future__ import annotations
 
-import inspect
+from types import ModuleType
 
 import torch
-from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
-from fastkd import reference
-from fastkd._backend import resolve_backend
-from fastkd._validate import (
-    check_choice,
-    check_logits,
-    check_not_probs,
-    check_number,
-    check_target,
-    check_teacher,
-    check_topk,
-    check_temperature,
-    should_check_values,
-)
+from fastkd._autograd import first_order
+from fastkd._backend import check_backend_name, resolve_backend
+from fastkd._ops import kd_forward
+from fastkd._options import KDKeywords, KDOptions, check_sparse_options, dense_teacher_only, takes_kd_keywords
+from fastkd._validate import check_logits, check_not_probs, check_teacher, check_topk, should_check_values
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "batchmean", "none")
-LOGIT_NORMS = (None, "standardize", "spherical")
-
-
-@torch.library.custom_op("fastkd::kd_loss_fwd", mutates_args=())
-def _fwd_op(
-    student: Tensor,
-    teacher: Tensor,
-    target: Tensor | None,
-    t_tensor: Tensor | None,
-    t_value: float,
-    tt_tensor: Tensor | None,
-    tt_value: float,
-    alpha: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    temperature_squared: bool,
-    logit_norm: str | None,
-    norm_scale: float,
-    label_smoothing: float,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    from fastkd.kernels.kd_loss import kd_loss_forward
-
-    rows, grad, later = kd_loss_forward(
-        student, teacher, target, t_value if t_tensor is None else t_tensor, tt_value if tt_tensor is None else tt_tensor,
-        alpha, divergence, beta, ignore_index, reduction, temperature_squared, logit_norm, norm_scale,
-        label_smoothing, need_grad=need_grad,
-    )  # fmt: skip
-    return rows, grad, (rows.new_ones(()) if later is None else later)
-
-
-@_fwd_op.register_fake
-def _(student, *args):
-    return _fwd_op_fake(student, *args)
-
-
-@torch.library.custom_op("fastkd::kd_loss_topk_fwd", mutates_args=())
-def _topk_fwd_op(
-    student: Tensor,
-    indices: Tensor,
-    values: Tensor,
-    target: Tensor | None,
-    t_tensor: Tensor | None,
-    t_value: float,
-    tt_tensor: Tensor | None,
-    tt_value: float,
-    alpha: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    temperature_squared: bool,
-    label_smoothing: float,
-    tail: str,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    from fastkd.kernels.kd_loss_topk import kd_loss_topk_forward
-
-    rows, grad, later = kd_loss_topk_forward(
-        student, indices, values, target, t_value if t_tensor is None else t_tensor,
-        tt_value if tt_tensor is None else tt_tensor, alpha, divergence, beta, ignore_index, reduction,
-        temperature_squared, label_smoothing, tail, need_grad=need_grad,
-    )  # fmt: skip
-    return rows, grad, (rows.new_ones(()) if later is None else later)
-
-
-@_topk_fwd_op.register_fake
-def _(student, *args):
-    return _fwd_op_fake(student, *args)
-
-
-def _fwd_op_fake(student, *args):
-    need_grad = args[-1]
-    rows = student.new_empty(student.shape[0], dtype=torch.float32)
-    return rows, student.new_empty(student.shape if need_grad else (0, student.shape[1])), rows.new_empty(())
-
-
-def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
-    """The op's (tensor, float) pair for a temperature: the schema has no union of the two."""
-    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, temperature)
-
-
-def _launch(student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None, options: dict,
-            inplace: bool, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
-    """(row losses, dL/dx, the scale left to the backward) from the dense kernel (``teacher`` (K, N, V))
-    or the sparse one (``teacher`` = (indices, values), each (N, k)): called directly in eager mode, and
-    through its ``torch.library`` op under ``torch.compile``."""
-    o = options
-    compiling = torch.compiler.is_compiling()
-    temperatures = (o["temperature"], o["teacher_temperature"])
-    if compiling:
-        temperatures = (*_split(temperatures[0]), *_split(temperatures[1]))
-    common = (o["alpha"], o["divergence"], o["beta"], o["ignore_index"], o["reduction"], o["temperature_squared"])
-    if isinstance(teacher, tuple):
-        args = (student, *teacher, target, *temperatures, *common, o["label_smoothing"], o["tail"])
-        if compiling:
-            return _topk_fwd_op(*args, need_grad)
-        from fastkd.kernels.kd_loss_topk import kd_loss_topk_forward
-
-        return kd_loss_topk_forward(*args, inplace_grad=inplace, need_grad=need_grad)
-    args = (student, teacher, target, *temperatures, *common, o["logit_norm"], o["norm_scale"], o["label_smoothing"])
-    if compiling:
-        return _fwd_op(*args, need_grad)
-    from fastkd.kernels.kd_loss import kd_loss_forward
-
-    return kd_loss_forward(*args, inplace_grad=inplace, need_grad=need_grad)
+PROBS_FIX = "kd_loss takes logits (log-probabilities are logits too: pass p.log())"
 
 
 class KDLossFunction(torch.autograd.Function):
     """The loss over rows: student (N, V), teacher (K, N, V) or a sparse teacher (indices, values) (N, k)
-    each, target (N,) or None; ``options`` are ``kd_loss``'s keywords after checking (temperatures as
-    floats or per-row tensors).
+    each, target (N,) or None, bound ``options``, the backend's implementation ``impl``; with
+    ``inplace`` the gradient is written into the student (which must have a unit column stride), and
+    without ``need_grad`` it is not written at all.
 
-    Forward returns the loss (a scalar, or (N,) for reduction "none") in float32 and keeps
-    the gradient the kernel wrote (none when ``options["need_grad"]`` is false); backward scales it in
-    place by dL/dloss (free when that is 1), so it runs once per forward. The teacher, target and
-    temperatures get no gradient.
+    Forward returns the loss (a scalar, or (N,) for reduction "none") in float32 (float64 for float64
+    logits) and keeps the gradient the implementation wrote; backward scales it in place by dL/dloss
+    (free when that is 1), so it runs once per forward. The teacher, target and temperatures get no
+    gradient.
     """
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
-                options: dict) -> Tensor:  # fmt: skip
-        need_grad = options["need_grad"]
-        inplace = options["inplace_grad"] and need_grad and not torch.compiler.is_compiling()
-        rows, grad, later = _launch(student, teacher, target, options, inplace, need_grad)
+                options: KDOptions, impl: ModuleType, inplace: bool, need_grad: bool) -> Tensor:  # fmt: skip
+        inplace = inplace and need_grad and not torch.compiler.is_compiling()
+        out = kd_forward(impl, student, teacher, target, options, inplace, need_grad)
         if inplace:  # the logits now hold the gradient: fail any backward that saved them
-            ctx.grad = grad
+            ctx.grad = out.grad
             torch.autograd.graph.increment_version(student)
         else:
-            ctx.save_for_backward(grad)
-        ctx.later = later  # the reduction's scale, when the kernel left it to the backward (float16)
-        ctx.per_row = options["reduction"] == "none"
+            ctx.save_for_backward(out.grad)
+        ctx.impl, ctx.later = impl, out.later  # the reduction's scale, when left to the backward (float16)
+        ctx.per_row = options.reduction == "none"
         ctx.used = False
-        return rows if ctx.per_row else rows.sum()  # float32, as the kernel's row losses
+        return out.rows if ctx.per_row else out.rows.sum()
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+    @first_order("kd_loss")
+    def backward(ctx, grad_output: Tensor):
         grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
         if ctx.later is not None:
             grad_output = grad_output * ctx.later
         if torch.compiler.is_compiling():
-            return grad * (grad_output[:, None] if ctx.per_row else grad_output), None, None, None
+            return (grad * (grad_output[:, None] if ctx.per_row else grad_output)).to(grad.dtype), *[None] * 6
         if ctx.used:
-            raise RuntimeError("kd_loss's backward scales its saved gradient in place and can run once per forward")
+            raise RuntimeError("kd_loss's backward scales its saved gradient in place and can run once per forward "
+                               "(a second backward(retain_graph=True) would scale it twice)")  # fmt: skip
         ctx.used = True
-        from fastkd.kernels.kd_loss import scale_grad_
-
-        return scale_grad_(grad, grad_output), None, None, None
-
-
-def check_options(
-    student_logits: Tensor,
-    target: Tensor | None,
-    *,
-    temperature: float | Tensor = 1.0,
-    alpha: float = 0.5,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    temperature_squared: bool = True,
-    teacher_temperature: float | Tensor | None = None,
-    logit_norm: str | None = None,
-    norm_scale: float | None = None,
-    label_smoothing: float = 0.0,
-    validate_args: bool = True,
-) -> dict:
-    """``kd_loss``'s keywords checked against ``student_logits`` (any leading dims, V classes last; only
-    its shape, dtype and device are read) and ``target``, as the options the backends take: floats,
-    temperatures as floats or detached tensors of one value or one per row, ``teacher_temperature``
-    filled in, ``norm_scale`` defaulted. The defaults are ``kd_loss``'s. Raises the ``TypeError`` /
-    ``ValueError`` that ``kd_loss`` documents."""
-    if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits must have at least one class (the last dimension is 0)")
-    check_values = should_check_values(validate_args)
-    check_number(alpha, "alpha", 0.0, 1.0)
-    check_choice(divergence, DIVERGENCES, "divergence")
-    if divergence == "jsd":
-        check_number(beta, "beta", 0.0, 1.0, low_open=True, high_open=True)
-    check_choice(reduction, REDUCTIONS, "reduction")
-    check_choice(logit_norm, LOGIT_NORMS, "logit_norm")
-    if norm_scale is not None:
-        if logit_norm != "spherical":
-            raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={logit_norm!r}")
-        check_number(norm_scale, "norm_scale", 0.0, float("inf"), low_open=True, high_open=True)
-    check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
-    if not isinstance(temperature_squared, bool):
-        raise TypeError(f"temperature_squared must be a bool, got {type(temperature_squared).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if target is None:
-        if alpha != 1:
-            raise ValueError(f"target=None (pure distillation) needs alpha=1, got alpha={alpha}: no CE term to weigh")
-    else:
-        check_target(target, student_logits, ignore_index, check_values=check_values)
-    dim = student_logits.dim() - 1
-    temperature = check_temperature(temperature, student_logits, dim, check_values=check_values)
-    if isinstance(temperature, Tensor) and temperature.requires_grad:
-        raise ValueError("temperature: kd_loss does not differentiate wrt the temperature; pass temperature.detach()")
-    if teacher_temperature is None:
-        teacher_temperature = temperature
-    else:
-        teacher_temperature = check_temperature(
-            teacher_temperature, student_logits, dim, check_values=check_values, name="teacher_temperature"
-        )
-        if isinstance(teacher_temperature, Tensor):
-            teacher_temperature = teacher_temperature.detach()
-    return dict(
-        temperature=temperature, teacher_temperature=teacher_temperature, alpha=float(alpha), divergence=divergence,
-        beta=float(beta), ignore_index=ignore_index, reduction=reduction, temperature_squared=temperature_squared,
-        logit_norm=logit_norm, norm_scale=2.0 if norm_scale is None else float(norm_scale),
-        label_smoothing=float(label_smoothing),
-    )  # fmt: skip
+        ctx.impl.scale_grad_(grad, grad_output)
+        return grad, *[None] * 6
 
 
-# The loss's keywords, for the ops that wrap it (fused-linear, vocab-parallel).
-KD_KEYWORDS = tuple(inspect.signature(check_options).parameters)[2:]
-
-
-VALUES_ARE = ("logprobs", "logits")
-TAILS = ("none", "bucket")
-
-
-def check_sparse_teacher(
-    teacher_topk: object, logits: Tensor, target: Tensor | None, options: dict, values_are: str | None,
-    tail: str | None, validate_args: bool,
-) -> tuple[Tensor, Tensor]:
+def check_sparse_teacher(teacher_topk: object, logits: Tensor, target: Tensor | None, options: KDOptions,
+                         values_are: str | None, tail: str | None,
+                         validate_args: bool) -> tuple[tuple[Tensor, Tensor], KDOptions]:  # fmt: skip
     """A sparse teacher checked against the loss's ``logits`` (only their shape, dtype and device are
-    read), ``target`` and the ``options`` of ``check_options``: its ``values_are`` and ``tail`` (None:
-    "logprobs", "none") against each other and the options, then its tensors (``check_topk``, values
-    read on the rows not ignored). Sets ``options["tail"]``; returns (indices, values). ``values_are``
-    matters to the checks only: the math renormalizes the k entries either way (the tail bucket, for
-    log-probabilities only, aside)."""
-    values_are = "logprobs" if values_are is None else values_are
-    tail = "none" if tail is None else tail
-    check_choice(values_are, VALUES_ARE, "values_are")
-    check_choice(tail, TAILS, "tail")
-    if tail == "bucket" and values_are == "logits":
-        raise ValueError("tail='bucket' needs values_are='logprobs': top-k logits do not say how much mass lies "
-                         "outside the k entries")  # fmt: skip
-    if options["divergence"] == "reverse_kl" and tail == "none":
-        raise ValueError("divergence='reverse_kl' with tail='none' is infinite wherever the student puts mass "
-                         "outside the teacher's k entries: use tail='bucket' (or forward_kl / jsd)")  # fmt: skip
-    if options["logit_norm"] is not None:
-        raise ValueError(f"logit_norm={options['logit_norm']!r} needs dense teacher_logits: the statistics of a row "
-                         "are not known from k entries")  # fmt: skip
-    options["tail"] = tail
-    rows = None if target is None else target != options["ignore_index"]
-    return check_topk(teacher_topk, logits, values_are, check_values=should_check_values(validate_args), rows=rows)
+    read), ``target`` and ``options``: its ``values_are`` and ``tail`` (``check_sparse_options``), then
+    its tensors (``check_topk``, values read on the rows not ignored). Returns ((indices, values), the
+    options with the tail)."""
+    options, values_are = check_sparse_options(options, values_are, tail)
+    rows = None if target is None else target != options.ignore_index
+    topk = check_topk(teacher_topk, logits, values_are, check_values=should_check_values(validate_args), rows=rows)
+    return topk, options
 
 
+@takes_kd_keywords
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor | None = None,
@@ -296,20 +89,10 @@ def kd_loss(
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     values_are: str | None = None,
     tail: str | None = None,
-    temperature: float | Tensor = 1.0,
-    alpha: float = 0.5,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    temperature_squared: bool = True,
-    teacher_temperature: float | Tensor | None = None,
-    logit_norm: str | None = None,
-    norm_scale: float | None = None,
-    label_smoothing: float = 0.0,
     inplace_grad: bool = False,
     backend: str = "auto",
     validate_args: bool = True,
+    **kd_options,
 ) -> Tensor:
     """Knowledge distillation loss with hard-label cross-entropy; the gradient is computed in the forward.
 
@@ -338,8 +121,11 @@ def kd_loss(
         alpha: weight of the KD term in [0, 1]; the CE term gets 1 - alpha.
         divergence: ``"forward_kl"`` KL(p_t || p_s); ``"reverse_kl"`` KL(p_s || p_t); ``"jsd"``
             beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s, 0 < beta < 1.
-        reduction: ``"mean"`` over the rows not ignored (0, with zero gradient, when all are);
-            ``"sum"``; ``"batchmean"`` the sum over all rows; ``"none"`` per-row losses, the row shape.
+        reduction: ``"mean"``: the sum over the rows divided by the number of rows not ignored (0,
+            with zero gradient, when all are); ``"sum"``; ``"batchmean"``: the sum divided by the
+            number of rows N, ignored ones included (``F.kl_div``'s divisor, ``input.size(0)``, for
+            (N, V) logits; for (B, S, V) every row of B x S counts); ``"none"``: per-row losses, the
+            row shape (0 on ignored rows).
         teacher_temperature: T_t > 0 as ``temperature``, or None for T. A tensor is detached.
         logit_norm: the per-row normalization a of student and teacher logits before the tempered
             softmax of the KD term, over the classes whose logit is not -inf: None (a = z);
@@ -354,15 +140,22 @@ def kd_loss(
             overwritten, so use it only when nothing else needs them; they must be viewable as rows
             of unit column stride. Kernels only (the reference ignores it), and eager only: under
             ``torch.compile`` the gradient gets its own buffer.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
+        backend: ``"auto"`` or a registered backend's name: ``"triton"``, ``"torch"`` (see
+            ``fastkd._backend``).
         validate_args: check target values (in [0, V) or ``ignore_index``), tensor temperatures, and
             that the logits are not probabilities (first rows all in [0, 1], each summing to 1: a
             softmax of them would be a plausible wrong answer) before any kernel runs (a host sync on
             CUDA). Unchecked (and inside ``torch.compile``), an out-of-range target gives a NaN row; a
             bad tensor temperature, NaN rows.
 
-    Masked classes (-inf logits) get probability 0. A student row of all -inf logits gives NaN. Where
-    the teacher puts mass on a class the student masks, forward KL is infinite (as its math says).
+    Masked classes (-inf logits) get probability 0. A counted row of all -inf logits, or one holding
+    NaN, gives NaN (loss and gradient; NaN in, NaN out). Where the teacher puts mass on a class the
+    student masks, forward KL is infinite (as its math says).
+
+    **Autograd.** Every backend computes the gradient in the forward and keeps it; the backward scales
+    it in place by dL/dloss, so it runs once per forward (a second ``backward(retain_graph=True)``
+    raises), and there is no second derivative (``create_graph=True`` gives a gradient whose own
+    backward raises, naming the op). The teacher, the target and the temperatures get no gradient.
 
     **Sparse teachers.** ``teacher_topk=(indices, values)`` replaces ``teacher_logits`` with a teacher
     given at k entries per row (1 <= k <= V), as offline top-k log-probabilities (vLLM-style servers)
@@ -392,94 +185,82 @@ def kd_loss(
         raise ValueError("pass exactly one teacher: teacher_logits (dense) or teacher_topk=(indices, values)")
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
-    options = check_options(
-        student_logits, target, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-        ignore_index=ignore_index, reduction=reduction, temperature_squared=temperature_squared,
-        teacher_temperature=teacher_temperature, logit_norm=logit_norm, norm_scale=norm_scale,
-        label_smoothing=label_smoothing, validate_args=validate_args,
-    )  # fmt: skip
-    fix = "kd_loss takes logits (log-probabilities are logits too: pass p.log())"
-    check_not_probs(student_logits, "student_logits", check_values=should_check_values(validate_args), fix=fix)
+    check_values = should_check_values(validate_args)
+    options = KDOptions.checked(**kd_options).bind(student_logits, target, check_values=check_values)
+    check_not_probs(student_logits, "student_logits", check_values=check_values, fix=PROBS_FIX)
+    n_classes = student_logits.shape[-1]
     if teacher_topk is None:
         n_teachers = check_teacher(teacher_logits, student_logits)
-        for name, value in (("values_are", values_are), ("tail", tail)):
-            if value is not None:
-                raise ValueError(f"{name} applies to a sparse teacher (teacher_topk), not to teacher_logits")
-        check_not_probs(teacher_logits, "teacher_logits", check_values=should_check_values(validate_args), fix=fix)
-    else:
-        teacher_topk = check_sparse_teacher(teacher_topk, student_logits, target, options, values_are, tail,
-                                            validate_args)  # fmt: skip
-
-    if resolve_backend(backend, student_logits) == "torch":
-        return reference.kd_loss(student_logits, teacher_logits, target, teacher_topk=teacher_topk, **options)
-    n_classes = student_logits.shape[-1]
-    options["need_grad"] = torch.is_grad_enabled() and student_logits.requires_grad
-    options["inplace_grad"] = inplace_grad
-    if inplace_grad:
-        base = student_logits if student_logits._base is None else student_logits._base
-        if base.is_leaf and base.requires_grad:
-            raise ValueError("student_logits: inplace_grad=True would overwrite a leaf that requires grad (a "
-                             "parameter, or a view of one)")  # fmt: skip
-        try:
-            student = student_logits.view(-1, n_classes)
-        except RuntimeError:
-            student = None
-        if student is None or student.stride(1) != 1 or (student.shape[0] > 1 and student.stride(0) < n_classes):
-            raise ValueError(
-                "student_logits: inplace_grad=True needs logits viewable as rows (N, V) that do not overlap, "
-                f"with a unit stride along the classes; got strides {student_logits.stride()}"
-            )
-    else:
-        student = student_logits.reshape(-1, n_classes)
-    if teacher_topk is None:
+        dense_teacher_only(values_are, tail, "teacher_logits")
+        check_not_probs(teacher_logits, "teacher_logits", check_values=check_values, fix=PROBS_FIX)
         teacher = teacher_logits.detach().reshape(n_teachers, -1, n_classes)
     else:
-        k = teacher_topk[0].shape[-1]
-        teacher = (teacher_topk[0].reshape(-1, k), teacher_topk[1].detach().reshape(-1, k))
-    for key in ("temperature", "teacher_temperature"):
-        if isinstance(options[key], Tensor) and options[key].dim() > 0:
-            options[key] = options[key].reshape(-1)  # one per row; may keep a stride, which the kernel takes
-    loss = KDLossFunction.apply(student, teacher, None if target is None else target.reshape(-1).contiguous(), options)
-    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss
+        (indices, values), options = check_sparse_teacher(teacher_topk, student_logits, target, options, values_are,
+                                                          tail, validate_args)  # fmt: skip
+        k = indices.shape[-1]
+        teacher = (indices.reshape(-1, k), values.detach().reshape(-1, k))
+    impl = resolve_backend(backend, student_logits)
+    if inplace_grad:
+        student = _inplace_rows(student_logits)
+    else:
+        student = student_logits.reshape(-1, n_classes)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss = KDLossFunction.apply(student, teacher, None if target is None else target.reshape(-1).contiguous(),
+                                options, impl, inplace_grad, need_grad)  # fmt: skip
+    return loss.reshape(student_logits.shape[:-1]) if options.reduction == "none" else loss
 
 
-class KDLoss(nn.Module):
-    """``kd_loss`` as a module: the keywords are set once, the call takes (student, teacher, target),
-    the teacher as logits or as a sparse teacher (indices, values) (``kd_loss``'s ``teacher_topk``,
-    with the module's ``values_are`` and ``tail``).
+def _inplace_rows(student_logits: Tensor) -> Tensor:
+    """The logits as rows (N, V) that the gradient may overwrite: not a parameter or a view of one, and
+    viewable as rows of unit column stride that do not overlap."""
+    base = student_logits if student_logits._base is None else student_logits._base
+    if base.is_leaf and base.requires_grad:
+        raise ValueError("student_logits: inplace_grad=True would overwrite a leaf that requires grad (a "
+                         "parameter, or a view of one)")  # fmt: skip
+    n_classes = student_logits.shape[-1]
+    try:
+        student = student_logits.view(-1, n_classes)
+    except RuntimeError:
+        student = None
+    if student is None or student.stride(1) != 1 or (student.shape[0] > 1 and student.stride(0) < n_classes):
+        raise ValueError(
+            "student_logits: inplace_grad=True needs logits viewable as rows (N, V) that do not overlap, "
+            f"with a unit stride along the classes; got strides {student_logits.stride()}"
+        )
+    return student
+
+
+class KDLoss(KDKeywords):
+    """``kd_loss`` as a module: the keywords are set (and checked) once, the call takes (student,
+    teacher, target), the teacher as logits or as a sparse teacher (indices, values) (``kd_loss``'s
+    ``teacher_topk``, with the module's ``values_are`` and ``tail``).
 
     A tensor temperature is registered as a buffer, so it follows the module's ``.to()`` and
     ``state_dict``.
     """
 
+    @takes_kd_keywords
     def __init__(
         self,
         temperature: float | Tensor = 1.0,
         alpha: float = 0.5,
-        divergence: str = "forward_kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        temperature_squared: bool = True,
-        teacher_temperature: float | Tensor | None = None,
-        logit_norm: str | None = None,
-        norm_scale: float | None = None,
-        label_smoothing: float = 0.0,
+        *,
         values_are: str | None = None,
         tail: str | None = None,
         inplace_grad: bool = False,
         backend: str = "auto",
         validate_args: bool = True,
+        **kd_options,
     ):
         super().__init__()
-        for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
-            if isinstance(value, Tensor):
-                self.register_buffer(name, value)
-            else:
-                setattr(self, name, value)
-        self.alpha, self.divergence, self.beta, self.ignore_index = alpha, divergence, beta, ignore_index
-        self.reduction, self.temperature_squared = reduction, temperature_squared
-        self.logit_norm, self.norm_scale, self.label_smoothing = logit_norm, norm_scale, label_smoothing
+        keywords = dict(kd_options, temperature=temperature, alpha=alpha)
+        options = KDOptions.checked(**keywords)
+        if values_are is not None or tail is not None:
+            check_sparse_options(options, values_are, tail)
+        if not isinstance(inplace_grad, bool):
+            raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
+        check_backend_name(backend)
+        self._keep(keywords)
         self.values_are, self.tail = values_are, tail
         self.inplace_grad, self.backend, self.validate_args = inplace_grad, backend, validate_args
 
@@ -489,13 +270,5 @@ class KDLoss(nn.Module):
         return kd_loss(
             student_logits, None if sparse else teacher, target, teacher_topk=teacher if sparse else None,
             values_are=self.values_are if sparse else None, tail=self.tail if sparse else None,
-            temperature=self.temperature, alpha=self.alpha,
-            divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction,
-            temperature_squared=self.temperature_squared, teacher_temperature=self.teacher_temperature,
-            logit_norm=self.logit_norm, norm_scale=self.norm_scale, label_smoothing=self.label_smoothing,
-            inplace_grad=self.inplace_grad, backend=self.backend, validate_args=self.validate_args,
+            inplace_grad=self.inplace_grad, backend=self.backend, validate_args=self.validate_args, **self.keywords(),
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        t = "tensor" if isinstance(self.temperature, Tensor) else self.temperature
-        return f"temperature={t}, alpha={self.alpha}, divergence={self.divergence!r}, reduction={self.reduction!r}"

@@ -327,12 +327,19 @@ def calibration_sums(
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         temperature = temperature[valid]
     confidence, correct, nll, brier = top_label_rows(logits[valid], target[valid], temperature, probs)
-    bins = confidence_bins(confidence, n_bins)
-    count = torch.zeros(n_bins, dtype=torch.int64, device=logits.device).index_add_(0, bins, torch.ones_like(bins))
-    confidence_sum = torch.zeros(n_bins, dtype=torch.float64, device=logits.device)
-    confidence_sum.index_add_(0, bins, confidence.double())
-    n_correct = torch.zeros_like(count).index_add_(0, bins, correct.long())
+    count, n_correct, confidence_sum = binned_sums(confidence_bins(confidence, n_bins), correct, confidence, n_bins)
     return count, confidence_sum, n_correct, nll.double().sum(), brier.double().sum()
+
+
+def binned_sums(bins: torch.Tensor, correct: torch.Tensor, confidence: torch.Tensor,
+                n_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(count int64, correct count int64, confidence sum float64) per bin, from each sample's 0-based
+    bin (any shape, as ``correct`` and ``confidence``)."""
+    bins = bins.flatten()
+    count = torch.zeros(n_bins, dtype=torch.int64, device=bins.device).index_add_(0, bins, torch.ones_like(bins))
+    n_correct = torch.zeros_like(count).index_add_(0, bins, correct.flatten().long())
+    total = torch.zeros(n_bins, dtype=torch.float64, device=bins.device)
+    return count, n_correct, total.index_add_(0, bins, confidence.flatten().double())
 
 
 def adaptive_bins(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:

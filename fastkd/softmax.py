@@ -1,131 +1,68 @@
 """Tempered softmax and log-softmax, ``softmax(logits / T)`` along a dimension, as functions and a module.
 
-The path of one call: check the arguments (``fastkd._validate``), pick a backend
-(``fastkd._backend``), then either the reference (``fastkd.reference``; autograd differentiates it) or
-the kernels: the logits are viewed as rows (N, V) and ``TemperedSoftmaxFunction`` runs the forward and
-backward kernels. Inside ``torch.compile`` the kernels are reached through the ``torch.library`` ops
-``fastkd::tempered_softmax_fwd`` / ``_bwd``, which the compiler treats as opaque calls with known output
-shapes, so a compiled graph does not break on them; eager calls go to the launchers directly and skip
-the op dispatch.
+The path of one call: check the arguments (``fastkd._validate``), resolve the backend's implementation
+(``fastkd._backend``), view the logits as rows (N, V) and run ``TemperedSoftmaxFunction``, whose
+forward and backward call the implementation (``fastkd._ops``). Inside ``torch.compile`` they are
+reached through the ``torch.library`` ops ``fastkd::tempered_softmax_fwd`` / ``_bwd``, which the
+compiler treats as opaque calls with known output shapes, so a compiled graph does not break on them;
+eager calls skip the op dispatch.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from fastkd import reference
-from fastkd._backend import resolve_backend
-from fastkd._validate import check_dim, check_logits, check_temperature, should_check_values
-
-
-# Each op takes the temperature as a tensor or, when that is None, the float that follows it: the
-# schema of a torch.library op has no union of the two.
-@torch.library.custom_op("fastkd::tempered_softmax_fwd", mutates_args=())
-def _fwd_op(
-    x: Tensor, t_tensor: Tensor | None, t_value: float, log: bool, store_stats: bool
-) -> tuple[Tensor, Tensor]:
-    from fastkd.kernels.softmax import tempered_softmax_forward
-
-    return tempered_softmax_forward(x, t_value if t_tensor is None else t_tensor, log, store_stats)
-
-
-@_fwd_op.register_fake
-def _(x, t_tensor, t_value, log, store_stats):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0] if store_stats else 0, 2), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastkd::tempered_softmax_bwd", mutates_args=())
-def _bwd_op(
-    grad: Tensor,
-    saved: Tensor,
-    t_tensor: Tensor | None,
-    t_value: float,
-    stats: Tensor,
-    log: bool,
-    need_dx: bool,
-    need_dt: bool,
-) -> tuple[Tensor, Tensor]:
-    from fastkd.kernels.softmax import tempered_softmax_backward
-
-    temperature = t_value if t_tensor is None else t_tensor
-    dx, dt = tempered_softmax_backward(grad, saved, temperature, stats, log, need_dx, need_dt)
-    return (saved.new_empty(0) if dx is None else dx), (saved.new_empty(0, dtype=torch.float32) if dt is None else dt)
-
-
-@_bwd_op.register_fake
-def _(grad, saved, t_tensor, t_value, stats, log, need_dx, need_dt):
-    dx = saved.new_empty(saved.shape if need_dx else 0)
-    return dx, saved.new_empty(saved.shape[0] if need_dt else 0, dtype=torch.float32)
-
-
-def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
-    """The ops' (t_tensor, t_value) pair for a temperature."""
-    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, temperature)
-
-
-def _forward(x, temperature, log, store_stats):
-    """The forward launcher, reached through its op while compiling (see the module doc)."""
-    if torch.compiler.is_compiling():
-        return _fwd_op(x, *_split(temperature), log, store_stats)
-    from fastkd.kernels.softmax import tempered_softmax_forward
-
-    return tempered_softmax_forward(x, temperature, log, store_stats)
-
-
-def _backward(grad, saved, temperature, stats, log, need_dx, need_dt):
-    """The backward launcher, reached through its op while compiling."""
-    if torch.compiler.is_compiling():
-        dx, dt = _bwd_op(grad, saved, *_split(temperature), stats, log, need_dx, need_dt)
-        return (dx if need_dx else None), (dt if need_dt else None)
-    from fastkd.kernels.softmax import tempered_softmax_backward
-
-    return tempered_softmax_backward(grad, saved, temperature, stats, log, need_dx, need_dt)
+from fastkd._autograd import first_order
+from fastkd._backend import check_backend_name, resolve_backend
+from fastkd._host import unit_column_stride
+from fastkd._ops import softmax_backward, softmax_forward
+from fastkd._validate import check_dim, check_logits, check_scalar_temperature, check_temperature, should_check_values
 
 
 class TemperedSoftmaxFunction(torch.autograd.Function):
-    """softmax(x / T), or its log, over the rows of x (N, V) with the Triton kernels.
+    """softmax(x / T), or its log, over the rows of x (N, V) with the backend's implementation ``impl``.
 
     ``temperature`` is a float, a one-element tensor or an (N,) tensor; a tensor gets a gradient.
     The backward keeps the output y (as ``torch.softmax`` does) or, when T needs a gradient, the
-    logits x and two floats per row (see ``fastkd.kernels.softmax``).
+    logits x (as the forward read them: a unit column stride) and two floats per row (see
+    ``kernels/softmax.py``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, temperature: float | Tensor, log: bool) -> Tensor:
+    def forward(ctx, x: Tensor, temperature: float | Tensor, log: bool, impl: ModuleType) -> Tensor:
         need_dt = ctx.needs_input_grad[1]
-        if need_dt:  # the backward reads the logits as the kernel does: rows of unit column stride
-            x = x if x.stride(-1) == 1 else x.contiguous()
-        y, stats = _forward(x, temperature, log, store_stats=need_dt)
+        x = unit_column_stride(x)  # the layout every implementation reads, and what a backward for dT keeps
+        y, stats = softmax_forward(impl, x, temperature, log, store_stats=need_dt)
         t_tensor = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(x if need_dt else y, t_tensor, stats)
-        ctx.t_value, ctx.log = temperature if t_tensor is None else None, log
+        ctx.t_value, ctx.log, ctx.impl = temperature if t_tensor is None else None, log, impl
         return y
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    @first_order("tempered_softmax")
+    def backward(ctx, grad: Tensor):
         saved, t_tensor, stats = ctx.saved_tensors
         need_dx, need_dt = ctx.needs_input_grad[:2]
         temperature = ctx.t_value if t_tensor is None else t_tensor
-        dx, dt_rows = _backward(grad, saved, temperature, stats, ctx.log, need_dx, need_dt)
+        dx, dt_rows = softmax_backward(ctx.impl, grad, saved, temperature, stats, ctx.log, need_dx, need_dt)
         if not need_dt:
-            return dx, None, None
+            return dx, None, None, None
         dt = dt_rows.sum() if t_tensor.dim() == 0 else dt_rows
-        return dx, dt.to(t_tensor.dtype), None
+        return dx, dt.to(t_tensor.dtype), None, None
 
 
 def _tempered_softmax(logits, temperature, dim, log, backend, validate_args) -> Tensor:
     check_logits(logits)
     dim = check_dim(dim, logits.dim())
     temperature = check_temperature(temperature, logits, dim, check_values=should_check_values(validate_args))
-    if resolve_backend(backend, logits) == "torch":
-        return (reference.tempered_log_softmax if log else reference.tempered_softmax)(logits, temperature, dim)
+    impl = resolve_backend(backend, logits)
     x = logits.movedim(dim, -1)
     if isinstance(temperature, Tensor) and temperature.dim() > 0:
-        temperature = temperature.reshape(-1)  # one per row; may keep a stride, which the kernels take
-    y = TemperedSoftmaxFunction.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), temperature, log)
+        temperature = temperature.reshape(-1)  # one per row; may keep a stride, which the backends take
+    y = TemperedSoftmaxFunction.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), temperature, log, impl)
     return y.reshape(x.shape).movedim(-1, dim)
 
 
@@ -147,7 +84,8 @@ def tempered_softmax(
             temperature gets a gradient, ``dL/dT = -(1/T) sum_j (x_j / T) dL/du_j`` with ``u = x / T``.
         dim: the class dimension. For ``dim`` other than the last, the kernels work on the logits with
             ``dim`` moved last and return that layout viewed back: a non-contiguous result.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastkd._backend``).
+        backend: ``"auto"`` or a registered backend's name: ``"triton"``, ``"torch"`` (see
+            ``fastkd._backend``).
         validate_args: check the values of a tensor temperature (a host sync on CUDA). Types,
             shapes, devices and float temperatures are always checked. Tensor values are not checked
             inside ``torch.compile``, where an exception cannot depend on them: there, and with
@@ -185,6 +123,10 @@ class TemperedSoftmax(nn.Module):
         self, temperature: float | Tensor = 1.0, dim: int = -1, *, log: bool = False, backend: str = "auto"
     ):
         super().__init__()
+        check_scalar_temperature(temperature)
+        check_backend_name(backend)
+        if not isinstance(log, bool):
+            raise TypeError(f"log must be a bool, got {type(log).__name__}")
         if isinstance(temperature, Tensor) and not isinstance(temperature, nn.Parameter):
             self.register_buffer("temperature", temperature)
         else:

@@ -26,8 +26,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from fastkd import reference
-from fastkd.calibration import _prepare, _row_chunks
+from fastkd.calibration import _prepare
 from fastkd._validate import check_int, check_number
 
 
@@ -53,21 +52,11 @@ class FittedTemperature(float):
                 f"nll_initial={self.nll_initial:.6g}, converged={self.converged}, at_bound={self.at_bound})")  # fmt: skip
 
 
-def _nll_derivatives(rows, target, u, probs, ignore_index, backend) -> list[float]:
+def _nll_derivatives(rows, target, u, probs, ignore_index, impl) -> list[float]:
     """[sum NLL, sum NLL', sum NLL''] over the rows not ignored, at u (one pass over the logits; rows of
     probabilities p are read as logits log p)."""
-    if backend == "triton":
-        from fastkd.kernels.calibration import calibration_pass
-
-        out = calibration_pass(rows, target, "newton", temperature=1.0 / u, probs=probs, ignore_index=ignore_index)
-        return torch.stack([out["nll"], out["grad"], out["hess"]]).tolist()
-    totals = [0.0, 0.0, 0.0]
-    for x, y, _ in _row_chunks(rows, target, 1.0):
-        if probs:
-            x = reference.probs_as_logits(x)
-        for i, value in enumerate(reference.temperature_nll_derivatives(x, y, u, ignore_index)):
-            totals[i] += value.item()
-    return totals
+    out = impl.calibration_pass(rows, target, "newton", 1.0 / u, probs, ignore_index, 1)
+    return torch.stack([out["nll"], out["grad"], out["hess"]]).tolist()
 
 
 def fit_temperature(
@@ -106,7 +95,7 @@ def fit_temperature(
     t_max = check_number(bounds[1], "bounds[1]", 1.0, math.inf, low_open=True, high_open=True)
     check_number(rtol, "rtol", 0.0, 1.0, low_open=True, high_open=True)
     check_int(max_passes, "max_passes", 1)
-    rows, target, _, probs, backend = _prepare(logits, target, 1.0, input, ignore_index, backend, validate_args)
+    rows, target, _, probs, impl = _prepare(logits, target, 1.0, input, ignore_index, backend, validate_args)
     count = int((target != ignore_index).sum())
     if count == 0:
         raise ValueError(f"target: every row is ignore_index={ignore_index}; nothing to fit a temperature to")
@@ -115,7 +104,7 @@ def fit_temperature(
     lo, hi = 0.0, math.inf  # NLL' < 0 at lo, > 0 at hi: the optimum lies between
     u, passes, converged, at_bound, nll_initial, last_step = 1.0, 0, False, False, None, math.inf
     while True:
-        nll, grad, hess = (total / count for total in _nll_derivatives(rows, target, u, probs, ignore_index, backend))
+        nll, grad, hess = (total / count for total in _nll_derivatives(rows, target, u, probs, ignore_index, impl))
         passes += 1
         if not (math.isfinite(nll) and math.isfinite(grad)):
             raise ValueError(

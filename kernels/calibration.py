@@ -29,22 +29,18 @@ run (no float atomics). A row of all -inf logits has no distribution: its NLL an
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
+from fastkd.kernels.reductions import row_inv_temperature, safe_max
 
 MODES = {"bins": 0, "rows": 1, "newton": 2}  # the kernel's MODE
 BINS_MODE, ROWS_MODE, NEWTON_MODE = (tl.constexpr(v) for v in MODES.values())
 
 MAX_KERNEL_BINS = 1024  # more bins: the launcher bins the per-row confidences of "rows" mode with PyTorch
-TILE = 1024  # rows x columns per program step for narrow rows
-LOOP_BLOCK = 1024  # columns per step for wide rows (one row per program)
 PROGRAMS_PER_SM = 8
 # Registers per thread: without a budget, ptxas spills a long-lived value at 80-96 registers in some
 # variants (as in kd_loss's loop); with this one no launch config spills (tests/sm90_compile.py).
-MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -69,7 +65,7 @@ def _top_label_pass(
         block_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + start
         arg = tl.where(block_max > m, block_arg, arg)  # strictly greater: the first index wins
         m_new = tl.maximum(m, block_max)
-        m_sub = _safe_max(m_new)
+        m_sub = safe_max(m_new)
         r = tl.exp((m - m_sub) * u)  # 0 while the row has been all -inf
         w = tl.exp((x - m_sub[:, None]) * u[:, None])
         w_sum = tl.sum(w, 1)
@@ -81,14 +77,14 @@ def _top_label_pass(
             block_m2 = tl.sum(w * dev * dev, 1)
             old = d * r
             total = tl.maximum(old + w_sum, 1e-30)
-            delta = block_mean - (mean - (m_sub - _safe_max(tl.where(m == float("-inf"), m_new, m))))
+            delta = block_mean - (mean - (m_sub - safe_max(tl.where(m == float("-inf"), m_new, m))))
             mean = block_mean - delta * old / total
             m2 = m2 * r + block_m2 + delta * delta * old * w_sum / total
         else:
             d2 = d2 * r * r + tl.sum(w * w, 1)
         d = d * r + w_sum
         m = m_new
-    return _safe_max(m), d, d2, arg, mean, m2
+    return safe_max(m), d, d2, arg, mean, m2
 
 
 @triton.jit
@@ -157,7 +153,7 @@ def calibration_kernel(
             nll = -tl.log(x_y)
             score = sq - 2.0 * x_y + 1.0
         else:
-            u = _row_inv_temperature(T, inv_temp, rows, valid, stride_t, HAS_T)
+            u = row_inv_temperature(T, inv_temp, rows, valid, stride_t, HAS_T)
             m, d, d2, arg, mean, m2 = _top_label_pass(ptr, valid, u, cols, n_cols, ROWS, BLOCK, MODE, LOG)
             nll = (m - x_y) * u + tl.log(d)
             conf = tl.math.div_rn(1.0, d)  # correctly rounded, as the reference's 1 / d
@@ -191,67 +187,3 @@ def calibration_kernel(
         tl.store(BIN_CONF + pid * BINS + offsets, bin_conf)
 
 
-def launch_config(n_cols: int) -> tuple[int, int, int]:
-    """(rows per program step, BLOCK, num_warps) for rows of ``n_cols`` columns: at most ``TILE``
-    entries a step, in 4 warps (no spills for any mode on sm_90; 128 rows spilled)."""
-    block = min(triton.next_power_of_2(n_cols), LOOP_BLOCK)
-    return max(1, min(TILE // block, 64)), block, 4
-
-
-def _grid(x: torch.Tensor, tiles: int) -> int:
-    if x.is_cuda:
-        return max(1, min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count * PROGRAMS_PER_SM))
-    return max(1, min(tiles, 16))
-
-
-def calibration_pass(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    mode: str,
-    *,
-    temperature: float | torch.Tensor = 1.0,
-    probs: bool = False,
-    ignore_index: int = -100,
-    n_bins: int = 1,
-) -> dict[str, torch.Tensor]:
-    """One read of ``logits`` (N, C) with ``target`` (N,) contiguous; temperature a float or a tensor
-    of one value or one per row; ``probs``: the rows are probabilities, tempered as softmax(log p / T)
-    (and read as such at T = 1 outside Newton mode). Returns float64 sums / int64 counts:
-      "bins"    nll, brier, bin_count (n_bins,), bin_correct (n_bins,), bin_confidence_sum (n_bins,)
-      "rows"    nll, brier, confidence (N,) fp32, correct (N,) int8 (-1 where ignored)
-      "newton"  nll, grad, hess (sums of NLL, NLL', NLL'' at u = 1/T over the rows not ignored)
-    """
-    n_rows, n_cols = logits.shape
-    logits = _unit_column_stride(logits)
-    rows, block, num_warps = launch_config(n_cols)
-    bins = triton.next_power_of_2(n_bins) if mode == "bins" else 1
-    if mode == "bins":
-        rows = max(1, min(rows, 4096 // bins))
-    programs = _grid(logits, triton.cdiv(max(n_rows, 1), rows))
-    device = logits.device
-    partial = torch.zeros(programs, 3, dtype=torch.float64, device=device)
-    bin_n = torch.zeros(programs, 2, bins, dtype=torch.int32, device=device)
-    bin_conf = torch.zeros(programs, bins, dtype=torch.float64, device=device)
-    n = n_rows if mode == "rows" else 0
-    conf = torch.empty(n, dtype=torch.float32, device=device)
-    correct = torch.empty(n, dtype=torch.int8, device=device)
-    if isinstance(temperature, torch.Tensor):
-        t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
-    else:
-        t, inv_t, stride_t = None, 1.0 / temperature, 0
-    log = probs and (mode == "newton" or t is not None or temperature != 1)
-    if n_rows:
-        with _on_device(logits):
-            calibration_kernel[(programs,)](
-                logits, target, t, partial, bin_n, bin_conf, conf, correct, inv_t, ignore_index, n_rows, n_cols,
-                n_bins, logits.stride(0), stride_t, HAS_T=t is not None, PROBS=probs and not log, LOG=log,
-                MODE=MODES[mode], ROWS=rows, BLOCK=block, BINS=bins, num_warps=num_warps, maxnreg=MAX_REGISTERS,
-            )  # fmt: skip
-    sums = partial.sum(0)
-    if mode == "newton":
-        return {"nll": sums[0], "grad": sums[1], "hess": sums[2]}
-    out = {"nll": sums[0], "brier": sums[1]}
-    if mode == "rows":
-        return out | {"confidence": conf, "correct": correct}
-    bin_n = bin_n.sum(0, dtype=torch.int64)[:, :n_bins]
-    return out | {"bin_count": bin_n[0], "bin_correct": bin_n[1], "bin_confidence_sum": bin_conf.sum(0)[:n_bins]}

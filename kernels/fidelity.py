@@ -18,21 +18,10 @@ float64), which the launcher adds.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.calibration import MAX_REGISTERS, _grid, launch_config
-from fastkd.kernels.kd_loss import _row_lse
-from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
-
-
-@triton.jit
-def _online_max(x, m, arg, start):
-    """The row max of the running (m, arg) and a block x starting at column ``start``; the first index wins."""
-    block_max = tl.max(x, 1)
-    arg = tl.where(block_max > m, tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + start, arg)
-    return tl.maximum(m, block_max), arg
+from fastkd.kernels.reductions import online_argmax, row_inv_temperature, row_lse, safe_max
 
 
 @triton.jit
@@ -49,10 +38,10 @@ def _kl_single(s_ptr, t_ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK:
         mask = row_ok[:, None] & (start + cols < n_cols)
         s = tl.load(s_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_s_old, old_s, old_t = m_s, _safe_max(m_s), _safe_max(m_t)
-        m_s, arg_s = _online_max(s, m_s, arg_s, start)
-        m_t_new, arg_t = _online_max(t, m_t, arg_t, start)
-        sub_s, sub_t = _safe_max(m_s), _safe_max(m_t_new)
+        m_s_old, old_s, old_t = m_s, safe_max(m_s), safe_max(m_t)
+        m_s, arg_s = online_argmax(s, m_s, arg_s, start)
+        m_t_new, arg_t = online_argmax(t, m_t, arg_t, start)
+        sub_s, sub_t = safe_max(m_s), safe_max(m_t_new)
         r_t = tl.exp((m_t - sub_t) * u)
         # Shift E's old terms to the new maxima (d_t = 0 while the teacher row has been all -inf); terms
         # whose weight underflows drop out, as in float64 (even an infinite one: where p = 0, KL adds 0).
@@ -78,8 +67,8 @@ def _kl_ensemble(
     lse_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
     member_ptr = t_ptr  # advanced by stride_tk per member: 64-bit pointers, no int32 product k * stride_tk
     for k in range(n_teachers):
-        m, ln_d = _row_lse(member_ptr, u, row_ok, cols, n_cols, ROWS, BLOCK)
-        m_k = tl.where(members[None, :] == k, _safe_max(m)[:, None], m_k)
+        m, ln_d = row_lse(member_ptr, u, row_ok, cols, n_cols, ROWS, BLOCK)
+        m_k = tl.where(members[None, :] == k, safe_max(m)[:, None], m_k)
         lse_k = tl.where(members[None, :] == k, ln_d[:, None], lse_k)
         member_ptr += stride_tk
     m_s = tl.full([ROWS], float("-inf"), tl.float32)
@@ -102,11 +91,11 @@ def _kl_ensemble(
             ln_d = tl.sum(tl.where(pick, lse_k, 0.0), 1)
             p += tl.exp((t - m[:, None]) * u[:, None] - ln_d[:, None])
         p = p / n_teachers
-        m_p, arg_p = _online_max(tl.where(mask, p, -1.0), m_p, arg_p, start)
+        m_p, arg_p = online_argmax(tl.where(mask, p, -1.0), m_p, arg_p, start)
         s = tl.load(s_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_s_old, old_s = m_s, _safe_max(m_s)
-        m_s, arg_s = _online_max(s, m_s, arg_s, start)
-        sub_s = _safe_max(m_s)
+        m_s_old, old_s = m_s, safe_max(m_s)
+        m_s, arg_s = online_argmax(s, m_s, arg_s, start)
+        sub_s = safe_max(m_s)
         b -= (sub_s - old_s) * u * mass
         live = p > 0
         a += tl.sum(tl.where(live, p * tl.log(tl.where(live, p, 1.0)), 0.0), 1)
@@ -145,7 +134,7 @@ def fidelity_kernel(
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
         rows64 = rows.to(tl.int64)
-        u = _row_inv_temperature(T, inv_temp, rows, row_ok, stride_t, HAS_T)
+        u = row_inv_temperature(T, inv_temp, rows, row_ok, stride_t, HAS_T)
         s_ptr = S + rows64[:, None] * stride_s
         t_ptr = TCH + rows64[:, None] * stride_tn
         if ENSEMBLE:
@@ -160,30 +149,3 @@ def fidelity_kernel(
     tl.store(KL + pid, kl)
 
 
-def fidelity_pass(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(agreeing rows int64, sum of KL(p || q) float64) over ``student`` (N, C) and ``teacher``
-    (K, N, C); temperature a float or a tensor of one value or one per row."""
-    n_rows, n_cols = student.shape
-    student, teacher = _unit_column_stride(student), _unit_column_stride(teacher)
-    n_teachers = teacher.shape[0]
-    k_block = triton.next_power_of_2(n_teachers)
-    rows, block, num_warps = launch_config(n_cols)
-    if n_teachers > 1:  # an ensemble tile holds ROWS x K_BLOCK member states: <= 64 fits MAX_REGISTERS
-        rows = max(1, min(rows, 64 // k_block))
-    programs = _grid(student, triton.cdiv(max(n_rows, 1), rows))
-    agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
-    kl = torch.zeros(programs, dtype=torch.float64, device=student.device)
-    if isinstance(temperature, torch.Tensor):
-        t, inv_t, stride_t = temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
-    else:
-        t, inv_t, stride_t = None, 1.0 / temperature, 0
-    if n_rows:
-        with _on_device(student):
-            fidelity_kernel[(programs,)](
-                student, teacher, t, agree, kl, inv_t, n_rows, n_cols, n_teachers, student.stride(0),
-                teacher.stride(0), teacher.stride(1), stride_t, HAS_T=t is not None, ENSEMBLE=n_teachers > 1,
-                K_BLOCK=k_block, ROWS=rows, BLOCK=block, num_warps=num_warps, maxnreg=MAX_REGISTERS,
-            )  # fmt: skip
-    return agree.sum(dtype=torch.int64), kl.sum()

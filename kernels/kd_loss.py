@@ -41,15 +41,14 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
+from fastkd.kernels.kd_math import FORWARD_KL, REVERSE_KL, ce_grad, ce_loss, divergence_grad, divergence_tile, row_setup
+from fastkd.kernels.reductions import row_inv_temperature, row_lse, safe_max
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}  # the kernel's DIVERGENCE
 NORMS = {None: 0, "standardize": 1, "spherical": 2}  # the kernel's NORM
-FORWARD_KL, REVERSE_KL, JSD = (tl.constexpr(v) for v in DIVERGENCES.values())
+
 NO_NORM, STANDARDIZE, SPHERICAL = (tl.constexpr(v) for v in NORMS.values())
 EPS = tl.constexpr(1e-7)  # fastkd.reference.NORM_EPS
 
@@ -103,24 +102,9 @@ def _norm_factor(n, m2, norm_scale, NORM: tl.constexpr):
 
 
 @triton.jit
-def _row_lse(ptr, k, row_ok, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(max x, ln sum_j e^((x_j - max x) k)) of whole rows read in column blocks (online softmax)."""
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    d = tl.zeros([ROWS], tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        mask = row_ok[:, None] & (start + cols < n_cols)
-        x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_sub = _safe_max(m_new)
-        d = d * tl.exp((m - m_sub) * k) + tl.sum(tl.exp((x - m_sub[:, None]) * k[:, None]), 1)
-        m = m_new
-    return m, tl.log(d)
-
-
-@triton.jit
 def _log_softmax_tile(x, k):
     """log_softmax(x k) of whole rows held in the tile, k one scale per row."""
-    u = (x - _safe_max(tl.max(x, 1))[:, None]) * k[:, None]
+    u = (x - safe_max(tl.max(x, 1))[:, None]) * k[:, None]
     return u - tl.log(tl.sum(tl.exp(u), 1))[:, None]
 
 
@@ -138,7 +122,7 @@ def _member_log_prob_tile(t, inv_tt, norm_scale, NORM: tl.constexpr):
 def _mean_exp_update(mx, acc, w):
     """Running log-mean-exp over ensemble members, elementwise: max mx and sum acc of e^(w - mx)."""
     mx_new = tl.maximum(mx, w)
-    sub = _safe_max(mx_new)
+    sub = safe_max(mx_new)
     return mx_new, acc * tl.exp(mx - sub) + tl.exp(w - sub)
 
 
@@ -159,32 +143,12 @@ def _teacher_log_prob(t_ptr, offs, mask, k_t, m_t, lnd_t, kk, n_teachers, stride
             t = tl.load(member_ptr + offs, mask=mask, other=float("-inf"))
             member_ptr += stride_tk
             k, m, lnd = _pick(k_t, member, kk), _pick(m_t, member, kk), _pick(lnd_t, member, kk)
-            w = (t.to(tl.float32) - _safe_max(m)[:, None]) * k[:, None] - lnd[:, None]
+            w = (t.to(tl.float32) - safe_max(m)[:, None]) * k[:, None] - lnd[:, None]
             mx, acc = _mean_exp_update(mx, acc, w)
         return mx + tl.log(acc) - tl.log(n_teachers.to(tl.float32))
     t = tl.load(t_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
     k, m, lnd = tl.sum(k_t, 1), tl.sum(m_t, 1), tl.sum(lnd_t, 1)
-    return (t - _safe_max(m)[:, None]) * k[:, None] - lnd[:, None]
-
-
-@triton.jit
-def _divergence_tile(log_q, log_p, beta, DIVERGENCE: tl.constexpr):
-    """(q, p, loss terms, h) per entry; h (zero for forward_kl) is as in the module doc. The terms of a
-    probability 0 are 0; a NaN probability (a NaN logit, a bad temperature) gives NaN terms (``!= 0``,
-    not ``> 0``, which would read NaN as 0)."""
-    q = tl.exp(log_q)
-    p = tl.exp(log_p)
-    if DIVERGENCE == FORWARD_KL:
-        return q, p, tl.where(p != 0, p * (log_p - log_q), 0.0), tl.zeros_like(q)
-    if DIVERGENCE == REVERSE_KL:
-        h = tl.where(q != 0, log_q - log_p, 0.0)
-        return q, p, q * h, h
-    a = log_p + tl.log(beta)  # log m = logaddexp(a, b), formed in log space: beta p + (1 - beta) q
-    b = log_q + tl.log(1.0 - beta)  # underflows to 0 where log q is finite but q is a denormal
-    top = _safe_max(tl.maximum(a, b))
-    log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-    h = tl.where(q != 0, log_q - log_m, 0.0)
-    return q, p, beta * tl.where(p != 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * q * h, h
+    return (t - safe_max(m)[:, None]) * k[:, None] - lnd[:, None]
 
 
 @triton.jit
@@ -210,67 +174,14 @@ def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGE
 
 
 @triton.jit
-def _divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE: tl.constexpr):
-    """D'_j = dD/du_j of a tile (module doc), given the row sum qh_sum = sum_k q_k h_k."""
-    if DIVERGENCE == FORWARD_KL:
-        return q - p
-    if DIVERGENCE == REVERSE_KL:
-        return q * (h - qh_sum[:, None])
-    return (1.0 - beta) * q * (h - qh_sum[:, None])
-
-
-@triton.jit
 def _kd_grad(x, q, p, h, qh_sum, mu, k_s, w, g_mean, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr):
     """dKD/dx of a tile given the row sums (module doc)."""
-    g = _divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
+    g = divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
     if NORM != NO_NORM:
         live = x > float("-inf")
         c = tl.where(live, x - mu[:, None], 0.0)
         g = tl.where(live, g - c * w[:, None] - g_mean[:, None], 0.0)
     return g * k_s[:, None]
-
-
-@triton.jit
-def _ce_loss(m, ln_d, x_y, x_sum, ls_eps, n_cols):
-    """(1 - eps)(lse - x_y) + eps (lse - sum_j x_j / V), lse = m + ln d, with m - x_y formed first (exact
-    for close values); no smoothing term when eps = 0 (a -inf logit would make it 0 * inf)."""
-    smooth = tl.where(ls_eps > 0, ls_eps * ((m - x_sum / n_cols) + ln_d), 0.0)
-    return (1.0 - ls_eps) * ((m - x_y) + ln_d) + smooth
-
-
-@triton.jit
-def _ce_grad(x, cols, y, m, ln_d, ls_eps, n_cols):
-    """dCE/dx of a tile: softmax(x) - (1 - eps) [j = y] - eps / V."""
-    s = tl.exp((x - m[:, None]) - ln_d[:, None])
-    return s - tl.where(cols == y[:, None], 1.0 - ls_eps, 0.0) - ls_eps / n_cols
-
-
-@triton.jit
-def _row_setup(X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x,
-               HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, T_SQUARED: tl.constexpr,
-               SCALE_GRAD: tl.constexpr):  # fmt: skip
-    """The rows' targets and weights: (valid (not ignored), y, x_y read before the gradient may
-    overwrite x, the KD term's weight alpha T^2 (or alpha), the CE term's 1 - alpha (NaN for a target
-    outside [0, V) that is not ignored), the reduction's scale, the scale the gradient takes now)."""
-    valid = row_ok
-    y = tl.zeros(rows.shape, tl.int64)
-    x_y = tl.zeros(rows.shape, tl.float32)
-    in_range = row_ok
-    if HAS_TARGET:
-        y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-        valid = row_ok & (y != ignore_index)
-        in_range = (y >= 0) & (y < n_cols)
-        if HAS_CE:
-            x_y = tl.load(X + rows.to(tl.int64) * stride_x + y, mask=valid & in_range, other=float("nan"))
-    if SCALE is not None:
-        scale = tl.load(SCALE)
-    kd_weight = tl.full(rows.shape, alpha, tl.float32)
-    if T_SQUARED:
-        kd_weight = kd_weight / (inv_t * inv_t)
-    ce_weight = tl.full(rows.shape, 1.0 - alpha, tl.float32)
-    if HAS_CE:
-        ce_weight = tl.where(in_range, ce_weight, float("nan"))
-    return valid, y, x_y.to(tl.float32), kd_weight, ce_weight, scale, scale if SCALE_GRAD else 1.0
 
 
 @triton.jit
@@ -324,10 +235,10 @@ def kd_loss_fwd_kernel(
     x_ptr = X + rows64[:, None] * stride_x
     t_ptr = TL + rows64[:, None] * stride_tn
     g_ptr = G + rows64[:, None] * stride_g
-    inv_t = _row_inv_temperature(T, inv_temp, rows, row_ok, stride_temp, HAS_T)
-    inv_tt = _row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)
+    inv_t = row_inv_temperature(T, inv_temp, rows, row_ok, stride_temp, HAS_T)
+    inv_tt = row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)
 
-    valid, y, x_y, kd_weight, ce_weight, scale, grad_scale = _row_setup(
+    valid, y, x_y, kd_weight, ce_weight, scale, grad_scale = row_setup(
         X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x, HAS_TARGET, HAS_CE,
         T_SQUARED, SCALE_GRAD,
     )  # fmt: skip
@@ -360,7 +271,7 @@ def kd_loss_fwd_kernel(
             else:
                 t = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 log_p = _member_log_prob_tile(t, inv_tt, norm_scale, NORM)
-            q, p, terms, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
+            q, p, terms, h = divergence_tile(log_q, log_p, beta, DIVERGENCE)
             qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
             qh_sum = tl.sum(qh, 1)
             w_norm = tl.zeros([ROWS], tl.float32)
@@ -372,10 +283,10 @@ def kd_loss_fwd_kernel(
             grad = (kd_weight * grad_scale)[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, g_mean, beta,
                                                                 DIVERGENCE, NORM)  # fmt: skip
         if HAS_CE:
-            m = _safe_max(tl.max(x, 1))
+            m = safe_max(tl.max(x, 1))
             lnd_1 = tl.log(tl.sum(tl.exp(x - m[:, None]), 1))
-            ce = _ce_loss(m, lnd_1, x_y, tl.sum(tl.where(mask, x, 0.0), 1), ls_eps, n_cols)
-            grad += (ce_weight * grad_scale)[:, None] * _ce_grad(x, cols, y, m, lnd_1, ls_eps, n_cols)
+            ce = ce_loss(m, lnd_1, x_y, tl.sum(tl.where(mask, x, 0.0), 1), ls_eps, n_cols)
+            grad += (ce_weight * grad_scale)[:, None] * ce_grad(x, cols, y, m, lnd_1, ls_eps, n_cols)
         if NEED_GRAD:
             tl.store(g_ptr + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
     else:
@@ -406,14 +317,14 @@ def kd_loss_fwd_kernel(
             mask = row_ok[:, None] & (start + cols < n_cols)
             x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 1))
-            m_sub = _safe_max(m_new)
+            m_sub = safe_max(m_new)
             if HAS_KD:
                 d_s = d_s * tl.exp((m - m_sub) * k_s) + tl.sum(tl.exp((x - m_sub[:, None]) * k_s[:, None]), 1)
             if HAS_CE:
                 d_1 = d_1 * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub[:, None]), 1)
                 x_sum += tl.where(mask, x, 0.0)
             m = m_new
-        m_s = _safe_max(m)
+        m_s = safe_max(m)
         lnd_s = tl.log(d_s)
         lnd_1 = tl.log(d_1)
         m_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
@@ -421,7 +332,7 @@ def kd_loss_fwd_kernel(
         if HAS_KD:
             member_ptr = t_ptr
             for member in range(n_teachers):
-                m_k, lnd_k = _row_lse(member_ptr, _pick(k_t, member, kk), row_ok, cols, n_cols, ROWS, BLOCK)
+                m_k, lnd_k = row_lse(member_ptr, _pick(k_t, member, kk), row_ok, cols, n_cols, ROWS, BLOCK)
                 member_ptr += stride_tk
                 m_t = tl.where(kk[None, :] == member, m_k[:, None], m_t)
                 lnd_t = tl.where(kk[None, :] == member, lnd_k[:, None], lnd_t)
@@ -442,7 +353,7 @@ def kd_loss_fwd_kernel(
                 log_q = (x - m_s[:, None]) * k_s[:, None] - lnd_s[:, None]
                 log_p = _teacher_log_prob(t_ptr, start + cols, mask, k_t, m_t, lnd_t, kk, n_teachers, stride_tk,
                                           ENSEMBLE)  # fmt: skip
-                q, p, _, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
+                q, p, _, h = divergence_tile(log_q, log_p, beta, DIVERGENCE)
                 qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
                 qh_acc += qh
                 dc_acc += dc
@@ -464,17 +375,17 @@ def kd_loss_fwd_kernel(
                 log_q = (x - m_s[:, None]) * k_s[:, None] - lnd_s[:, None]
                 log_p = _teacher_log_prob(t_ptr, start + cols, mask, k_t, m_t, lnd_t, kk, n_teachers, stride_tk,
                                           ENSEMBLE)  # fmt: skip
-                q, p, terms, h = _divergence_tile(log_q, log_p, beta, DIVERGENCE)
+                q, p, terms, h = divergence_tile(log_q, log_p, beta, DIVERGENCE)
                 kd_acc += terms
                 grad = (kd_weight * grad_scale)[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, g_mean, beta,
                                                                     DIVERGENCE, NORM)  # fmt: skip
             if HAS_CE:
-                grad += (ce_weight * grad_scale)[:, None] * _ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
+                grad += (ce_weight * grad_scale)[:, None] * ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
             if NEED_GRAD:
                 tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
         kd = tl.sum(kd_acc, 1)
         if HAS_CE:
-            ce = _ce_loss(m_s, lnd_1, x_y, tl.sum(x_sum, 1), ls_eps, n_cols)
+            ce = ce_loss(m_s, lnd_1, x_y, tl.sum(x_sum, 1), ls_eps, n_cols)
 
     loss = tl.zeros([ROWS], tl.float32)
     if HAS_KD:
@@ -514,109 +425,3 @@ def launch_config(n_cols: int) -> tuple[int, int, bool, int]:
     return rows, block, True, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
 
 
-def _temperature(temperature: float | torch.Tensor) -> tuple[torch.Tensor | None, float, int]:
-    """(tensor or None, 1/T for a float, stride of the tensor's rows)."""
-    if isinstance(temperature, torch.Tensor):
-        return temperature, 1.0, (temperature.stride(0) if temperature.dim() else 0)
-    return None, 1.0 / temperature, 0
-
-
-def forward_outputs(
-    student: torch.Tensor, target: torch.Tensor | None, reduction: str, ignore_index: int, inplace_grad: bool,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float, bool, torch.Tensor | None]:
-    """What a forward kernel reads and writes, and how it scales: (the student with a unit column stride
-    (as it is with ``inplace_grad``), the row losses (N,) fp32, dL/dx (N, V): the student itself with
-    ``inplace_grad``, empty without ``need_grad``; the reduction's scale as a 0-d fp32 tensor (1 / rows
-    not ignored, for "mean" with a target: no host sync) or None, else as a float; whether the kernel
-    applies it to the gradient; the scale left to the backward, or None). A float16 gradient is stored
-    unscaled (``kd_loss_forward``'s doc)."""
-    n_rows, n_cols = student.shape
-    if not inplace_grad:
-        student = _unit_column_stride(student)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    if not need_grad:
-        grad = student.new_empty((0, n_cols))
-    elif inplace_grad:
-        grad = student
-    else:
-        grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
-    scale_t, scale = None, 1.0
-    if reduction == "mean" and target is not None:
-        scale_t = 1.0 / (target != ignore_index).sum().clamp_min(1).float()
-    elif reduction in ("mean", "batchmean"):
-        scale = 1.0 / max(n_rows, 1)
-    scale_grad = student.dtype != torch.float16 or (scale_t is None and scale == 1.0)
-    later = None
-    if not scale_grad:
-        later = scale_t if scale_t is not None else torch.full((), scale, device=student.device)
-    return student, loss, grad, scale_t, scale, scale_grad, later
-
-
-def kd_loss_forward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    target: torch.Tensor | None,
-    temperature: float | torch.Tensor,
-    teacher_temperature: float | torch.Tensor,
-    alpha: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    temperature_squared: bool,
-    logit_norm: str | None,
-    norm_scale: float,
-    label_smoothing: float,
-    inplace_grad: bool = False,
-    need_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(row losses (N,) fp32 times the reduction's scale, dL/dx (N, V) in the student's dtype, the
-    reduction's scale still to apply to dL/dx: a 0-d fp32 tensor, or None).
-
-    ``student`` (N, V); ``teacher`` (K, N, V); ``target`` (N,) contiguous, or None; temperatures:
-    floats, or tensors of one value or one per row (any stride). The loss is the row losses' sum for
-    every reduction but "none". A float16 gradient is stored without the reduction's scale (1/rows
-    for "mean"), which the backward applies with dL/dloss (a GradScaler's factor, say): scaled first,
-    small float16 entries would round to 0. With ``inplace_grad`` the gradient is written into
-    ``student``, which must then have a unit column stride; without ``need_grad`` it is not written
-    (an empty tensor is returned).
-    """
-    n_rows, n_cols = student.shape
-    student, loss, grad, scale_t, scale, scale_grad, later = forward_outputs(
-        student, target, reduction, ignore_index, inplace_grad, need_grad
-    )
-    teacher = _unit_column_stride(teacher)
-    if student.numel() == 0:
-        return loss.zero_(), grad, later
-    t, inv_t, stride_t = _temperature(temperature)
-    tt, inv_tt, stride_tt = _temperature(teacher_temperature)
-    n_teachers = teacher.shape[0]
-    rows, block, one_block, num_warps = launch_config(n_cols)
-    with _on_device(student):
-        kd_loss_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            student, teacher, target, loss, grad if need_grad else student, t, tt, scale_t, inv_t, inv_tt, scale,
-            alpha, beta, label_smoothing, norm_scale, ignore_index, n_rows, n_cols, n_teachers,
-            student.stride(0), teacher.stride(0), teacher.stride(1), grad.stride(0) if need_grad else 0,
-            stride_t, stride_tt, DIVERGENCE=DIVERGENCES[divergence], NORM=NORMS[logit_norm], HAS_KD=alpha > 0,
-            HAS_CE=target is not None and alpha < 1, HAS_TARGET=target is not None, NEED_GRAD=need_grad,
-            SCALE_GRAD=scale_grad, T_SQUARED=temperature_squared, HAS_T=t is not None, HAS_TT=tt is not None,
-            ENSEMBLE=n_teachers > 1, K_BLOCK=triton.next_power_of_2(n_teachers),
-            ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
-            **({} if one_block else {"maxnreg": LOOP_MAX_REGISTERS}),
-        )  # fmt: skip
-    return loss, grad, later
-
-
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """grad (N, V) *= grad_output (one value, or (N,) one per row), in place; free where it is 1."""
-    n_rows, n_cols = grad.shape
-    if grad.numel() == 0:
-        return grad
-    block = min(triton.next_power_of_2(n_cols), 4096)
-    stride_go = grad_output.stride(0) if grad_output.dim() else 0
-    with _on_device(grad):
-        scale_grad_kernel[(n_rows, triton.cdiv(n_cols, block))](
-            grad, grad_output, n_cols, grad.stride(0), stride_go, BLOCK=block, num_warps=4 if block <= 1024 else 8
-        )
-    return grad

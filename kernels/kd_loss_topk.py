@@ -30,27 +30,12 @@ each student pass that reads it (the bucket sum, the gradient).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_loss import (
-    DIVERGENCES,
-    FORWARD_KL,
-    JSD,
-    LOOP_BLOCK,
-    LOOP_MAX_REGISTERS,
-    MAX_ONE_BLOCK,
-    REVERSE_KL,
-    _ce_grad,
-    _ce_loss,
-    _divergence_grad,
-    _divergence_tile,
-    _row_setup,
-    _temperature,
-    forward_outputs,
-)
-from fastkd.kernels.softmax import _on_device, _row_inv_temperature, _safe_max, _unit_column_stride
+from fastkd.kernels.kd_loss import LOOP_BLOCK, MAX_ONE_BLOCK
+from fastkd.kernels.kd_math import FORWARD_KL, JSD, REVERSE_KL, ce_grad, ce_loss, divergence_grad, divergence_tile, row_setup
+from fastkd.kernels.reductions import row_inv_temperature, safe_max
 
 MAX_K_BLOCK = 1024  # teacher entries per step of the loops over the k entries
 BITS_PER_WORD = 32  # of the membership bitmap
@@ -124,9 +109,9 @@ def kd_loss_topk_fwd_kernel(
     kk = tl.arange(0, K_BLOCK)[None, :]
     x_ptr = X + rows64[:, None] * stride_x
     g_ptr = G + rows64[:, None] * stride_g
-    inv_t = _row_inv_temperature(T, inv_temp, rows, row_ok, stride_temp, HAS_T)
-    inv_tt = _row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)
-    valid, y, x_y, kd_weight, ce_weight, scale, grad_scale = _row_setup(
+    inv_t = row_inv_temperature(T, inv_temp, rows, row_ok, stride_temp, HAS_T)
+    inv_tt = row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)
+    valid, y, x_y, kd_weight, ce_weight, scale, grad_scale = row_setup(
         X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x, HAS_TARGET, HAS_CE,
         T_SQUARED, SCALE_GRAD,
     )  # fmt: skip
@@ -141,7 +126,7 @@ def kd_loss_topk_fwd_kernel(
         mask = row_ok[:, None] & (start + cols < n_cols)
         x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 1))
-        m_sub = _safe_max(m_new)
+        m_sub = safe_max(m_new)
         e = tl.exp((x - m_sub[:, None]) * inv_t[:, None])
         rescale = tl.exp((m - m_sub) * inv_t)
         d_s = d_s * rescale + tl.sum(e, 1)
@@ -152,7 +137,7 @@ def kd_loss_topk_fwd_kernel(
             d_1 = d_1 * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub[:, None]), 1)
             x_sum += tl.sum(tl.where(mask, x, 0.0), 1)
         m = m_new
-    m_s = _safe_max(m)
+    m_s = safe_max(m)
     lnd_s = tl.log(d_s)
     lnd_1 = tl.log(d_1)
 
@@ -173,16 +158,16 @@ def kd_loss_topk_fwd_kernel(
             bad_index = tl.maximum(bad_index, tl.max((kmask & ~ok).to(tl.int32), 1))
             a = v * inv_tt[:, None]
             a_new = tl.maximum(a_max, tl.max(a, 1))
-            a_sub = _safe_max(a_new)
+            a_sub = safe_max(a_new)
             a_sum = a_sum * tl.exp(a_max - a_sub) + tl.sum(tl.exp(a - a_sub[:, None]), 1)
             a_max = a_new
             if BUCKET:
                 mass += tl.sum(tl.exp(v), 1)
-        lse_t = _safe_max(a_max) + tl.log(a_sum)
+        lse_t = safe_max(a_max) + tl.log(a_sum)
         log_p_rest = tl.full([ROWS], float("-inf"), tl.float32)
         if BUCKET:  # the missing mass ln(1 - sum e^v), tempered as one more class
             a_rest = tl.log(tl.maximum(1.0 - mass, 0.0)) * inv_tt
-            a_top = _safe_max(tl.maximum(lse_t, a_rest))
+            a_top = safe_max(tl.maximum(lse_t, a_rest))
             lse_t = a_top + tl.log(tl.exp(lse_t - a_top) + tl.exp(a_rest - a_top))
             log_p_rest = a_rest - lse_t
         kd_weight = tl.where(bad_index > 0, float("nan"), kd_weight)  # an index outside [0, V): NaN row
@@ -190,11 +175,11 @@ def kd_loss_topk_fwd_kernel(
             idx, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
             x_top = tl.load(x_ptr + idx, mask=kmask & ok, other=float("-inf")).to(tl.float32)
             log_q = (x_top - m_s[:, None]) * inv_t[:, None] - lnd_s[:, None]
-            q, p, terms, h = _divergence_tile(log_q, v * inv_tt[:, None] - lse_t[:, None], beta, DIVERGENCE)
+            q, p, terms, h = divergence_tile(log_q, v * inv_tt[:, None] - lse_t[:, None], beta, DIVERGENCE)
             kd += tl.sum(terms, 1)
             qh_sum += tl.sum(q * h, 1)
         log_q_rest = tl.log(r_s) - lnd_s  # -inf when the bucket holds no student mass (or is not summed)
-        q_r, p_r, terms_r, h_r = _divergence_tile(log_q_rest[:, None], log_p_rest[:, None], beta, DIVERGENCE)
+        q_r, p_r, terms_r, h_r = divergence_tile(log_q_rest[:, None], log_p_rest[:, None], beta, DIVERGENCE)
         kd += tl.sum(terms_r, 1)
         qh_sum += tl.sum(q_r * h_r, 1)
         p_rest = tl.sum(p_r, 1)
@@ -210,10 +195,10 @@ def kd_loss_topk_fwd_kernel(
             grad = tl.zeros([ROWS, K_BLOCK], tl.float32)
             if HAS_KD:
                 log_q = (x_top - m_s[:, None]) * inv_t[:, None] - lnd_s[:, None]
-                q, p, _, h = _divergence_tile(log_q, v * inv_tt[:, None] - lse_t[:, None], beta, DIVERGENCE)
-                grad = kd_scale[:, None] * _divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
+                q, p, _, h = divergence_tile(log_q, v * inv_tt[:, None] - lse_t[:, None], beta, DIVERGENCE)
+                grad = kd_scale[:, None] * divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
             if HAS_CE:
-                grad += ce_scale[:, None] * _ce_grad(x_top, idx, y, m_s, lnd_1, ls_eps, n_cols)
+                grad += ce_scale[:, None] * ce_grad(x_top, idx, y, m_s, lnd_1, ls_eps, n_cols)
             tl.store(g_ptr + idx, grad.to(G.dtype.element_ty), mask=kmask & ok)
         # The other columns: q_l times a row constant rho; forward KL with the bucket also subtracts
         # p_R q_l / q_R, with q_l / q_R formed per entry as e_l / r_s <= 1 (no ratio overflows).
@@ -235,13 +220,13 @@ def kd_loss_topk_fwd_kernel(
                     g -= tl.where(r_s > 0, p_rest, 0.0)[:, None] * (e / tl.where(r_s > 0, r_s, 1.0)[:, None])
                 grad = kd_scale[:, None] * g
             if HAS_CE:
-                grad += ce_scale[:, None] * _ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
+                grad += ce_scale[:, None] * ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
             tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty),
                      mask=mask & ~(top & valid[:, None]))  # fmt: skip
 
     ce = tl.zeros([ROWS], tl.float32)
     if HAS_CE:
-        ce = _ce_loss(m_s, lnd_1, x_y, x_sum, ls_eps, n_cols)
+        ce = ce_loss(m_s, lnd_1, x_y, x_sum, ls_eps, n_cols)
     loss = tl.zeros([ROWS], tl.float32)
     if HAS_KD:
         loss += kd_weight * kd
@@ -263,64 +248,3 @@ def launch_config(n_cols: int, k: int) -> tuple[int, int, int, int]:
     return rows, block, k_block, 4 if tile <= 1024 else 8
 
 
-def membership_bitmap(indices: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """(N, ceil(V / 32)) int32 words whose bit j % 32 of word j // 32 marks column j as one of the row's
-    indices (N, k). Indices must be distinct within a row (their bits are added); one outside [0, V) sets
-    no bit (its row is NaN in the kernel)."""
-    n_rows = indices.shape[0]
-    bits = torch.zeros(n_rows, triton.cdiv(n_cols, BITS_PER_WORD), dtype=torch.int32, device=indices.device)
-    idx = indices.long()
-    ok = (idx >= 0) & (idx < n_cols)
-    idx = torch.where(ok, idx, 0)
-    # 1 << 31 is int32's sign bit: formed in int64, it wraps to -2^31 in the cast, the bit pattern wanted.
-    values = torch.where(ok, torch.ones_like(idx) << (idx % BITS_PER_WORD), 0).to(torch.int32)
-    return bits.scatter_add_(1, idx // BITS_PER_WORD, values)
-
-
-def kd_loss_topk_forward(
-    student: torch.Tensor,
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    target: torch.Tensor | None,
-    temperature: float | torch.Tensor,
-    teacher_temperature: float | torch.Tensor,
-    alpha: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    temperature_squared: bool,
-    label_smoothing: float,
-    tail: str,
-    inplace_grad: bool = False,
-    need_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``kd_loss_forward`` (``kernels/kd_loss.py``) for a teacher given at k entries per row: ``indices``
-    (N, k) int32/int64 and ``values`` (N, k) (log-probabilities, or logits with ``tail="none"``; the
-    kernel reads both the same way, renormalizing over the k entries). The same returns."""
-    n_rows, n_cols = student.shape
-    student, loss, grad, scale_t, scale, scale_grad, later = forward_outputs(
-        student, target, reduction, ignore_index, inplace_grad, need_grad
-    )
-    indices, values = _unit_column_stride(indices), _unit_column_stride(values)
-    k = indices.shape[1]
-    bucket = tail == "bucket" and k < n_cols  # with k = V no class is left for the bucket
-    if student.numel() == 0:
-        return loss.zero_(), grad, later
-    need_rest = alpha > 0 and (bucket or divergence != "forward_kl")
-    bits = membership_bitmap(indices, n_cols) if need_rest or need_grad else None
-    t, inv_t, stride_t = _temperature(temperature)
-    tt, inv_tt, stride_tt = _temperature(teacher_temperature)
-    rows, block, k_block, num_warps = launch_config(n_cols, k)
-    with _on_device(student):
-        kd_loss_topk_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            student, indices, values, bits, target, loss, grad if need_grad else student, t, tt, scale_t, inv_t,
-            inv_tt, scale, alpha, beta, label_smoothing, ignore_index, n_rows, n_cols, k, student.stride(0),
-            indices.stride(0), values.stride(0), 0 if bits is None else bits.stride(0),
-            grad.stride(0) if need_grad else 0, stride_t, stride_tt, DIVERGENCE=DIVERGENCES[divergence],
-            BUCKET=bucket, NEED_REST=need_rest, HAS_KD=alpha > 0, HAS_CE=target is not None and alpha < 1,
-            HAS_TARGET=target is not None, NEED_GRAD=need_grad, SCALE_GRAD=scale_grad, T_SQUARED=temperature_squared,
-            HAS_T=t is not None, HAS_TT=tt is not None, ROWS=rows, BLOCK=block, K_BLOCK=k_block,
-            num_warps=num_warps, maxnreg=LOOP_MAX_REGISTERS,  # without it ptxas spills 8-24 bytes at 64-80
-        )  # fmt: skip
-    return loss, grad, later

@@ -36,12 +36,12 @@ temperature that is not finite and > 0 (such values reach a kernel only unchecke
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
-import torch
 import triton
 import triton.language as tl
+
+from fastkd.kernels.reductions import row_inv_temperature, safe_max
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -51,24 +51,9 @@ LOOP_BLOCK = 4096  # columns per step when a row is wider
 
 
 @triton.jit
-def _row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T: tl.constexpr):
-    """1/T for each of the ``ROWS`` rows, from the tensor T or the float; NaN where T is not finite > 0."""
-    if HAS_T:
-        t = tl.load(T + rows.to(tl.int64) * stride_t, mask=row_ok, other=1.0).to(tl.float32)
-        return tl.where((t > 0) & (t < float("inf")), 1.0 / t, float("nan"))
-    return tl.full(rows.shape, inv_temperature, tl.float32)
-
-
-@triton.jit
-def _safe_max(m):
-    """The row max to subtract: 0 where the whole row is -inf, so that exp2 sees -inf, not NaN."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
 def _softmax_out(x, m, log2_d, k, LOG: tl.constexpr):
     """softmax (or log_softmax) of the [ROWS, BLOCK] tile x given its rows' max m, log2 d and scale k."""
-    z = (x - _safe_max(m)[:, None]) * k[:, None] - log2_d[:, None]
+    z = (x - safe_max(m)[:, None]) * k[:, None] - log2_d[:, None]
     if LOG:
         return z * LN2
     return tl.exp2(z)
@@ -95,7 +80,7 @@ def tempered_softmax_fwd_kernel(
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    k = _row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T) * LOG2E
+    k = row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T) * LOG2E
     x_ptr = X + rows.to(tl.int64)[:, None] * stride_x
     y_ptr = Y + rows.to(tl.int64)[:, None] * stride_y
     cols = tl.arange(0, BLOCK)[None, :]
@@ -104,7 +89,7 @@ def tempered_softmax_fwd_kernel(
         mask = row_ok[:, None] & (cols < n_cols)
         x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m = tl.max(x, 1)
-        log2_d = tl.log2(tl.sum(tl.exp2((x - _safe_max(m)[:, None]) * k[:, None]), 1))
+        log2_d = tl.log2(tl.sum(tl.exp2((x - safe_max(m)[:, None]) * k[:, None]), 1))
         tl.store(y_ptr + cols, _softmax_out(x, m, log2_d, k, LOG).to(Y.dtype.element_ty), mask=mask)
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -113,7 +98,7 @@ def tempered_softmax_fwd_kernel(
             mask = row_ok[:, None] & (start + cols < n_cols)
             x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 1))
-            m_sub = _safe_max(m_new)
+            m_sub = safe_max(m_new)
             d = d * tl.exp2((m - m_sub) * k) + tl.sum(tl.exp2((x - m_sub[:, None]) * k[:, None]), 1)
             m = m_new
         log2_d = tl.log2(d)
@@ -190,7 +175,7 @@ def tempered_softmax_bwd_kernel(
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    inv_t = _row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T)
+    inv_t = row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T)
     g_ptr = G + rows.to(tl.int64)[:, None] * stride_g
     s_ptr = S + rows.to(tl.int64)[:, None] * stride_s
     if NEED_DX:
@@ -200,7 +185,7 @@ def tempered_softmax_bwd_kernel(
     m_sub = tl.zeros([ROWS], tl.float32)
     ln_d = tl.zeros([ROWS], tl.float32)
     if NEED_DT:
-        m_sub = _safe_max(tl.load(STATS + rows.to(tl.int64) * 2, mask=row_ok, other=0.0))
+        m_sub = safe_max(tl.load(STATS + rows.to(tl.int64) * 2, mask=row_ok, other=0.0))
         ln_d = tl.load(STATS + rows.to(tl.int64) * 2 + 1, mask=row_ok, other=0.0)
 
     if ONE_BLOCK:
@@ -254,74 +239,3 @@ def launch_config(n_cols: int) -> tuple[int, int, bool, int]:
     return rows, block, True, 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
 
-def _temperature_args(temperature: float | torch.Tensor) -> dict:
-    if isinstance(temperature, torch.Tensor):
-        stride = temperature.stride(0) if temperature.dim() else 0
-        return dict(T=temperature, inv_temperature=1.0, stride_t=stride, HAS_T=True)
-    return dict(T=None, inv_temperature=1.0 / temperature, stride_t=0, HAS_T=False)
-
-
-def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _on_device(x: torch.Tensor):
-    """Launch on x's GPU, not whichever is current (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def tempered_softmax_forward(
-    x: torch.Tensor, temperature: float | torch.Tensor, log: bool, store_stats: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(x / T) (or its log) over the rows of x (N, V).
-
-    ``temperature``: a float, or a tensor of one element or of N (any stride). Returns the output
-    (N, V) in x's dtype and, when ``store_stats``, the fp32 row stats (N, 2) = (max x, ln d) that the
-    backward needs for dL/dT (an empty tensor otherwise).
-    """
-    x = _unit_column_stride(x)
-    n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    stats = torch.empty((n_rows, 2) if store_stats else (0, 2), dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        return y, stats
-    rows, block, one_block, num_warps = launch_config(n_cols)
-    with _on_device(x):
-        tempered_softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            x, y, STATS=stats if store_stats else None, n_rows=n_rows, n_cols=n_cols,
-            stride_x=x.stride(0), stride_y=y.stride(0), LOG=log, STORE_STATS=store_stats,
-            ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
-            **_temperature_args(temperature),
-        )  # fmt: skip
-    return y, stats
-
-
-def tempered_softmax_backward(
-    grad: torch.Tensor,
-    saved: torch.Tensor,
-    temperature: float | torch.Tensor,
-    stats: torch.Tensor,
-    log: bool,
-    need_dx: bool,
-    need_dt: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dL/dx (N, V) in the saved tensor's dtype, dL/dT per row (N,) fp32); None where not needed.
-
-    ``grad`` is dL/dy. ``saved`` is the logits x with their ``stats`` from the forward when
-    ``need_dt``, else the output y (``stats`` unused).
-    """
-    grad, saved = _unit_column_stride(grad), _unit_column_stride(saved)
-    n_rows, n_cols = saved.shape
-    dx = torch.empty((n_rows, n_cols), dtype=saved.dtype, device=saved.device) if need_dx else None
-    if saved.numel() == 0:  # no rows, or rows of no classes (on which L does not depend)
-        return dx, torch.zeros(n_rows, device=saved.device) if need_dt else None
-    dt = torch.empty(n_rows, dtype=torch.float32, device=saved.device) if need_dt else None
-    rows, block, one_block, num_warps = launch_config(n_cols)
-    with _on_device(saved):
-        tempered_softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
-            grad, saved, dx, STATS=stats if need_dt else None, DT=dt, n_rows=n_rows, n_cols=n_cols,
-            stride_g=grad.stride(0), stride_s=saved.stride(0), stride_dx=dx.stride(0) if need_dx else 0,
-            LOG=log, NEED_DX=need_dx, NEED_DT=need_dt, ROWS=rows, BLOCK=block, ONE_BLOCK=one_block,
-            num_warps=num_warps, **_temperature_args(temperature),
-        )  # fmt: skip
-    return dx, dt

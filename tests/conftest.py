@@ -23,7 +23,29 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
-BACKENDS = ["torch", "triton"]
+
+
+def _usable(name: str) -> bool:
+    """Whether the registered backend ``name`` runs float32 tensors on DEVICE here."""
+    from fastkd._backend import resolve_backend
+
+    try:
+        resolve_backend(name, torch.empty(1, 2, device=DEVICE))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _test_backends() -> list[str]:
+    """The backends every op test runs on: FASTKD_TEST_BACKENDS (comma-separated names), or every
+    registered backend that runs here (the Triton kernels in the interpreter without a GPU)."""
+    from fastkd._backend import backend_names
+
+    named = os.environ.get("FASTKD_TEST_BACKENDS")
+    return named.split(",") if named else [name for name in backend_names()[1:] if _usable(name)]
+
+
+BACKENDS = _test_backends()
 
 # Tolerance by input dtype, for every output and gradient compared with a float64 computation on the
 # same (already rounded) inputs: |actual - expected| <= TOL * (|expected| + max |expected|). That is a

@@ -26,11 +26,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+import fastkd.backends.triton as triton_backend
 import fastkd.kernels.calibration as calibration_kernels
 import fastkd.kernels.fidelity as fidelity_kernels
 import fastkd.kernels.kd_loss as kd_kernels
 import fastkd.kernels.kd_loss_topk as topk_kernels
 import fastkd.kernels.softmax as softmax_kernels
+from fastkd import _ops
+from fastkd._options import KDOptions
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
@@ -89,11 +92,11 @@ def softmax_launches():
         x = torch.empty(n_rows, width, dtype=dtype, device="meta")
         t = torch.empty(n_rows, dtype=torch.float32, device="meta")
         for log in (False, True):
-            y, _ = softmax_kernels.tempered_softmax_forward(x, 4.0, log, False)
-            _, stats = softmax_kernels.tempered_softmax_forward(x, t, log, True)
-            softmax_kernels.tempered_softmax_backward(y, y, 4.0, stats, log, True, False)
-            softmax_kernels.tempered_softmax_backward(y, x, t, stats, log, True, True)
-            softmax_kernels.tempered_softmax_backward(y, x, t, stats, log, False, True)
+            y, _ = _ops.softmax_forward(triton_backend, x, 4.0, log, False)
+            _, stats = _ops.softmax_forward(triton_backend, x, t, log, True)
+            _ops.softmax_backward(triton_backend, y, y, 4.0, stats, log, True, False)
+            _ops.softmax_backward(triton_backend, y, x, t, stats, log, True, True)
+            _ops.softmax_backward(triton_backend, y, x, t, stats, log, False, True)
 
 
 KD_WIDTHS = [2**i for i in range(13)] + [131072]  # every launch config: 1 to MAX_ONE_BLOCK, then the loop
@@ -116,13 +119,12 @@ def kd_loss_launches():
         teacher = torch.empty(n_teachers, n_rows, width, dtype=torch.bfloat16, device="meta")
         target = torch.empty(n_rows, dtype=torch.int64, device="meta")
         t = torch.empty(n_rows, device="meta") if per_row else 4.0
-        kd_kernels.kd_loss_forward(
-            x, teacher, target, t, t, 0.5, divergence, 0.5, -100, "mean", True, norm, 2.0, 0.1 if per_row else 0.0,
-            inplace_grad=False,
-        )
+        options = KDOptions(temperature=t, teacher_temperature=t, divergence=divergence, logit_norm=norm,
+                            label_smoothing=0.1 if per_row else 0.0)  # fmt: skip
+        _ops.kd_forward(triton_backend, x, teacher, target, options, False, True)
     for width in (128, 4096, 131072):
         grad = torch.empty(4096, width, dtype=torch.bfloat16, device="meta")
-        kd_kernels.scale_grad_(grad, torch.empty((), device="meta"))
+        triton_backend.scale_grad_(grad, torch.empty((), device="meta"))
 
 
 def kd_loss_topk_launches():
@@ -139,8 +141,9 @@ def kd_loss_topk_launches():
         values = torch.empty(n_rows, k, dtype=torch.bfloat16, device="meta")
         target = torch.empty(n_rows, dtype=torch.int64, device="meta")
         t = torch.empty(n_rows, device="meta") if per_row else 4.0
-        topk_kernels.kd_loss_topk_forward(x, indices, values, target, t, t, 0.5, divergence, 0.5, -100, "mean", True,
-                                          0.1 if per_row else 0.0, tail)  # fmt: skip
+        options = KDOptions(temperature=t, teacher_temperature=t, divergence=divergence, tail=tail,
+                            label_smoothing=0.1 if per_row else 0.0)  # fmt: skip
+        _ops.kd_forward(triton_backend, x, (indices, values), target, options, False, True)
 
 
 CALIBRATION_WIDTHS = [2**i for i in range(11)] + [131072]  # every launch config: 1 to LOOP_BLOCK, then the loop
@@ -160,7 +163,7 @@ def calibration_launches():
         x = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
         target = torch.empty(n_rows, dtype=torch.int64, device="meta")
         t = torch.empty(n_rows, device="meta") if t == "per row" else t
-        calibration_kernels.calibration_pass(x, target, mode, temperature=t, probs=probs, n_bins=n_bins)
+        triton_backend.calibration_pass(x, target, mode, t, probs, -100, n_bins)
 
 
 def fidelity_launches():
@@ -172,7 +175,7 @@ def fidelity_launches():
         n_rows = 16384 if width > 1024 else 65536
         student = torch.empty(n_rows, width, dtype=torch.bfloat16, device="meta")
         teacher = torch.empty(n_teachers, n_rows, width, dtype=torch.bfloat16, device="meta")
-        fidelity_kernels.fidelity_pass(student, teacher, torch.empty(n_rows, device="meta") if per_row else 2.0)
+        triton_backend.fidelity_pass(student, teacher, torch.empty(n_rows, device="meta") if per_row else 2.0)
 
 
 CASES = [

@@ -77,7 +77,7 @@ def test_batched_and_strided_inputs(backend):
 def test_ece_matches_torchmetrics(backend, norm, n_bins):
     logits, target = _case(300, 10, scale=2.0, seed=n_bins)
     expected = multiclass_calibration_error(logits.cpu(), target.cpu(), 10, n_bins, norm).item()
-    got = fastkd.expected_calibration_error(logits, target, n_bins, norm, backend=backend)
+    got = fastkd.expected_calibration_error(logits, target, n_bins, norm=norm, backend=backend)
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
@@ -89,7 +89,7 @@ def test_ece_definition(backend):
     weight = stats.bin_count[filled].double() / stats.count
     gap = (stats.bin_accuracy - stats.bin_confidence)[filled].abs()
     for norm, expected in (("l1", (weight * gap).sum()), ("l2", (weight * gap**2).sum().sqrt()), ("max", gap.max())):
-        got = fastkd.expected_calibration_error(logits, target, 10, norm, backend=backend)
+        got = fastkd.expected_calibration_error(logits, target, 10, norm=norm, backend=backend)
         assert got == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -203,15 +203,20 @@ def test_teacher_gets_no_gradient_and_hidden_only():
 
 def test_default_chunk_size(monkeypatch):
     """From V and the free memory: a budget of 4 rows' buffers gives chunks of 4 rows, the same loss."""
+    from fastkd.backends import torch as torch_backend
+    from fastkd.backends import triton as triton_backend
+
     cpu = torch.device("cpu")
-    assert fused_linear.default_chunk_size(10**6, 128256, torch.bfloat16, cpu, "triton") <= 700
-    assert fused_linear.default_chunk_size(5, 10, torch.float32, cpu, "torch") == 5  # never more than N
-    assert fused_linear.default_chunk_size(5, 10**12, torch.float32, cpu, "torch") == 1  # never less than 1
+    kernels, reference_bytes = triton_backend.WORKSPACE_BYTES_PER_ENTRY, torch_backend.WORKSPACE_BYTES_PER_ENTRY
+    assert fused_linear.default_chunk_size(10**6, 128256, torch.bfloat16, cpu, kernels) <= 700
+    assert fused_linear.default_chunk_size(5, 10, torch.float32, cpu, reference_bytes) == 5  # never more than N
+    assert fused_linear.default_chunk_size(5, 10**12, torch.float32, cpu, reference_bytes) == 1  # never less than 1
     inputs, target = problem()
     whole, _ = run(inputs, target)
     walked = []
     original = fused_linear._chunk_loss
-    monkeypatch.setattr(fused_linear, "CHUNK_BUDGET", 4 * 101 * fused_linear.REFERENCE_ENTRY_BYTES)
+    per_entry = fused_linear.ENTRY_FACTOR * 4 + reference_bytes  # float32 on the torch backend
+    monkeypatch.setattr(fused_linear, "CHUNK_BUDGET", 4 * 101 * per_entry)
     monkeypatch.setattr(fused_linear, "_chunk_loss", lambda s, *a: walked.append(len(s)) or original(s, *a))
     loss, _ = run(inputs, target, backend="torch")
     assert walked[:2] == [4, 4] and sum(walked) == 23

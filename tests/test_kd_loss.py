@@ -383,12 +383,19 @@ def test_inplace_grad_fails_a_backward_that_needs_the_logits():
         (loss + other.sum()).backward()
 
 
-def test_backward_runs_once():
+def test_backward_runs_once(backend):
+    """The same autograd contract on every backend (the reference once allowed a second backward and
+    a second derivative where the kernels raised): one backward per forward, no second derivative."""
     x = logits(4, 50).requires_grad_()
-    loss = fastkd.kd_loss(x, logits(4, 50, seed=1), targets(4, 50), backend="triton")
+    loss = fastkd.kd_loss(x, logits(4, 50, seed=1), targets(4, 50), backend=backend)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()
+    x = logits(4, 50).requires_grad_()
+    (dx,) = torch.autograd.grad(fastkd.kd_loss(x, logits(4, 50, seed=1), targets(4, 50), backend=backend), x,
+                                create_graph=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="kd_loss has no second derivative"):
+        dx.sum().backward()
 
 
 def test_kd_loss_module():
@@ -449,16 +456,20 @@ def test_compiled_training_step_matches_eager(reduction):
     torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-6)
 
 
-def test_opcheck():
-    from fastkd.kd_loss import _fwd_op
+def test_opcheck(backend):
+    from fastkd._ops import _kd_fwd_op
+    from fastkd._options import KDOptions
 
     s, t, y = logits(4, 37), logits(1, 4, 37, seed=1), targets(4, 37)
     per_row = torch.rand(4, device=DEVICE) + 0.5
-    for args in [
-        (s, t, y, None, 2.0, None, 2.0, 0.5, "forward_kl", 0.5, -100, "mean", True, None, 2.0, 0.0, True),
-        (s, t, None, per_row, 1.0, per_row, 1.0, 1.0, "jsd", 0.3, -100, "none", False, "spherical", 3.0, 0.1, False),
-    ]:
-        torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    for target, options, need_grad in [
+        (y, KDOptions.checked(temperature=2.0), True),
+        (None, KDOptions.checked(temperature=per_row, alpha=1.0, divergence="jsd", beta=0.3, reduction="none",
+                                 temperature_squared=False, logit_norm="spherical", norm_scale=3.0,
+                                 label_smoothing=0.1), False),
+    ]:  # fmt: skip
+        args = (s, t, target, *options.bind(s, target, check_values=True).to_op(), backend, need_grad)
+        torch.library.opcheck(_kd_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @given(
@@ -599,3 +610,34 @@ def test_loss_is_float32_for_half_inputs(backend, dtype):
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     want = exact(student, teacher, targets(8, 300))[0]
     assert abs(loss.double() - want) < abs(loss.to(dtype).double() - want) or loss.to(dtype).double() == want
+
+
+def test_module_constructors_check_their_arguments():
+    """A module's keywords are checked when it is built, not at its first forward."""
+    for make, match in [
+        (lambda: fastkd.KDLoss(temperature=0), "temperature must be finite and > 0"),
+        (lambda: fastkd.KDLoss(alpha=2), "alpha must be in"),
+        (lambda: fastkd.KDLoss(divergence="kl"), "divergence must be one of"),
+        (lambda: fastkd.KDLoss(tail="both"), "tail must be one of"),
+        (lambda: fastkd.KDLoss(backend="fast"), "backend must be one of"),
+        (lambda: fastkd.FusedLinearKDLoss(temperature=-1.0), "temperature must be finite and > 0"),
+        (lambda: fastkd.FusedLinearKDLoss(chunk_size=0), "chunk_size must be >= 1"),
+        (lambda: fastkd.TemperedSoftmax(temperature=0.0), "temperature must be finite and > 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError, match="positional"):
+        fastkd.KDLoss(4.0, 0.9, "jsd")  # keywords only after the temperature and alpha
+
+
+def test_keyword_lists_are_the_same_everywhere():
+    """kd_loss's keywords are spelled out by every op and module that wraps the loss, with kd_loss's
+    defaults: the one list, KD_DEFAULTS, is what each signature shows."""
+    import inspect
+
+    from fastkd._options import KD_DEFAULTS
+
+    for fn in (fastkd.kd_loss, fastkd.KDLoss.__init__, fastkd.fused_linear_kd_loss, fastkd.FusedLinearKDLoss.__init__,
+               fastkd.vocab_parallel_kd_loss):  # fmt: skip
+        parameters = inspect.signature(fn).parameters
+        assert {name: parameters[name].default for name in KD_DEFAULTS if name in parameters} == KD_DEFAULTS, fn

@@ -207,17 +207,22 @@ def test_compiled_step_matches_eager():
     assert_close(losses[0][1], losses[1][1].double(), torch.float32)
 
 
-def test_opcheck():
-    from fastkd.kd_loss import _topk_fwd_op
+def test_opcheck(backend):
+    import dataclasses
+
+    from fastkd._ops import _kd_topk_fwd_op
+    from fastkd._options import KDOptions
 
     s, y = logits(4, 37), targets(4, 37)
     indices, values, _ = sparse_teacher((4,), 37, 5)
     per_row = torch.rand(4, device=DEVICE) + 0.5
-    for args in [
-        (s, indices, values, y, None, 2.0, None, 2.0, 0.5, "forward_kl", 0.5, -100, "mean", True, 0.0, "bucket", True),
-        (s, indices, values, None, per_row, 1.0, per_row, 1.0, 1.0, "jsd", 0.3, -100, "none", False, 0.1, "none", False),
-    ]:
-        torch.library.opcheck(_topk_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    for target, options, need_grad in [
+        (y, dataclasses.replace(KDOptions.checked(temperature=2.0), tail="bucket"), True),
+        (None, KDOptions.checked(temperature=per_row, alpha=1.0, divergence="jsd", beta=0.3, reduction="none",
+                                 temperature_squared=False, label_smoothing=0.1), False),
+    ]:  # fmt: skip
+        args = (s, indices, values, target, *options.bind(s, target, check_values=True).to_op(), backend, need_grad)
+        torch.library.opcheck(_kd_topk_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_unchecked_bad_index_gives_nan(backend):

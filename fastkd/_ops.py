@@ -1,0 +1,138 @@
+"""One entry point per backend op, for the autograd Functions: allocate the outputs (``fastkd._host``),
+then call the implementation (``fastkd.backends``). Eager calls go straight to it; inside
+``torch.compile`` each is reached through a ``torch.library`` op that names the backend, so that a
+compiled graph sees one opaque call with known output shapes and does not break on it (QuACK's
+pattern: the op's dispatch costs tens of microseconds, which eager mode skips).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from fastkd._backend import implementation
+from fastkd._host import KDOutputs, kd_outputs, unit_column_stride
+from fastkd._options import KDOptions
+
+
+def _split(temperature: float | Tensor) -> tuple[Tensor | None, float]:
+    """An op's (tensor, float) pair for a temperature: the schema has no union of the two."""
+    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, temperature)
+
+
+# ---- tempered softmax ------------------------------------------------------------------------------
+
+
+def softmax_forward(impl: ModuleType, x: Tensor, temperature: float | Tensor, log: bool,
+                    store_stats: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(softmax(x / T) or its log (N, V) in x's dtype, the row stats (N, 2) float32 when
+    ``store_stats``, else (0, 2)) of x (N, V) with a unit column stride."""
+    if torch.compiler.is_compiling():
+        return _softmax_fwd_op(x, *_split(temperature), log, store_stats, impl.NAME)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stats = torch.empty((x.shape[0] if store_stats else 0, 2), dtype=torch.float32, device=x.device)
+    impl.tempered_softmax_forward(x, temperature, log, y, stats)
+    return y, stats
+
+
+def softmax_backward(impl: ModuleType, grad: Tensor, saved: Tensor, temperature: float | Tensor, stats: Tensor,
+                     log: bool, need_dx: bool, need_dt: bool) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """(dL/dx (N, V) in saved's dtype, dL/dT per row (N,) float32), None where not needed: ``saved`` is
+    the logits (with their stats) when ``need_dt``, else the output."""
+    if torch.compiler.is_compiling():
+        dx, dt = _softmax_bwd_op(grad, saved, *_split(temperature), stats, log, need_dx, need_dt, impl.NAME)
+        return (dx if need_dx else None), (dt if need_dt else None)
+    grad = unit_column_stride(grad)
+    dx = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device) if need_dx else None
+    dt = torch.empty(saved.shape[0], dtype=torch.float32, device=saved.device) if need_dt else None
+    impl.tempered_softmax_backward(grad, saved, temperature, stats, log, dx, dt)
+    return dx, dt
+
+
+@torch.library.custom_op("fastkd::tempered_softmax_fwd", mutates_args=())
+def _softmax_fwd_op(x: Tensor, t_tensor: Tensor | None, t_value: float, log: bool, store_stats: bool,
+                    backend: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+    temperature = t_value if t_tensor is None else t_tensor
+    return softmax_forward(implementation(backend), x, temperature, log, store_stats)
+
+
+@_softmax_fwd_op.register_fake
+def _(x, t_tensor, t_value, log, store_stats, backend):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0] if store_stats else 0, 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastkd::tempered_softmax_bwd", mutates_args=())
+def _softmax_bwd_op(grad: Tensor, saved: Tensor, t_tensor: Tensor | None, t_value: float, stats: Tensor, log: bool,
+                    need_dx: bool, need_dt: bool, backend: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+    temperature = t_value if t_tensor is None else t_tensor
+    dx, dt = softmax_backward(implementation(backend), grad, saved, temperature, stats, log, need_dx, need_dt)
+    return (saved.new_empty(0) if dx is None else dx), (saved.new_empty(0, dtype=torch.float32) if dt is None else dt)
+
+
+@_softmax_bwd_op.register_fake
+def _(grad, saved, t_tensor, t_value, stats, log, need_dx, need_dt, backend):
+    dx = saved.new_empty(saved.shape if need_dx else 0)
+    return dx, saved.new_empty(saved.shape[0] if need_dt else 0, dtype=torch.float32)
+
+
+# ---- the distillation loss -------------------------------------------------------------------------
+
+
+def kd_forward(impl: ModuleType, student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
+               options: KDOptions, inplace_grad: bool, need_grad: bool) -> KDOutputs:  # fmt: skip
+    """The loss's forward over rows: student (N, V) (a unit column stride with ``inplace_grad``, which
+    writes the gradient into it), teacher (K, N, V) or a sparse teacher (indices, values) (N, k) each,
+    target (N,) contiguous or None. Returns the ``KDOutputs`` the backend wrote."""
+    if torch.compiler.is_compiling():
+        t, tt, scalars = options.to_op()
+        if isinstance(teacher, tuple):
+            rows, grad, later = _kd_topk_fwd_op(student, *teacher, target, t, tt, scalars, impl.NAME, need_grad)
+        else:
+            rows, grad, later = _kd_fwd_op(student, teacher, target, t, tt, scalars, impl.NAME, need_grad)
+        return KDOutputs(rows, grad, None, 1.0, True, later)
+    if not inplace_grad:
+        student = unit_column_stride(student)
+    out = kd_outputs(student, target, options, inplace_grad, need_grad)
+    if isinstance(teacher, tuple):
+        impl.kd_loss_topk_forward(student, *(unit_column_stride(t) for t in teacher), target, options, out)
+    else:
+        impl.kd_loss_forward(student, unit_column_stride(teacher), target, options, out)
+    return out
+
+
+def _later(out: KDOutputs) -> Tensor:
+    """The scale left to the backward, as an op returns it (1 when none)."""
+    return out.rows.new_ones((), dtype=torch.float32) if out.later is None else out.later
+
+
+@torch.library.custom_op("fastkd::kd_loss_fwd", mutates_args=())
+def _kd_fwd_op(student: Tensor, teacher: Tensor, target: Tensor | None, t_tensor: Tensor | None,
+               tt_tensor: Tensor | None, options: str, backend: str,
+               need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    out = kd_forward(implementation(backend), student, teacher, target, KDOptions.from_op(t_tensor, tt_tensor, options),
+                     False, need_grad)  # fmt: skip
+    return out.rows, out.grad, _later(out)
+
+
+@torch.library.custom_op("fastkd::kd_loss_topk_fwd", mutates_args=())
+def _kd_topk_fwd_op(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None, t_tensor: Tensor | None,
+                    tt_tensor: Tensor | None, options: str, backend: str,
+                    need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    out = kd_forward(implementation(backend), student, (indices, values), target,
+                     KDOptions.from_op(t_tensor, tt_tensor, options), False, need_grad)  # fmt: skip
+    return out.rows, out.grad, _later(out)
+
+
+def _kd_fake(student, *args):
+    need_grad = args[-1]
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    rows = student.new_empty(student.shape[0], dtype=compute)
+    grad = student.new_empty(student.shape if need_grad else (0, student.shape[1]))
+    return rows, grad, student.new_empty((), dtype=torch.float32)
+
+
+_kd_fwd_op.register_fake(_kd_fake)
+_kd_topk_fwd_op.register_fake(_kd_fake)
+

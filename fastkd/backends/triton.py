@@ -1,0 +1,214 @@
+"""The Triton backend: the contract of ``fastkd.backends`` over the kernels of ``fastkd.kernels``.
+
+Each function picks the launch configuration (the kernel module's ``launch_config``), turns options
+into kernel arguments and launches on the tensors' GPU (or in Triton's interpreter on CPU tensors).
+The kernels are looked up on their modules at each call, so that ``tests/sm90_compile.py`` can record
+the launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from fastkd import reference
+from fastkd._host import KDOutputs, on_device, temperature_arg
+from fastkd._options import KDOptions
+from fastkd.kernels import calibration as calibration_kernels
+from fastkd.kernels import fidelity as fidelity_kernels
+from fastkd.kernels import kd_loss as kd_kernels
+from fastkd.kernels import kd_loss_topk as topk_kernels
+from fastkd.kernels import kd_math
+from fastkd.kernels import reductions
+from fastkd.kernels import softmax as softmax_kernels
+
+NAME = "triton"
+PROGRAMS_PER_SM = 8  # of the persistent (grid-stride) reductions: calibration and fidelity
+BIN_SUMS = ("bin_count", "bin_correct", "bin_confidence_sum")
+WORKSPACE_BYTES_PER_ENTRY = 0  # the loss's kernels write the gradient over the logits: no workspace
+
+
+def tempered_softmax_forward(x: Tensor, temperature: float | Tensor, log: bool, y: Tensor, stats: Tensor) -> None:
+    n_rows, n_cols = x.shape
+    if x.numel() == 0:
+        return
+    t = temperature_arg(temperature)
+    rows, block, one_block, num_warps = softmax_kernels.launch_config(n_cols)
+    store_stats = stats.shape[0] == n_rows and n_rows > 0
+    with on_device(x):
+        softmax_kernels.tempered_softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            x, y, t.tensor, stats if store_stats else None, t.inverse, n_rows, n_cols, x.stride(0), y.stride(0),
+            t.stride, HAS_T=t.tensor is not None, LOG=log, STORE_STATS=store_stats, ROWS=rows, BLOCK=block,
+            ONE_BLOCK=one_block, num_warps=num_warps,
+        )  # fmt: skip
+
+
+def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | Tensor, stats: Tensor, log: bool,
+                              dx: Tensor | None, dt: Tensor | None) -> None:  # fmt: skip
+    n_rows, n_cols = saved.shape
+    if dt is not None and n_cols == 0:  # rows of no classes, on which L does not depend
+        dt.zero_()
+    if saved.numel() == 0:
+        return
+    t = temperature_arg(temperature)
+    rows, block, one_block, num_warps = softmax_kernels.launch_config(n_cols)
+    with on_device(saved):
+        softmax_kernels.tempered_softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
+            grad, saved, dx, t.tensor, stats if dt is not None else None, dt, t.inverse, n_rows, n_cols,
+            grad.stride(0), saved.stride(0), dx.stride(0) if dx is not None else 0, t.stride,
+            HAS_T=t.tensor is not None, LOG=log, NEED_DX=dx is not None, NEED_DT=dt is not None, ROWS=rows,
+            BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+        )  # fmt: skip
+
+
+def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
+                    out: KDOutputs) -> None:  # fmt: skip
+    n_rows, n_cols = student.shape
+    if student.numel() == 0:
+        out.rows.zero_()
+        return
+    need_grad = out.grad.shape[0] > 0
+    t, tt = temperature_arg(options.temperature), temperature_arg(options.teacher_temperature)
+    n_teachers = teacher.shape[0]
+    rows, block, one_block, num_warps = kd_kernels.launch_config(n_cols)
+    with on_device(student):
+        kd_kernels.kd_loss_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            student, teacher, target, out.rows, out.grad if need_grad else student, t.tensor, tt.tensor,
+            out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha, options.beta,
+            options.label_smoothing, options.norm_scale, options.ignore_index, n_rows, n_cols, n_teachers,
+            student.stride(0), teacher.stride(0), teacher.stride(1), out.grad.stride(0) if need_grad else 0,
+            t.stride, tt.stride, DIVERGENCE=kd_math.DIVERGENCES[options.divergence],
+            NORM=kd_kernels.NORMS[options.logit_norm], HAS_KD=options.alpha > 0,
+            HAS_CE=target is not None and options.alpha < 1, HAS_TARGET=target is not None, NEED_GRAD=need_grad,
+            SCALE_GRAD=out.scale_grad, T_SQUARED=options.temperature_squared, HAS_T=t.tensor is not None,
+            HAS_TT=tt.tensor is not None, ENSEMBLE=n_teachers > 1, K_BLOCK=triton.next_power_of_2(n_teachers),
+            ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+            **({} if one_block else {"maxnreg": kd_kernels.LOOP_MAX_REGISTERS}),
+        )  # fmt: skip
+
+
+def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
+    """(N, ceil(V / 32)) int32 words whose bit j % 32 of word j // 32 marks column j as one of the row's
+    indices (N, k). Indices must be distinct within a row (their bits are added); one outside [0, V) sets
+    no bit (its row is NaN in the kernel)."""
+    word = topk_kernels.BITS_PER_WORD
+    bits = torch.zeros(indices.shape[0], triton.cdiv(n_cols, word), dtype=torch.int32, device=indices.device)
+    idx = indices.long()
+    ok = (idx >= 0) & (idx < n_cols)
+    idx = torch.where(ok, idx, 0)
+    # 1 << 31 is int32's sign bit: formed in int64, it wraps to -2^31 in the cast, the bit pattern wanted.
+    values = torch.where(ok, torch.ones_like(idx) << (idx % word), 0).to(torch.int32)
+    return bits.scatter_add_(1, idx // word, values)
+
+
+def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
+                         options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
+    n_rows, n_cols = student.shape
+    if student.numel() == 0:
+        out.rows.zero_()
+        return
+    need_grad = out.grad.shape[0] > 0
+    k = indices.shape[1]
+    bucket = options.tail == "bucket" and k < n_cols  # with k = V no class is left for the bucket
+    need_rest = options.alpha > 0 and (bucket or options.divergence != "forward_kl")
+    bits = membership_bitmap(indices, n_cols) if need_rest or need_grad else None
+    t, tt = temperature_arg(options.temperature), temperature_arg(options.teacher_temperature)
+    rows, block, k_block, num_warps = topk_kernels.launch_config(n_cols, k)
+    with on_device(student):
+        topk_kernels.kd_loss_topk_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            student, indices, values, bits, target, out.rows, out.grad if need_grad else student, t.tensor,
+            tt.tensor, out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha, options.beta,
+            options.label_smoothing, options.ignore_index, n_rows, n_cols, k, student.stride(0),
+            indices.stride(0), values.stride(0), 0 if bits is None else bits.stride(0),
+            out.grad.stride(0) if need_grad else 0, t.stride, tt.stride,
+            DIVERGENCE=kd_math.DIVERGENCES[options.divergence], BUCKET=bucket, NEED_REST=need_rest,
+            HAS_KD=options.alpha > 0, HAS_CE=target is not None and options.alpha < 1,
+            HAS_TARGET=target is not None, NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad,
+            T_SQUARED=options.temperature_squared, HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None,
+            ROWS=rows, BLOCK=block, K_BLOCK=k_block, num_warps=num_warps,
+            maxnreg=kd_kernels.LOOP_MAX_REGISTERS,  # without it ptxas spills 8-24 bytes at 64-80
+        )  # fmt: skip
+
+
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+    n_rows, n_cols = grad.shape
+    if grad.numel() == 0:
+        return
+    block = min(triton.next_power_of_2(n_cols), 4096)
+    stride_go = grad_output.stride(0) if grad_output.dim() else 0
+    with on_device(grad):
+        kd_kernels.scale_grad_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            grad, grad_output, n_cols, grad.stride(0), stride_go, BLOCK=block, num_warps=4 if block <= 1024 else 8
+        )
+
+
+def _programs(x: Tensor, tiles: int) -> int:
+    """The grid of a persistent reduction: ``PROGRAMS_PER_SM`` per SM at most (16 in the interpreter)."""
+    if x.is_cuda:
+        return max(1, min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count * PROGRAMS_PER_SM))
+    return max(1, min(tiles, 16))
+
+
+def calibration_pass(logits: Tensor, target: Tensor, mode: str, temperature: float | Tensor, probs: bool,
+                     ignore_index: int, n_bins: int) -> dict[str, Tensor]:  # fmt: skip
+    if mode == "bins" and n_bins > calibration_kernels.MAX_KERNEL_BINS:  # the rows' confidences, binned here
+        out = calibration_pass(logits, target, "rows", temperature, probs, ignore_index, 1)
+        keep = out["correct"] >= 0
+        confidence = out["confidence"][keep]
+        sums = reference.binned_sums(reference.confidence_bins(confidence, n_bins), out["correct"][keep], confidence,
+                                     n_bins)  # fmt: skip
+        return {"nll": out["nll"], "brier": out["brier"], **dict(zip(BIN_SUMS, sums))}
+    n_rows, n_cols = logits.shape
+    rows, block, num_warps = reductions.reduction_launch_config(n_cols)
+    bins = triton.next_power_of_2(n_bins) if mode == "bins" else 1
+    if mode == "bins":
+        rows = max(1, min(rows, 4096 // bins))
+    programs = _programs(logits, triton.cdiv(max(n_rows, 1), rows))
+    device = logits.device
+    partial = torch.zeros(programs, 3, dtype=torch.float64, device=device)
+    bin_n = torch.zeros(programs, 2, bins, dtype=torch.int32, device=device)
+    bin_conf = torch.zeros(programs, bins, dtype=torch.float64, device=device)
+    n = n_rows if mode == "rows" else 0
+    conf = torch.empty(n, dtype=torch.float32, device=device)
+    correct = torch.empty(n, dtype=torch.int8, device=device)
+    t = temperature_arg(temperature)
+    log = probs and (mode == "newton" or t.tensor is not None or temperature != 1)
+    if n_rows:
+        with on_device(logits):
+            calibration_kernels.calibration_kernel[(programs,)](
+                logits, target, t.tensor, partial, bin_n, bin_conf, conf, correct, t.inverse, ignore_index, n_rows,
+                n_cols, n_bins, logits.stride(0), t.stride, HAS_T=t.tensor is not None, PROBS=probs and not log,
+                LOG=log, MODE=calibration_kernels.MODES[mode], ROWS=rows, BLOCK=block, BINS=bins,
+                num_warps=num_warps, maxnreg=reductions.REDUCTION_MAX_REGISTERS,
+            )  # fmt: skip
+    sums = partial.sum(0)
+    if mode == "newton":
+        return {"nll": sums[0], "grad": sums[1], "hess": sums[2]}
+    result = {"nll": sums[0], "brier": sums[1]}
+    if mode == "rows":
+        return result | {"confidence": conf, "correct": correct}
+    bin_n = bin_n.sum(0, dtype=torch.int64)[:, :n_bins]
+    return result | {"bin_count": bin_n[0], "bin_correct": bin_n[1], "bin_confidence_sum": bin_conf.sum(0)[:n_bins]}
+
+
+def fidelity_pass(student: Tensor, teacher: Tensor, temperature: float | Tensor) -> tuple[Tensor, Tensor]:
+    n_rows, n_cols = student.shape
+    n_teachers = teacher.shape[0]
+    k_block = triton.next_power_of_2(n_teachers)
+    rows, block, num_warps = reductions.reduction_launch_config(n_cols)
+    if n_teachers > 1:  # an ensemble tile holds ROWS x K_BLOCK member states: <= 64 fits MAX_REGISTERS
+        rows = max(1, min(rows, 64 // k_block))
+    programs = _programs(student, triton.cdiv(max(n_rows, 1), rows))
+    agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
+    kl = torch.zeros(programs, dtype=torch.float64, device=student.device)
+    t = temperature_arg(temperature)
+    if n_rows:
+        with on_device(student):
+            fidelity_kernels.fidelity_kernel[(programs,)](
+                student, teacher, t.tensor, agree, kl, t.inverse, n_rows, n_cols, n_teachers, student.stride(0),
+                teacher.stride(0), teacher.stride(1), t.stride, HAS_T=t.tensor is not None, ENSEMBLE=n_teachers > 1,
+                K_BLOCK=k_block, ROWS=rows, BLOCK=block, num_warps=num_warps,
+                maxnreg=reductions.REDUCTION_MAX_REGISTERS,
+            )  # fmt: skip
+    return agree.sum(dtype=torch.int64), kl.sum()
