@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (on disk on the project's machines) and the GPU machine's Triton.
 PINS := torch==2.13.0 triton==3.6.0 "numpy<2.3"
 
-.PHONY: demo test bench cuda-check clean
+.PHONY: demo test bench cuda-check compat clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,19 @@ else
 	done
 endif
 
+# The newest versions the README claims, in a venv of their own (torch 2.14.1 is a CUDA build: ~5 GB,
+# from the wheels on this machine's disk). By hand, not in CI.
+COMPAT := .venv-compat
+COMPAT_PINS ?= torch==2.14.1 triton==3.8.0 "numpy<2.3"
+COMPAT_TESTS ?= tests/test_softmax.py tests/test_kd_loss.py tests/test_kd_loss_topk.py tests/test_calibration.py \
+	tests/test_temperature.py tests/test_fidelity.py tests/test_backend.py tests/test_meter.py \
+	tests/test_fused_linear.py tests/test_package.py tests/test_demo.py tests/test_reliability.py
+
+compat:
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet $(COMPAT_PINS)
+	$(COMPAT)/bin/python -m pip install --quiet -e ".[test,demo]"
+	$(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(COMPAT) build *.egg-info .pytest_cache .hypothesis

@@ -15,7 +15,10 @@ TRITON = "triton>=3.6"
 DEMO = ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"]
 # Triton's interpreter (TRITON_INTERPRET=1), which runs the kernels on CPU in the tests, breaks on numpy 2.4.
 # torchmetrics is the tests' independent oracle for the calibration error; the tests also run the demo.
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.3", "torchmetrics>=1.0", TRITON, *DEMO]
+# The trainer integrations (examples/, fastkd.fsdp) are tested against Hugging Face's and TRL's releases.
+INTEGRATIONS = ["transformers>=5.24", "accelerate>=1.15", "trl>=1.16"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.3", "torchmetrics>=1.0", TRITON, *DEMO,
+        *INTEGRATIONS]  # fmt: skip
 
 URL = "https://github.com/fastkd/fastkd"
 
@@ -30,7 +33,7 @@ setup(
     url=URL,
     project_urls={"Source": URL, "Issues": f"{URL}/issues"},
     python_requires=">=3.10",
-    packages=["fastkd", "fastkd.demo", "fastkd.kernels"],
+    packages=["fastkd", "fastkd.backends", "fastkd.demo", "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
     install_requires=[TORCH],
     # No `bench` extra: the benchmark suite (benchmarks/) runs from a clone, where it writes its results.
