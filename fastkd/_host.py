@@ -44,11 +44,13 @@ class KDOutputs(NamedTuple):
 
     ``rows`` (N,) each row's loss times the reduction's scale (float32; float64 for float64 logits);
     ``grad`` (N, V) dL/dx in the student's dtype (the student itself with ``inplace_grad``; no rows
-    without ``need_grad``); the reduction's scale as ``scale_tensor``, a 0-d float32 tensor (1 / rows
+    without ``need_grad``); the reduction's scale as ``scale_tensor``, a 0-d tensor of ``rows``' dtype (1 / rows
     not ignored, for "mean" with a target: no host sync) or None, else as the float ``scale``;
     ``scale_grad``: whether the forward applies it to the gradient; ``later``: the scale left to the
     backward (a 0-d tensor), or None. A float16 gradient is stored unscaled: scaled by 1/rows first,
-    its small entries would round to 0 before a GradScaler's factor reaches them.
+    its small entries would round to 0 before a GradScaler's factor reaches them. ``parts`` (2, N), in
+    ``rows``' dtype, with ``return_parts``: each row's KD part c D and CE part, times the scale (the
+    backend writes both terms, each whatever its weight); (0, N) without.
     """
 
     rows: Tensor
@@ -57,6 +59,7 @@ class KDOutputs(NamedTuple):
     scale: float
     scale_grad: bool
     later: Tensor | None
+    parts: Tensor
 
 
 def kd_outputs(student: Tensor, target: Tensor | None, options: KDOptions, inplace_grad: bool,
@@ -72,13 +75,18 @@ def kd_outputs(student: Tensor, target: Tensor | None, options: KDOptions, inpla
         grad = student
     else:
         grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
+    parts = torch.empty((2 if options.return_parts else 0, n_rows), dtype=compute, device=student.device)
     scale_tensor, scale = None, 1.0
-    if options.reduction == "mean" and target is not None:
-        scale_tensor = 1.0 / (target != options.ignore_index).sum().clamp_min(1).float()
+    if isinstance(options.normalizer, Tensor):  # a count from the caller replaces the reduction's divisor
+        scale_tensor = 1.0 / options.normalizer.to(compute)
+    elif options.normalizer is not None:
+        scale = 1.0 / options.normalizer
+    elif options.reduction == "mean" and target is not None:
+        scale_tensor = 1.0 / (target != options.ignore_index).sum().clamp_min(1).to(compute)
     elif options.reduction in ("mean", "batchmean"):
         scale = 1.0 / max(n_rows, 1)
     scale_grad = student.dtype != torch.float16 or (scale_tensor is None and scale == 1.0)
     later = None
     if not scale_grad:
         later = scale_tensor if scale_tensor is not None else torch.full((), scale, device=student.device)
-    return KDOutputs(rows, grad, scale_tensor, scale, scale_grad, later)
+    return KDOutputs(rows, grad, scale_tensor, scale, scale_grad, later, parts)

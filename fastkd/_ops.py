@@ -86,12 +86,14 @@ def kd_forward(impl: ModuleType, student: Tensor, teacher: Tensor | tuple[Tensor
     writes the gradient into it), teacher (K, N, V) or a sparse teacher (indices, values) (N, k) each,
     target (N,) contiguous or None. Returns the ``KDOutputs`` the backend wrote."""
     if torch.compiler.is_compiling():
-        t, tt, scalars = options.to_op()
+        tensors, scalars = options.to_op()
         if isinstance(teacher, tuple):
-            rows, grad, later = _kd_topk_fwd_op(student, *teacher, target, t, tt, scalars, impl.NAME, need_grad)
+            rows, grad, later, parts = _kd_topk_fwd_op(student, *teacher, target, tensors, scalars, impl.NAME, need_grad,
+                                                       options.return_parts)  # fmt: skip
         else:
-            rows, grad, later = _kd_fwd_op(student, teacher, target, t, tt, scalars, impl.NAME, need_grad)
-        return KDOutputs(rows, grad, None, 1.0, True, later)
+            rows, grad, later, parts = _kd_fwd_op(student, teacher, target, tensors, scalars, impl.NAME, need_grad,
+                                                  options.return_parts)  # fmt: skip
+        return KDOutputs(rows, grad, None, 1.0, True, later, parts)
     if not inplace_grad:
         student = unit_column_stride(student)
     out = kd_outputs(student, target, options, inplace_grad, need_grad)
@@ -108,29 +110,28 @@ def _later(out: KDOutputs) -> Tensor:
 
 
 @torch.library.custom_op("fastkd::kd_loss_fwd", mutates_args=())
-def _kd_fwd_op(student: Tensor, teacher: Tensor, target: Tensor | None, t_tensor: Tensor | None,
-               tt_tensor: Tensor | None, options: str, backend: str,
-               need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    out = kd_forward(implementation(backend), student, teacher, target, KDOptions.from_op(t_tensor, tt_tensor, options),
-                     False, need_grad)  # fmt: skip
-    return out.rows, out.grad, _later(out)
+def _kd_fwd_op(student: Tensor, teacher: Tensor, target: Tensor | None, tensors: list[Tensor | None], options: str,
+               backend: str, need_grad: bool, parts: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    out = kd_forward(implementation(backend), student, teacher, target, KDOptions.from_op(tensors, options), False,
+                     need_grad)  # fmt: skip
+    return out.rows, out.grad, _later(out), out.parts
 
 
 @torch.library.custom_op("fastkd::kd_loss_topk_fwd", mutates_args=())
-def _kd_topk_fwd_op(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None, t_tensor: Tensor | None,
-                    tt_tensor: Tensor | None, options: str, backend: str,
-                    need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    out = kd_forward(implementation(backend), student, (indices, values), target,
-                     KDOptions.from_op(t_tensor, tt_tensor, options), False, need_grad)  # fmt: skip
-    return out.rows, out.grad, _later(out)
+def _kd_topk_fwd_op(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
+                    tensors: list[Tensor | None], options: str, backend: str, need_grad: bool,
+                    parts: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    out = kd_forward(implementation(backend), student, (indices, values), target, KDOptions.from_op(tensors, options),
+                     False, need_grad)  # fmt: skip
+    return out.rows, out.grad, _later(out), out.parts
 
 
 def _kd_fake(student, *args):
-    need_grad = args[-1]
+    need_grad, parts = args[-2:]
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     rows = student.new_empty(student.shape[0], dtype=compute)
     grad = student.new_empty(student.shape if need_grad else (0, student.shape[1]))
-    return rows, grad, student.new_empty((), dtype=torch.float32)
+    return rows, grad, student.new_empty((), dtype=torch.float32), rows.new_empty(2 if parts else 0, student.shape[0])
 
 
 _kd_fwd_op.register_fake(_kd_fake)

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from inspect import Parameter
 
+import torch
 from torch import Tensor, nn
 
 from fastkd._validate import (
@@ -33,7 +34,7 @@ from fastkd._validate import (
     check_temperature,
 )
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "ab", "dkd")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 LOGIT_NORMS = (None, "standardize", "spherical")
 VALUES_ARE = ("logprobs", "logits")
@@ -55,6 +56,14 @@ KD_PARAMETERS = tuple(
         ("logit_norm", None, "str | None"),
         ("norm_scale", None, "float | None"),
         ("label_smoothing", 0.0, "float"),
+        ("skew", 0.1, "float"),
+        ("ab_alpha", 1.0, "float"),
+        ("ab_beta", 0.0, "float"),
+        ("dkd_alpha", 1.0, "float"),
+        ("dkd_beta", 8.0, "float"),
+        ("softcap", None, "float | None"),
+        ("normalizer", None, "float | Tensor | None"),
+        ("return_parts", False, "bool"),
     )
 )
 KD_DEFAULTS = {p.name: p.default for p in KD_PARAMETERS}
@@ -120,44 +129,83 @@ class KDOptions:
     logit_norm: str | None = None
     norm_scale: float = 2.0
     label_smoothing: float = 0.0
+    skew: float = 0.1
+    ab_alpha: float = 1.0
+    ab_beta: float = 0.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    softcap: float | None = None
+    normalizer: float | Tensor | None = None
+    return_parts: bool = False
     tail: str = "none"
 
     @classmethod
     def checked(cls, **keywords) -> KDOptions:
         """The loss's ``keywords`` (``KD_PARAMETERS``; the defaults fill in the others) after the checks
-        that read no tensor data: types, choices, ranges, float temperatures. A tensor temperature is
-        checked for its type here and for its shape and values by ``bind``."""
-        values = {**KD_DEFAULTS, **keywords}
-        (temperature, alpha, divergence, beta, ignore_index, reduction, temperature_squared, teacher_temperature,
-         logit_norm, norm_scale, label_smoothing) = (values[name] for name in KD_KEYWORDS)  # fmt: skip
-        check_number(alpha, "alpha", 0.0, 1.0)
-        check_choice(divergence, DIVERGENCES, "divergence")
+        that read no tensor data: types, choices, ranges, float temperatures, combinations. A tensor
+        temperature or normalizer is checked for its type here and for its shape and values by ``bind``."""
+        v = {**KD_DEFAULTS, **keywords}
+        check_number(v["alpha"], "alpha", 0.0, 1.0)
+        check_choice(v["divergence"], DIVERGENCES, "divergence")
+        divergence = v["divergence"]
         if divergence == "jsd":
-            check_number(beta, "beta", 0.0, 1.0, low_open=True, high_open=True)
-        check_choice(reduction, REDUCTIONS, "reduction")
-        check_choice(logit_norm, LOGIT_NORMS, "logit_norm")
-        if norm_scale is not None:
-            if logit_norm != "spherical":
-                raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={logit_norm!r}")
-            check_number(norm_scale, "norm_scale", 0.0, math.inf, low_open=True, high_open=True)
-        check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
-        if not isinstance(temperature_squared, bool):
-            raise TypeError(f"temperature_squared must be a bool, got {type(temperature_squared).__name__}")
-        check_ignore_index(ignore_index)
+            if isinstance(v["beta"], (int, float)) and not isinstance(v["beta"], bool) and v["beta"] in (0, 1):
+                raise ValueError(f"beta={v['beta']} is an end of JSD's (0, 1), where the divergence vanishes: use "
+                                 "divergence='forward_kl' (TRL's beta=0) or 'reverse_kl' (beta=1)")  # fmt: skip
+            check_number(v["beta"], "beta", 0.0, 1.0, low_open=True, high_open=True)
+        if divergence in ("skew_kl", "skew_reverse_kl"):
+            check_number(v["skew"], "skew", 0.0, 1.0, high_open=True)
+        if divergence == "ab":
+            a = check_number(v["ab_alpha"], "ab_alpha", 0.0, math.inf, high_open=True)
+            b = check_number(v["ab_beta"], "ab_beta", 0.0, math.inf, high_open=True)
+            if a == b == 0:
+                raise ValueError("ab_alpha = ab_beta = 0 is the log-L2 limit, which a class masked with -inf in one "
+                                 "distribution makes infinite: pick ab_alpha or ab_beta > 0")  # fmt: skip
+        if divergence == "dkd":
+            check_number(v["dkd_alpha"], "dkd_alpha", 0.0, math.inf, high_open=True)
+            check_number(v["dkd_beta"], "dkd_beta", 0.0, math.inf, high_open=True)
+        check_choice(v["reduction"], REDUCTIONS, "reduction")
+        check_choice(v["logit_norm"], LOGIT_NORMS, "logit_norm")
+        if v["norm_scale"] is not None:
+            if v["logit_norm"] != "spherical":
+                raise ValueError(f"norm_scale applies to logit_norm='spherical', not logit_norm={v['logit_norm']!r}")
+            check_number(v["norm_scale"], "norm_scale", 0.0, math.inf, low_open=True, high_open=True)
+        check_number(v["label_smoothing"], "label_smoothing", 0.0, 1.0)
+        if v["softcap"] is not None:
+            check_number(v["softcap"], "softcap", 0.0, math.inf, low_open=True, high_open=True)
+        for name in ("temperature_squared", "return_parts"):
+            if not isinstance(v[name], bool):
+                raise TypeError(f"{name} must be a bool, got {type(v[name]).__name__}")
+        check_ignore_index(v["ignore_index"])
+        temperature, teacher_temperature = v["temperature"], v["teacher_temperature"]
         check_scalar_temperature(temperature, "temperature")
         if teacher_temperature is not None:
             check_scalar_temperature(teacher_temperature, "teacher_temperature")
         if isinstance(temperature, Tensor) and temperature.requires_grad:
             raise ValueError("temperature: kd_loss does not differentiate wrt the temperature; pass temperature.detach()")
+        normalizer = v["normalizer"]
+        if normalizer is not None:
+            if v["reduction"] == "none":
+                raise ValueError("normalizer divides the summed loss; reduction='none' sums nothing: drop one of them")
+            if isinstance(normalizer, Tensor):
+                if normalizer.numel() != 1:
+                    raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
+                                     f"{tuple(normalizer.shape)}")  # fmt: skip
+                normalizer = normalizer.detach().reshape(())
+            else:
+                normalizer = check_number(normalizer, "normalizer", 0.0, math.inf, low_open=True, high_open=True)
         return cls(
             temperature=float(temperature) if not isinstance(temperature, Tensor) else temperature,
-            alpha=float(alpha), divergence=divergence, beta=float(beta), ignore_index=ignore_index,
-            reduction=reduction, temperature_squared=temperature_squared,
             teacher_temperature=temperature if teacher_temperature is None else (
                 float(teacher_temperature) if not isinstance(teacher_temperature, Tensor)
                 else teacher_temperature.detach()),
-            logit_norm=logit_norm, norm_scale=2.0 if norm_scale is None else float(norm_scale),
-            label_smoothing=float(label_smoothing),
+            alpha=float(v["alpha"]), divergence=divergence, beta=float(v["beta"]), ignore_index=v["ignore_index"],
+            reduction=v["reduction"], temperature_squared=v["temperature_squared"], logit_norm=v["logit_norm"],
+            norm_scale=2.0 if v["norm_scale"] is None else float(v["norm_scale"]),
+            label_smoothing=float(v["label_smoothing"]), skew=float(v["skew"]), ab_alpha=float(v["ab_alpha"]),
+            ab_beta=float(v["ab_beta"]), dkd_alpha=float(v["dkd_alpha"]), dkd_beta=float(v["dkd_beta"]),
+            softcap=None if v["softcap"] is None else float(v["softcap"]), normalizer=normalizer,
+            return_parts=v["return_parts"],
         )  # fmt: skip
 
     def bind(self, logits: Tensor, target: Tensor | None, *, check_values: bool) -> KDOptions:
@@ -170,10 +218,22 @@ class KDOptions:
             if self.alpha != 1:
                 raise ValueError(f"target=None (pure distillation) needs alpha=1, got alpha={self.alpha}: no CE term "
                                  "to weigh")  # fmt: skip
+            if self.divergence == "dkd":
+                raise ValueError("divergence='dkd' needs a target: DKD splits each row at its target class")
         else:
             check_target(target, logits, self.ignore_index, check_values=check_values)
+        replaced = {}
+        if isinstance(self.normalizer, Tensor):
+            normalizer = self.normalizer
+            if normalizer.device != logits.device:
+                if normalizer.device.type != "cpu":
+                    raise ValueError(f"normalizer is on {normalizer.device} but the logits are on {logits.device}")
+                normalizer = normalizer.to(logits.device)
+            if check_values and not bool(torch.isfinite(normalizer) & (normalizer > 0)):
+                raise ValueError(f"normalizer must be finite and > 0, got {normalizer.item()}")
+            replaced["normalizer"] = normalizer
         dim = logits.dim() - 1
-        temperatures = {}
+        temperatures = replaced
         for name in ("temperature", "teacher_temperature"):
             value = getattr(self, name)
             if isinstance(value, Tensor):
@@ -190,25 +250,22 @@ class KDOptions:
                 sliced[name] = value[start:stop]
         return dataclasses.replace(self, **sliced) if sliced else self
 
-    def to_op(self) -> tuple[Tensor | None, Tensor | None, str]:
-        """(temperature tensor or None, teacher temperature tensor or None, the other fields as
+    TENSOR_FIELDS = ("temperature", "teacher_temperature", "normalizer")  # fields that may hold a tensor
+
+    def to_op(self) -> tuple[list[Tensor | None], str]:
+        """([the ``TENSOR_FIELDS`` that hold tensors, None for the others], the other fields as
         ``name=repr;...``): the arguments of a ``torch.library`` op, whose schema has no dataclass.
         (``repr`` of floats, strings, bools and None, which ``torch.compile`` traces, as it does not
         ``json.dumps``.)"""
+        tensors = [getattr(self, name) if isinstance(getattr(self, name), Tensor) else None for name in self.TENSOR_FIELDS]
         fields = [f.name for f in dataclasses.fields(self) if not isinstance(getattr(self, f.name), Tensor)]
-        t, tt = self.temperature, self.teacher_temperature
-        return (t if isinstance(t, Tensor) else None), (tt if isinstance(tt, Tensor) else None), ";".join(
-            f"{name}={getattr(self, name)!r}" for name in fields
-        )
+        return tensors, ";".join(f"{name}={getattr(self, name)!r}" for name in fields)
 
     @classmethod
-    def from_op(cls, temperature: Tensor | None, teacher_temperature: Tensor | None, scalars: str) -> KDOptions:
+    def from_op(cls, tensors: list[Tensor | None], scalars: str) -> KDOptions:
         """The options ``to_op`` gave."""
         values = {name: ast.literal_eval(value) for name, value in (item.split("=", 1) for item in scalars.split(";"))}
-        if temperature is not None:
-            values["temperature"] = temperature
-        if teacher_temperature is not None:
-            values["teacher_temperature"] = teacher_temperature
+        values |= {name: tensor for name, tensor in zip(cls.TENSOR_FIELDS, tensors) if tensor is not None}
         return cls(**values)
 
     @property
@@ -228,9 +285,14 @@ def check_sparse_options(options: KDOptions, values_are: str | None, tail: str |
     if tail == "bucket" and values_are == "logits":
         raise ValueError("tail='bucket' needs values_are='logprobs': top-k logits do not say how much mass lies "
                          "outside the k entries")  # fmt: skip
-    if options.divergence == "reverse_kl" and tail == "none":
-        raise ValueError("divergence='reverse_kl' with tail='none' is infinite wherever the student puts mass "
-                         "outside the teacher's k entries: use tail='bucket' (or forward_kl / jsd)")  # fmt: skip
+    if options.divergence == "dkd":
+        raise ValueError("divergence='dkd' needs dense teacher_logits: DKD's non-target distribution is not known "
+                         "from k entries")  # fmt: skip
+    reverse = {"reverse_kl": True, "skew_reverse_kl": options.skew == 0, "ab": options.ab_alpha == 0}
+    if reverse.get(options.divergence) and tail == "none":
+        raise ValueError(f"divergence={options.divergence!r} (weighing log(q / p) by the student's q) with "
+                         "tail='none' is infinite wherever the student puts mass outside the teacher's k entries: "
+                         "use tail='bucket' (or forward_kl / jsd)")  # fmt: skip
     if options.logit_norm is not None:
         raise ValueError(f"logit_norm={options.logit_norm!r} needs dense teacher_logits: the statistics of a row "
                          "are not known from k entries")  # fmt: skip

@@ -87,9 +87,12 @@ def _shard_loss(student: Tensor, teacher: Tensor, target: Tensor | None, options
     dtype = reference.compute_dtype(student.dtype)
     rows, grad, valid = dense_rows(student.detach().to(dtype), teacher.detach().to(dtype)[None], target, options,
                                    need_grad, _GroupCollectives(group), check)  # fmt: skip
+    rows = rows.total
     n_rows = student.shape[0]
     divisor = 1
-    if options.reduction == "mean":
+    if options.normalizer is not None:
+        divisor = options.normalizer
+    elif options.reduction == "mean":
         divisor = valid.sum().clamp_min(1)
     elif options.reduction == "batchmean":
         divisor = max(n_rows, 1)

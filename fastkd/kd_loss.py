@@ -31,14 +31,16 @@ class KDLossFunction(torch.autograd.Function):
     without ``need_grad`` it is not written at all.
 
     Forward returns the loss (a scalar, or (N,) for reduction "none") in float32 (float64 for float64
-    logits) and keeps the gradient the implementation wrote; backward scales it in place by dL/dloss
-    (free when that is 1), so it runs once per forward. The teacher, target and temperatures get no
-    gradient.
+    logits), followed by its KD and CE parts (reduced alike, not differentiable: for logging) with
+    ``options.return_parts``, and keeps the gradient the implementation wrote; backward scales it in
+    place by dL/dloss (free when that is 1), so it runs once per forward. The teacher, target and
+    temperatures get no gradient.
     """
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
-                options: KDOptions, impl: ModuleType, inplace: bool, need_grad: bool) -> Tensor:  # fmt: skip
+                options: KDOptions, impl: ModuleType, inplace: bool,
+                need_grad: bool) -> Tensor | tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         inplace = inplace and need_grad and not torch.compiler.is_compiling()
         out = kd_forward(impl, student, teacher, target, options, inplace, need_grad)
         if inplace:  # the logits now hold the gradient: fail any backward that saved them
@@ -49,11 +51,16 @@ class KDLossFunction(torch.autograd.Function):
         ctx.impl, ctx.later = impl, out.later  # the reduction's scale, when left to the backward (float16)
         ctx.per_row = options.reduction == "none"
         ctx.used = False
-        return out.rows if ctx.per_row else out.rows.sum()
+        loss = out.rows if ctx.per_row else out.rows.sum()
+        if not options.return_parts:
+            return loss
+        kd, ce = out.parts if ctx.per_row else out.parts.sum(-1)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
 
     @staticmethod
     @first_order("kd_loss")
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_output: Tensor, *_parts: Tensor):
         grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
         if ctx.later is not None:
             grad_output = grad_output * ctx.later
@@ -207,7 +214,11 @@ def kd_loss(
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss = KDLossFunction.apply(student, teacher, None if target is None else target.reshape(-1).contiguous(),
                                 options, impl, inplace_grad, need_grad)  # fmt: skip
-    return loss.reshape(student_logits.shape[:-1]) if options.reduction == "none" else loss
+    if options.reduction != "none":
+        return loss
+    if options.return_parts:
+        return tuple(part.reshape(student_logits.shape[:-1]) for part in loss)
+    return loss.reshape(student_logits.shape[:-1])
 
 
 def _inplace_rows(student_logits: Tensor) -> Tensor:

@@ -89,20 +89,111 @@ def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return torch.where(live, a * (torch.where(live, log_a, 0.0) - torch.where(live, log_b, 0.0)), 0.0)
 
 
-def kd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
-    """D(p_t, p_s) per row (last dim) from the teacher's and the student's log-probabilities.
+def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) from log a and log b, for w in [0, 1]: -inf where both are 0 (with a
+    gradient of 0 there, not NaN), log b at w = 0 and log a at w = 1."""
+    if w == 0:
+        return log_b
+    if w == 1:
+        return log_a
+    dead = torch.isneginf(log_a) & torch.isneginf(log_b)  # keep logaddexp's backward off -inf - -inf
+    log_m = torch.logaddexp(torch.where(dead, 0.0, log_a) + math.log(w), torch.where(dead, 0.0, log_b) + math.log1p(-w))
+    return torch.where(dead, float("-inf"), log_m)
 
-    ``"forward_kl"`` KL(p_t || p_s); ``"reverse_kl"`` KL(p_s || p_t); ``"jsd"`` beta KL(p_t || m) +
-    (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s.
+
+def _power(log_x: torch.Tensor, a: float) -> torch.Tensor:
+    """x^a = e^(a log x) for a >= 0 (0^0 = 1)."""
+    return torch.exp(a * log_x) if a else torch.ones_like(log_x)
+
+
+def ab_divergence(log_p: torch.Tensor, log_q: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """The alpha-beta divergence D_AB^(a, b)(p || q) per row (Cichocki et al. 2011; ABKD, Wang et al.,
+    ICML 2025), a, b >= 0:
+
+        a, b, a + b != 0   -1/(a b) sum_j (p^a q^b - a/(a + b) p^(a+b) - b/(a + b) q^(a+b))
+        b = 0              1/a^2 sum_j (p^a log(p^a / q^a) - p^a + q^a)        (a = 1: KL(p || q))
+        a = 0              1/b^2 sum_j (q^b log(q^b / p^b) - q^b + p^b)        (b = 1: KL(q || p))
+        a = b = 0          1/2 sum_j (log p - log q)^2
+
+    each case the limit of the general one, so the divergence is continuous in (a, b). A class of
+    probability 0 in both adds 0."""
+    p_a, q_b = _power(log_p, a), _power(log_q, b)
+    if a and b:
+        terms = p_a * q_b - a / (a + b) * _power(log_p, a + b) - b / (a + b) * _power(log_q, a + b)
+        return -terms.sum(-1) / (a * b)
+    if a:  # b = 0
+        q_a = _power(log_q, a)
+        live = p_a != 0
+        log_ratio = torch.where(live, log_p, 0.0) - torch.where(live, log_q, 0.0)
+        return (torch.where(live, a * p_a * log_ratio, 0.0) - p_a + q_a).sum(-1) / a**2
+    if b:  # a = 0
+        p_b = _power(log_p, b)
+        live = q_b != 0
+        log_ratio = torch.where(live, log_q, 0.0) - torch.where(live, log_p, 0.0)
+        return (torch.where(live, b * q_b * log_ratio, 0.0) - q_b + p_b).sum(-1) / b**2
+    dead = torch.isneginf(log_p) & torch.isneginf(log_q)
+    diff = torch.where(dead, 0.0, log_p) - torch.where(dead, 0.0, log_q)
+    return 0.5 * (diff * diff).sum(-1)
+
+
+def kd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float = 0.5, skew: float = 0.1,
+                  ab: tuple[float, float] = (1.0, 0.0)) -> torch.Tensor:  # fmt: skip
+    """D(p_t, p_s) per row (last dim) from the teacher's and the student's log-probabilities p and q:
+
+        "forward_kl"       KL(p || q)
+        "reverse_kl"       KL(q || p)
+        "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+        "skew_kl"          KL(p || skew p + (1 - skew) q)            (DistiLLM, Ko et al. 2024)
+        "skew_reverse_kl"  KL(q || (1 - skew) p + skew q)
+        "tvd"              1/2 sum_j |p_j - q_j|                     (total variation distance)
+        "ab"               ``ab_divergence(p, q, *ab)``              (ABKD; (1, 0): forward KL, (0, 1): reverse)
     """
     if kind == "forward_kl":
         return _kl_terms(log_p, log_q).sum(-1)
     if kind == "reverse_kl":
         return _kl_terms(log_q, log_p).sum(-1)
-    dead = torch.isneginf(log_p) & torch.isneginf(log_q)  # m = 0: keep logaddexp's backward off -inf - -inf
-    log_m = torch.logaddexp(torch.where(dead, 0.0, log_p) + math.log(beta), torch.where(dead, 0.0, log_q) + math.log1p(-beta))
-    log_m = torch.where(dead, float("-inf"), log_m)
-    return (beta * _kl_terms(log_p, log_m) + (1 - beta) * _kl_terms(log_q, log_m)).sum(-1)
+    if kind == "jsd":
+        log_m = log_mixture(log_p, log_q, beta)
+        return (beta * _kl_terms(log_p, log_m) + (1 - beta) * _kl_terms(log_q, log_m)).sum(-1)
+    if kind == "skew_kl":
+        return _kl_terms(log_p, log_mixture(log_p, log_q, skew)).sum(-1)
+    if kind == "skew_reverse_kl":
+        return _kl_terms(log_q, log_mixture(log_q, log_p, skew)).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return ab_divergence(log_p, log_q, *ab)
+
+
+def dkd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, target: torch.Tensor,
+                   weights: tuple[float, float]) -> torch.Tensor:  # fmt: skip
+    """Decoupled KD (Zhao et al., CVPR 2022) per row: w_t TCKD + w_n NCKD, with the target class y,
+
+        TCKD = KL([p_y, 1 - p_y] || [q_y, 1 - q_y])               (target vs the rest, binary)
+        NCKD = KL(p_{j != y} / (1 - p_y) || q_{j != y} / (1 - q_y))    (among the non-target classes)
+
+    1 - p_y summed over the other classes (no cancellation when p_y is near 1); mdistiller's code
+    approximates the exclusion of y by subtracting 1000 from its logit. ``target`` holds valid class
+    indices (the caller masks the others)."""
+    y = target.unsqueeze(-1)
+    other = torch.ones_like(log_q, dtype=torch.bool).scatter(-1, y, False)
+    log_rest_p = torch.logsumexp(torch.where(other, log_p, float("-inf")), -1, keepdim=True)
+    log_rest_q = torch.logsumexp(torch.where(other, log_q, float("-inf")), -1, keepdim=True)
+    binary_p = torch.cat([log_p.gather(-1, y), log_rest_p], -1)
+    binary_q = torch.cat([log_q.gather(-1, y), log_rest_q], -1)
+    tckd = _kl_terms(binary_p, binary_q).sum(-1)
+    has_rest = log_rest_p > float("-inf")  # else (V = 1, or all mass on y) no non-target distribution: 0
+    cond_p = torch.where(other & has_rest, log_p - torch.where(has_rest, log_rest_p, 0.0), float("-inf"))
+    cond_q = torch.where(other & has_rest, log_q - torch.where(has_rest, log_rest_q, 0.0), float("-inf"))
+    nckd = _kl_terms(cond_p, cond_q).sum(-1)
+    return weights[0] * tckd + weights[1] * nckd
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logit soft-capping z -> cap tanh(z / cap) (Gemma 2's ``final_logit_softcapping``); -inf (a
+    masked class) stays -inf; None leaves the logits as they are."""
+    if cap is None:
+        return logits
+    return torch.where(torch.isneginf(logits), float("-inf"), cap * torch.tanh(logits / cap))
 
 
 def cross_entropy(
@@ -149,8 +240,8 @@ def topk_divergence(
     temperature: float | torch.Tensor,
     teacher_temperature: float | torch.Tensor,
     divergence: str,
-    beta: float,
     tail: str,
+    **params,
 ) -> torch.Tensor:
     """D(p_t, p_s) per row of a sparse teacher given at k entries per row (``indices``, ``values``
     (..., k)), over k + 1 classes: the k entries I and the bucket R of every other class. The teacher's
@@ -178,7 +269,7 @@ def topk_divergence(
                              float("-inf"))  # fmt: skip
     log_p = torch.cat([log_p, log_p_rest.unsqueeze(-1)], -1)
     log_q = torch.cat([log_q, log_q_rest], -1)
-    return torch.where(in_range, kd_divergence(log_p, log_q, divergence, beta), float("nan"))
+    return torch.where(in_range, kd_divergence(log_p, log_q, divergence, **params), float("nan"))
 
 
 def kd_loss(
@@ -197,29 +288,41 @@ def kd_loss(
     logit_norm: str | None = None,
     norm_scale: float | None = None,
     label_smoothing: float = 0.0,
+    skew: float = 0.1,
+    ab_alpha: float = 1.0,
+    ab_beta: float = 0.0,
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 8.0,
+    softcap: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    return_parts: bool = False,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     tail: str = "none",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The distillation loss of ``fastkd.kd_loss`` (see its docstring for the contract), in the compute
-    dtype (float32, float64 for float64 logits); autograd gives the gradient. Arguments are already checked: ``teacher_logits`` is the student's shape or (K,) + it
-    (None with ``teacher_topk``), temperatures are floats or tensors of one value or one per row."""
+    dtype (float32, float64 for float64 logits); autograd gives the gradient. Arguments are already
+    checked: ``teacher_logits`` is the student's shape or (K,) + it (None with ``teacher_topk``),
+    temperatures are floats or tensors of one value or one per row. With ``return_parts``, (total, KD
+    part c D, CE part), each reduced as the total (total = alpha KD + (1 - alpha) CE)."""
     dtype = compute_dtype(student_logits.dtype)
-    s = student_logits.to(dtype)
+    s = soft_cap(student_logits.to(dtype), softcap)
     t_t = temperature if teacher_temperature is None else teacher_temperature
     row_shape = s.shape[:-1]
     valid = torch.ones(row_shape, dtype=torch.bool, device=s.device)
     if target is not None:  # ignored rows are zeroed first: padding rows of -inf must not NaN the gradient
         valid = target != ignore_index
         s = torch.where(valid.unsqueeze(-1), s, 0.0)
-    loss = s.new_zeros(row_shape)
-    coef = alpha * (temperature**2 if temperature_squared else 1.0)
-    if alpha > 0 and teacher_topk is not None:
+    kd = s.new_zeros(row_shape)
+    c = temperature**2 if temperature_squared else 1.0
+    params = dict(beta=beta, skew=skew, ab=(ab_alpha, ab_beta))
+    has_kd = alpha > 0 or return_parts
+    if has_kd and teacher_topk is not None:
         t_t = t_t.detach() if isinstance(t_t, torch.Tensor) else t_t
-        loss = coef * topk_divergence(s, *teacher_topk, valid, temperature, t_t, divergence, beta, tail)
-    elif alpha > 0:
+        kd = c * topk_divergence(s, *teacher_topk, valid, temperature, t_t, divergence, tail, **params)
+    elif has_kd:
         scale = 2.0 if norm_scale is None else norm_scale
         log_q = torch.log_softmax(scale_logits(normalize_logits(s, logit_norm, scale), temperature, -1), -1)
-        teachers = teacher_logits.detach().to(dtype)
+        teachers = soft_cap(teacher_logits.detach().to(dtype), softcap)
         if teachers.dim() == s.dim():
             teachers = teachers.unsqueeze(0)
         teachers = normalize_logits(torch.where(valid.unsqueeze(-1), teachers, 0.0), logit_norm, scale)
@@ -230,18 +333,28 @@ def kd_loss(
             log_p = log_p[0]
         else:  # the ensemble's mean distribution
             log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
-        loss = coef * kd_divergence(log_p, log_q, divergence, beta)
-    if target is not None and alpha < 1:
-        loss = loss + (1 - alpha) * cross_entropy(s, target, label_smoothing)
-    loss = torch.where(valid, loss, 0.0)
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "mean":
-        total = total / valid.sum().clamp_min(1)
-    elif reduction == "batchmean":
-        total = total / max(valid.numel(), 1)
-    return total
+        if divergence == "dkd":
+            in_range = (target >= 0) & (target < s.shape[-1])
+            d = dkd_divergence(log_p, log_q, torch.where(valid & in_range, target, 0), (dkd_alpha, dkd_beta))
+            kd = c * torch.where(in_range | ~valid, d, float("nan"))
+        else:
+            kd = c * kd_divergence(log_p, log_q, divergence, **params)
+    ce = s.new_zeros(row_shape)
+    if target is not None and (alpha < 1 or return_parts):
+        ce = cross_entropy(s, target, label_smoothing)
+    total = kd if alpha == 1 else ce if alpha == 0 else alpha * kd + (1 - alpha) * ce
+    parts = [torch.where(valid, part, 0.0) for part in (total, kd, ce)]
+    if reduction != "none":
+        if normalizer is not None:
+            divisor = normalizer
+        elif reduction == "mean":
+            divisor = valid.sum().clamp_min(1)
+        elif reduction == "batchmean":
+            divisor = max(valid.numel(), 1)
+        else:
+            divisor = 1
+        parts = [part.sum() / divisor for part in parts]
+    return tuple(parts) if return_parts else parts[0]
 
 
 # ---- calibration and fidelity -------------------------------------------------------------------------

@@ -221,7 +221,8 @@ def test_opcheck(backend):
         (None, KDOptions.checked(temperature=per_row, alpha=1.0, divergence="jsd", beta=0.3, reduction="none",
                                  temperature_squared=False, label_smoothing=0.1), False),
     ]:  # fmt: skip
-        args = (s, indices, values, target, *options.bind(s, target, check_values=True).to_op(), backend, need_grad)
+        args = (s, indices, values, target, *options.bind(s, target, check_values=True).to_op(), backend, need_grad,
+                False)  # fmt: skip
         torch.library.opcheck(_kd_topk_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

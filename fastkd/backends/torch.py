@@ -16,7 +16,7 @@ from torch import Tensor
 from fastkd import reference
 from fastkd._host import KDOutputs
 from fastkd._options import KDOptions
-from fastkd.backends.torch_kd import dense_rows, topk_rows
+from fastkd.backends.torch_kd import RowLosses, dense_rows, topk_rows
 
 NAME = "torch"
 CHUNK_ELEMENTS = 1 << 24  # rows x classes per step of the calibration and fidelity passes (64 MiB of float32)
@@ -62,10 +62,12 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
         dt.copy_(value.reshape(-1) if saved.shape[1] else 0.0)
 
 
-def _finish(rows: Tensor, grad: Tensor | None, out: KDOutputs) -> None:
-    """Write the row losses and dL/dx of the summed rows into ``out``, scaled as it says."""
+def _finish(rows: RowLosses, grad: Tensor | None, out: KDOutputs) -> None:
+    """Write the row losses (and their parts) and dL/dx of the summed rows into ``out``, scaled as it says."""
     scale = out.scale if out.scale_tensor is None else out.scale_tensor
-    out.rows.copy_(rows * scale)
+    out.rows.copy_(rows.total * scale)
+    if out.parts.shape[0]:
+        out.parts.copy_(torch.stack([rows.kd, rows.ce]) * scale)
     if grad is not None and out.grad.shape[0]:
         out.grad.copy_(grad * scale if out.scale_grad else grad)
 

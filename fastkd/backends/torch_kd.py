@@ -37,6 +37,7 @@ with a_c = dD/d(log q_c) for each class c of the k entries I and the bucket R (-
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -111,51 +112,84 @@ def _inverse(temperature: float | Tensor, like: Tensor) -> Tensor:
     return 1 / torch.where((t > 0) & torch.isfinite(t), t, math.nan)
 
 
-def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
-    """log m, m = beta p + (1 - beta) q, formed in log space as ``reference.kd_divergence`` does."""
-    dead = torch.isneginf(log_p) & torch.isneginf(log_q)
-    log_m = torch.logaddexp(torch.where(dead, 0.0, log_p) + math.log(beta),
-                            torch.where(dead, 0.0, log_q) + math.log1p(-beta))  # fmt: skip
-    return torch.where(dead, -math.inf, log_m)
-
-
-def _divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(the columns' part of the row sum D, g = dD/d log q entry by entry (module doc), q)."""
+def _divergence(log_p: Tensor, log_q: Tensor, options: KDOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """(the columns' part of the row sum D, g = dD/d log q entry by entry (module doc), q) of the
+    divergences whose row sum is a sum over the columns (all but DKD)."""
     q = log_q.exp()
-    if divergence == "forward_kl":
-        return reference.kd_divergence(log_p, log_q, divergence), -log_p.exp(), q
-    if divergence == "reverse_kl":
-        qh = reference._kl_terms(log_q, log_p)  # q h, 0 where q = 0
-        return qh.sum(-1), qh, q
-    log_m = _log_mixture(log_p, log_q, beta)
-    qh = reference._kl_terms(log_q, log_m)
-    d = beta * reference._kl_terms(log_p, log_m).sum(-1) + (1 - beta) * qh.sum(-1)
-    return d, (1 - beta) * qh, q
+    kind = options.divergence
+    d = reference.kd_divergence(log_p, log_q, kind, options.beta, options.skew, (options.ab_alpha, options.ab_beta))
+    if kind == "forward_kl":
+        return d, -log_p.exp(), q
+    if kind == "reverse_kl":
+        return d, reference._kl_terms(log_q, log_p), q  # q h, 0 where q = 0
+    if kind == "jsd":
+        return d, (1 - options.beta) * reference._kl_terms(log_q, reference.log_mixture(log_p, log_q, options.beta)), q
+    if kind == "skew_kl":  # -(1 - s) p q / m, m = s p + (1 - s) q
+        log_m = reference.log_mixture(log_p, log_q, options.skew)
+        return d, -(1 - options.skew) * torch.where(log_m > -math.inf, (log_p + log_q - log_m).exp(), 0.0), q
+    if kind == "skew_reverse_kl":  # q (h - s q / m), h = log q - log m, m = (1 - s) p + s q
+        log_m = reference.log_mixture(log_q, log_p, options.skew)
+        ratio = torch.where(log_m > -math.inf, (log_q - log_m).exp(), 0.0)
+        return d, reference._kl_terms(log_q, log_m) - options.skew * q * ratio, q
+    if kind == "tvd":  # 1/2 q sign(q - p)
+        return d, 0.5 * q * torch.sign(q - log_p.exp()), q
+    a, b = options.ab_alpha, options.ab_beta
+    if a:  # (q^(a+b) - p^a q^b) / a
+        return d, (reference._power(log_q, a + b) - reference._power(log_p, a) * reference._power(log_q, b)) / a, q
+    live = q != 0  # a = 0: q^b (log q - log p), 0 where q = 0
+    return d, torch.where(live, reference._power(log_q, b) * (torch.where(live, log_q, 0.0) - log_p), 0.0), q
 
 
-def _kd_weight(options: KDOptions, like: Tensor) -> Tensor:
-    """alpha c_T as a (1,) or (N,) tensor."""
+def _kd_coefficient(options: KDOptions, like: Tensor) -> Tensor:
+    """c_T (T^2, or 1) as a (1,) or (N,) tensor."""
     temperature = torch.as_tensor(options.temperature, dtype=like.dtype, device=like.device).reshape(-1)
-    return options.alpha * (temperature**2 if options.temperature_squared else torch.ones_like(temperature))
+    return temperature**2 if options.temperature_squared else torch.ones_like(temperature)
+
+
+class RowLosses(NamedTuple):
+    """Each row's loss, and its two parts: the KD term c D and the CE term (0 where not computed);
+    total = alpha KD + (1 - alpha) CE. All (N,), zero on ignored rows."""
+
+    total: Tensor
+    kd: Tensor
+    ce: Tensor
+
+
+def _cap(z: Tensor, cap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(cap tanh(z / cap), -inf kept; its derivative 1 - tanh^2), or (z, None) without a cap."""
+    if cap is None:
+        return z, None
+    capped = reference.soft_cap(z, cap)
+    return capped, torch.where(torch.isneginf(z), 0.0, 1 - (capped / cap) ** 2)
+
+
+def _total(kd: Tensor, ce: Tensor, alpha: float) -> Tensor:
+    """alpha KD + (1 - alpha) CE, without the 0 x inf of a term whose weight is 0."""
+    return kd if alpha == 1 else ce if alpha == 0 else alpha * kd + (1 - alpha) * ce
 
 
 def dense_rows(x: Tensor, teachers: Tensor, target: Tensor | None, options: KDOptions, need_grad: bool,
-               comm: Collectives = ONE_PROCESS, check=None) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
-    """(row losses (N,), zero on ignored rows; d(sum of the rows)/dx (N, V_r), or None; the rows not
-    ignored (N,) bool) of the student ``x`` (N, V_r) and ``teachers`` (K, N, V_r), both in the compute
-    dtype, this rank's columns of the vocabulary, and ``target`` (N,) (global class indices) or None.
-    ``check(V)``, when given, runs the checks that need the whole vocabulary's width, once the first
-    collective has told it."""
+               comm: Collectives = ONE_PROCESS, check=None) -> tuple[RowLosses, Tensor | None, Tensor]:  # fmt: skip
+    """(``RowLosses``; d(sum of the total rows)/dx (N, V_r), or None; the rows not ignored (N,) bool) of
+    the student ``x`` (N, V_r) and ``teachers`` (K, N, V_r), both in the compute dtype, this rank's
+    columns of the vocabulary, and ``target`` (N,) (global class indices) or None. ``check(V)``, when
+    given, runs the checks that need the whole vocabulary's width, once the first collective has told
+    it. The KD part is computed when alpha > 0 or ``return_parts``, the CE part when there is a target
+    and alpha < 1 or ``return_parts``."""
     n_rows, width = x.shape
     n_teachers = teachers.shape[0]
     alpha, logit_norm, eps = options.alpha, options.logit_norm, options.label_smoothing
-    has_kd, has_ce = alpha > 0, target is not None and alpha < 1
+    has_kd = alpha > 0 or options.return_parts
+    has_ce = target is not None and (alpha < 1 or options.return_parts)
+    dkd = options.divergence == "dkd"
     valid = torch.ones(n_rows, dtype=torch.bool, device=x.device)
     t = teachers
     if target is not None:  # ignored rows are zeroed first, as in the reference (padding rows of -inf)
         valid = target != options.ignore_index
         x = torch.where(valid[:, None], x, 0.0)
         t = torch.where(valid[:, None], t, 0.0)
+    x, cap_grad = _cap(x, options.softcap)
+    t, _ = _cap(t, options.softcap)
 
     # 1. all_gather: the widths, the row maxes and the moments of the live entries.
     stats = [_row_max(x)[None]]
@@ -191,6 +225,13 @@ def dense_rows(x: Tensor, teachers: Tensor, target: Tensor | None, options: KDOp
         k_s = r_s * _inverse(options.temperature, x)
         k_t = r_t * _inverse(options.teacher_temperature, x)
 
+    # The target's column in this shard, where this rank owns it.
+    if target is not None:
+        y = target - offset
+        owned = valid & (y >= 0) & (y < width)
+        y = torch.where(owned, y, 0)[:, None]
+        in_range = (target >= 0) & (target < n_classes)  # else (unchecked) a NaN row, as in kd_loss
+
     # 2. all_reduce SUM: the sum-exps, x_y and sum x.
     sums = []
     if has_kd:
@@ -198,9 +239,6 @@ def dense_rows(x: Tensor, teachers: Tensor, target: Tensor | None, options: KDOp
         u_t = (t - t_max[..., None]) * k_t[..., None]
         sums += [u_s.exp().sum(-1)[None], u_t.exp().sum(-1)]
     if has_ce:
-        y = target - offset  # the target's column in this shard, where this rank owns it
-        owned = valid & (y >= 0) & (y < width)
-        y = torch.where(owned, y, 0)[:, None]
         z_1 = x - x_max[:, None]
         x_y = torch.where(owned, x.gather(-1, y).squeeze(-1), 0.0) if width else x.new_zeros(n_rows)
         sums += [z_1.exp().sum(-1)[None], x_y[None]]
@@ -208,101 +246,141 @@ def dense_rows(x: Tensor, teachers: Tensor, target: Tensor | None, options: KDOp
             sums.append(x.sum(-1)[None])
     sums = list(comm.reduce_sum(torch.cat(sums)).unbind(0)) if sums else []
 
-    rows = x.new_zeros(n_rows)
+    kd = x.new_zeros(n_rows)
+    ce = x.new_zeros(n_rows)
     grad = x.new_zeros(n_rows, width) if need_grad else None
     if has_kd:
         d_s, d_t, sums = sums[0], torch.stack(sums[1 : 1 + n_teachers]), sums[1 + n_teachers :]
         log_q = u_s - d_s.log()[:, None]
         log_p = u_t - d_t.log()[..., None]  # (K, N, V_r)
         log_p = log_p[0] if n_teachers == 1 else torch.logsumexp(log_p, 0) - math.log(n_teachers)
-        d, g, q = _divergence(log_p, log_q, options.divergence, options.beta)
+        if dkd:
+            d, e, q = _dkd(log_p, log_q, owned, y, in_range, options, comm)
+            partial = [e.sum(-1)]
+        else:
+            d, g, q = _divergence(log_p, log_q, options)
+            partial = [d, g.sum(-1)]
         # 3. all_reduce SUM: the row sums of D and of the gradient.
-        partial = [d, g.sum(-1)]
         if logit_norm is not None:
             c = torch.where(torch.isneginf(x), 0.0, (x - x_max[:, None]) - mean_shift[:, None])
-            partial += [(g * c).sum(-1), (q * c).sum(-1), q.sum(-1), c.sum(-1)]
-        d, g_sum, *norm_sums = comm.reduce_sum(torch.stack(partial))
-        kd_weight = _kd_weight(options, x)
-        rows = rows + kd_weight * d
+            partial += [((e if dkd else g) * c).sum(-1), (q * c).sum(-1), q.sum(-1), c.sum(-1)]
+        reduced = comm.reduce_sum(torch.stack(partial))
+        if dkd:
+            e_sum, *norm_sums = reduced
+        else:
+            d, g_sum, *norm_sums = reduced
+        kd = _kd_coefficient(options, x) * d
         if need_grad:
-            e = g - q * g_sum[:, None]  # dD/du
+            if not dkd:
+                e = g - q * g_sum[:, None]  # dD/du
             if logit_norm is not None:
-                gc_sum, qc_sum, q_sum, c_sum = norm_sums
-                e_sum, ec_sum = g_sum - g_sum * q_sum, gc_sum - g_sum * qc_sum
+                ec_sum, qc_sum, q_sum, c_sum = norm_sums
+                if not dkd:
+                    e_sum, ec_sum = g_sum - g_sum * q_sum, ec_sum - g_sum * qc_sum
                 w = torch.where(kappa > 0, r_s * ec_sum / kappa, 0.0)
                 e_mean = (e_sum - c_sum * w) / n.clamp_min(1)
                 e = torch.where(torch.isneginf(x), 0.0, e - c * w[:, None] - e_mean[:, None])
-            grad += (kd_weight * k_s)[:, None] * e
+            if alpha > 0:
+                grad += (alpha * _kd_coefficient(options, x) * k_s)[:, None] * e
     if has_ce:
         d_1, x_y_sum = sums[0], sums[1]
         ln_d1 = d_1.log()
         ce = (1 - eps) * ((x_max - x_y_sum) + ln_d1)
         if eps > 0:
             ce = ce + eps * ((x_max - sums[2] / n_classes) + ln_d1)
-        in_range = (target >= 0) & (target < n_classes)  # else (unchecked) a NaN row, as in kd_loss
-        ce_weight = torch.full_like(ce, 1 - alpha).masked_fill(~in_range, math.nan)
-        rows = rows + ce_weight * ce
-        if need_grad:
+        ce = ce.masked_fill(~in_range, math.nan)
+        if need_grad and alpha < 1:
             ce_grad = (z_1 - ln_d1[:, None]).exp() - eps / n_classes
             if width:  # the -(1 - eps) at the target, on the rank that owns it
                 ce_grad.scatter_add_(-1, y, torch.zeros_like(ce).masked_fill(owned, eps - 1)[:, None])
-            grad += ce_weight[:, None] * ce_grad
-    rows = torch.where(valid, rows, 0.0)
+            grad += ((1 - alpha) * torch.ones_like(ce).masked_fill(~in_range, math.nan))[:, None] * ce_grad
+    rows = RowLosses(*(torch.where(valid, part, 0.0) for part in (_total(kd, ce, alpha), kd, ce)))
     if grad is not None:
+        if cap_grad is not None:
+            grad = grad * cap_grad
         grad = torch.where(valid[:, None], grad, 0.0)
     return rows, grad, valid
 
 
+def _dkd(log_p: Tensor, log_q: Tensor, owned: Tensor, y: Tensor, in_range: Tensor, options: KDOptions,
+         comm: Collectives) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(the row sum D = w_t TCKD + w_n NCKD, e = dD/du on this rank's columns, q) of Decoupled KD
+    (``reference.dkd_divergence``), the target class's column on the rank that owns it. With
+    a = p_y, A = 1 - a, b = q_y, B = 1 - b (A and B summed over the other classes) and the conditional
+    distributions p^_j = p_j / A, q^_j = q_j / B (j != y):
+
+        TCKD = a log(a / b) + A log(A / B),    NCKD = sum_{j != y} p^_j log(p^_j / q^_j)
+        dTCKD/du_j = kappa ([j = y] - q_j),    kappa = A b / B - a
+        dNCKD/du_j = q^_j - p^_j for j != y, 0 at y
+
+    One all_reduce (sums over the columns): a, b, A, B and sum_{j != y} p_j (log p_j - log q_j)."""
+    p, q = log_p.exp(), log_q.exp()
+    target_col = torch.zeros_like(q, dtype=torch.bool)
+    if q.shape[-1]:
+        target_col.scatter_(-1, y, owned[:, None])
+    other = ~target_col
+    cross = torch.where(other, reference._kl_terms(log_p, log_q), 0.0).sum(-1)
+    a, b, big_a, big_b, cross = comm.reduce_sum(torch.stack([
+        torch.where(target_col, p, 0.0).sum(-1), torch.where(target_col, q, 0.0).sum(-1),
+        torch.where(other, p, 0.0).sum(-1), torch.where(other, q, 0.0).sum(-1), cross,
+    ]))  # fmt: skip
+    binary_p = torch.stack([a, big_a], -1).log()
+    binary_q = torch.stack([b, big_b], -1).log()
+    tckd = reference._kl_terms(binary_p, binary_q).sum(-1)
+    has_rest = big_a > 0
+    nckd = torch.where(has_rest, cross / torch.where(has_rest, big_a, 1.0) - big_a.log() + big_b.log(), 0.0)
+    nckd = torch.where(has_rest, nckd, 0.0)
+    d = torch.where(in_range, options.dkd_alpha * tckd + options.dkd_beta * nckd, math.nan)
+    kappa = torch.where(big_b > 0, big_a * b / big_b, 0.0) - a
+    cond = torch.where(other & has_rest[:, None], q / big_b[:, None] - p / torch.where(has_rest, big_a, 1.0)[:, None], 0.0)
+    e = options.dkd_alpha * kappa[:, None] * (target_col.to(q.dtype) - q) + options.dkd_beta * cond
+    return d, torch.where(in_range[:, None], e, math.nan), q
+
+
 def topk_rows(x: Tensor, indices: Tensor, values: Tensor, target: Tensor | None, options: KDOptions,
-              need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """(row losses (N,), zero on ignored rows; d(sum of the rows)/dx (N, V), or None) of the student
-    ``x`` (N, V) in the compute dtype against a sparse teacher, ``indices`` and ``values`` (N, k) (module
-    doc; the teacher's distribution as ``reference.topk_teacher_log_probs`` forms it)."""
+              need_grad: bool) -> tuple[RowLosses, Tensor | None]:  # fmt: skip
+    """(``RowLosses``; d(sum of the total rows)/dx (N, V), or None) of the student ``x`` (N, V) in the
+    compute dtype against a sparse teacher, ``indices`` and ``values`` (N, k) (module doc; the
+    teacher's distribution as ``reference.topk_teacher_log_probs`` forms it). With g_c = dD/d(log q_c)
+    for each of the k + 1 classes c (the k entries and the bucket R), dD/du_l = g_c(l) (q_l / q_R for l
+    in R) - q_l sum_c g_c, whatever the divergence."""
     n_rows, n_classes = x.shape
     k = indices.shape[-1]
     alpha, eps = options.alpha, options.label_smoothing
-    has_ce = target is not None and alpha < 1
+    has_kd = alpha > 0 or options.return_parts
+    has_ce = target is not None and (alpha < 1 or options.return_parts)
     valid = torch.ones(n_rows, dtype=torch.bool, device=x.device) if target is None else target != options.ignore_index
     x = torch.where(valid[:, None], x, 0.0)
+    x, cap_grad = _cap(x, options.softcap)
     tail = "none" if k == n_classes else options.tail
     in_range = ((indices >= 0) & (indices < n_classes)).all(-1) | ~valid
     spare = torch.arange(k, device=x.device).expand_as(indices)  # distinct in-range stand-ins for unused rows
     idx = torch.where((valid & in_range)[:, None], indices, spare).long()
     v = torch.where(valid[:, None], values.to(x.dtype), 0.0)
-    rows = x.new_zeros(n_rows)
+    kd = x.new_zeros(n_rows)
+    ce = x.new_zeros(n_rows)
     grad = x.new_zeros(n_rows, n_classes) if need_grad else None
     x_max = _row_max(x)
-    if alpha > 0:
+    if has_kd:
         k_s = _inverse(options.temperature, x)
         u = (x - x_max[:, None]) * k_s[:, None]
-        lse = torch.logsumexp(u, -1, keepdim=True)
-        log_q_all = u - lse
+        log_q_all = u - torch.logsumexp(u, -1, keepdim=True)
         in_top = torch.zeros_like(x, dtype=torch.bool).scatter(-1, idx, True)
-        rest = torch.where(in_top, -math.inf, log_q_all)
-        log_q_rest = torch.logsumexp(rest, -1, keepdim=True)  # -inf where no class is left
+        log_q_rest = torch.logsumexp(torch.where(in_top, -math.inf, log_q_all), -1, keepdim=True)  # -inf: no class left
         log_q = torch.cat([log_q_all.gather(-1, idx), log_q_rest], -1)  # (N, k + 1)
         teacher_t = options.teacher_temperature
         if isinstance(teacher_t, Tensor) and teacher_t.dim():
             teacher_t = teacher_t.to(x.dtype)
         log_p_top, log_p_rest = reference.topk_teacher_log_probs(v, teacher_t, tail)
         log_p = torch.cat([log_p_top, log_p_rest[:, None]], -1)
-        d, g, q = _divergence(log_p, log_q, options.divergence, options.beta)
-        kd_weight = _kd_weight(options, x)
-        rows = rows + kd_weight * torch.where(in_range, d, math.nan)
-        if need_grad:
+        d, g, _ = _divergence(log_p, log_q, options)
+        coefficient = _kd_coefficient(options, x)
+        kd = coefficient * torch.where(in_range, d, math.nan)
+        if need_grad and alpha > 0:
             q_all = log_q_all.exp()
-            if options.divergence == "forward_kl":  # e_l = q_l - p_c(l) q_l / q_c(l): p_l for l in I
-                p_rest = log_p_rest.exp()[:, None]
-                ratio = torch.where(log_q_rest > -math.inf, p_rest * (-log_q_rest).exp(), 0.0)
-                e = q_all - torch.where(in_top, 0.0, ratio * q_all)
-                e = e.scatter_add(-1, idx, -log_p_top.exp())
-            else:  # e_l = q_l (h_c(l) - S) scaled, h_c = g_c / (f q_c)
-                f = 1.0 if options.divergence == "reverse_kl" else 1 - options.beta
-                h = torch.where(q != 0, g / (f * q), 0.0)
-                s_sum = (q * h).sum(-1, keepdim=True)
-                h_l = torch.where(in_top, 0.0, h[:, -1:]).scatter(-1, idx, h[:, :-1])
-                e = f * q_all * (h_l - s_sum)
-            grad += (kd_weight * k_s)[:, None] * torch.where(in_range[:, None], e, math.nan)
+            ratio = torch.where(log_q_rest > -math.inf, g[:, -1:] * (-log_q_rest).exp(), 0.0)  # g_R / q_R
+            e = torch.where(in_top, 0.0, ratio * q_all).scatter_add(-1, idx, g[:, :-1]) - q_all * g.sum(-1, keepdim=True)
+            grad += (alpha * coefficient * k_s)[:, None] * torch.where(in_range[:, None], e, math.nan)
     if has_ce:
         z = x - x_max[:, None]
         ln_d1 = torch.logsumexp(z, -1)
@@ -311,13 +389,14 @@ def topk_rows(x: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
         if eps > 0:
             ce = ce + eps * (ln_d1 - z.mean(-1))
         y_ok = (target >= 0) & (target < n_classes)
-        ce_weight = torch.full_like(ce, 1 - alpha).masked_fill(~y_ok, math.nan)
-        rows = rows + ce_weight * ce
-        if need_grad:
+        ce = ce.masked_fill(~y_ok, math.nan)
+        if need_grad and alpha < 1:
             ce_grad = (z - ln_d1[:, None]).exp() - eps / n_classes
             ce_grad.scatter_add_(-1, safe_y[:, None], torch.full_like(ce, eps - 1)[:, None])
-            grad += ce_weight[:, None] * ce_grad
-    rows = torch.where(valid, rows, 0.0)
+            grad += ((1 - alpha) * torch.ones_like(ce).masked_fill(~y_ok, math.nan))[:, None] * ce_grad
+    rows = RowLosses(*(torch.where(valid, part, 0.0) for part in (_total(kd, ce, alpha), kd, ce)))
     if grad is not None:
+        if cap_grad is not None:
+            grad = grad * cap_grad
         grad = torch.where(valid[:, None], grad, 0.0)
     return rows, grad

@@ -1,0 +1,220 @@
+"""The distillation objectives beyond KL and JSD (skew KL, skew reverse KL, TVD, the alpha-beta
+divergence, DKD), logit soft-capping, the loss's parts and a caller's normalizer: every backend against
+the float64 reference, and the reference against the papers' own formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, assert_close
+from test_kd_loss import check, exact, logits, run, targets
+from test_kd_loss_topk import sparse_teacher
+
+import fastkd
+from fastkd import reference
+
+# (divergence, its parameters): each new objective, and the alpha-beta divergence's cases.
+OBJECTIVES = {
+    "skew_kl": dict(divergence="skew_kl", skew=0.1),
+    "skew_kl_0.5": dict(divergence="skew_kl", skew=0.5),
+    "skew_reverse_kl": dict(divergence="skew_reverse_kl", skew=0.1),
+    "tvd": dict(divergence="tvd"),
+    "ab": dict(divergence="ab", ab_alpha=0.8, ab_beta=0.4),
+    "ab_beta_0": dict(divergence="ab", ab_alpha=0.6, ab_beta=0.0),
+    "ab_alpha_0": dict(divergence="ab", ab_alpha=0.0, ab_beta=0.7),
+    "dkd": dict(divergence="dkd", dkd_alpha=1.0, dkd_beta=8.0),
+}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("width", [1, 10, 1000, 4097])
+def test_objectives_match_float64(backend, objective, width):
+    student, teacher, target = logits(6, width), logits(6, width, seed=1), targets(6, width, ignored=(1, 4))
+    check(student, teacher, target, backend, temperature=2.0, alpha=0.7, **OBJECTIVES[objective])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_objectives_by_dtype(backend, objective, dtype):
+    student, teacher = logits(8, 300, dtype=dtype), logits(8, 300, dtype=dtype, seed=1)
+    check(student, teacher, targets(8, 300), backend, temperature=3.0, **OBJECTIVES[objective])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objectives_with_masked_classes_norms_and_ensembles(backend, objective):
+    """-inf entries in both (probability 0, no gradient), logit standardization, 2 teachers, per-row
+    temperatures; then label smoothing (where no class is masked: its CE would be infinite)."""
+    student, teacher = logits(5, 70), logits(2, 5, 70, seed=1)
+    student[:, ::7], teacher[:, :, ::7] = -math.inf, -math.inf
+    target = targets(5, 70)
+    target = torch.where(target % 7 == 0, target + 1, target)
+    t = torch.rand(5, device=DEVICE) + 1.0
+    loss, grad = check(student, teacher, target, backend, temperature=t, logit_norm="standardize",
+                       **OBJECTIVES[objective])  # fmt: skip
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    check(logits(5, 70), teacher.nan_to_num(neginf=-3.0), target, backend, label_smoothing=0.1,
+          **OBJECTIVES[objective])  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", ["skew_kl", "skew_reverse_kl", "tvd", "ab"])
+def test_objectives_against_a_sparse_teacher(backend, objective):
+    """Over the k + 1 classes of a sparse teacher (DKD needs the dense one), and equal to the dense loss
+    when k = V."""
+    student, target = logits(4, 200), targets(4, 200)
+    indices, values, teacher = sparse_teacher((4,), 200, 16)
+    options = dict(OBJECTIVES[objective], temperature=2.0, alpha=0.6)
+    check(student, None, target, backend, teacher_topk=(indices, values), tail="bucket", **options)
+    indices, values, teacher = sparse_teacher((4,), 37, 37)
+    sparse = run(student[:, :37], None, target % 37, backend, teacher_topk=(indices, values), **options)
+    dense = exact(student[:, :37], torch.log_softmax(teacher, -1).float(), target % 37, **options)
+    assert_close(sparse[0], dense[0], torch.float32)
+    assert_close(sparse[1], dense[1], torch.float32, scale=dense[1].abs().max().item())
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_kl", "dkd"])
+def test_soft_capping(backend, divergence):
+    """softcap=c caps student and teacher logits at c tanh(z / c) (Gemma 2) inside the loss, CE included,
+    with the gradient through the tanh; -inf stays masked."""
+    student, teacher, target = logits(6, 500, scale=20.0), logits(6, 500, seed=1, scale=20.0), targets(6, 500)
+    student[:, 3] = -math.inf
+    teacher[:, 3] = -math.inf
+    loss, grad = check(student, teacher, target, backend, divergence=divergence, softcap=15.0, temperature=2.0)
+    capped = [torch.where(torch.isneginf(z), z, 15.0 * torch.tanh(z / 15.0)) for z in (student, teacher)]
+    by_hand = reference.kd_loss(capped[0].double(), capped[1].double(), target, divergence=divergence, temperature=2.0)
+    assert_close(loss, by_hand, torch.float32)
+    assert grad[:, 3].eq(0).all()
+
+
+def test_reference_limits_and_special_cases():
+    """The objectives' named limits, in float64: skew 0 is the plain KL; the alpha-beta divergence is
+    forward KL at (1, 0), reverse KL at (0, 1) and continuous in (alpha, beta) at beta = 0, alpha = 0
+    and alpha + beta = 0; TVD is half the L1 distance."""
+    g = torch.Generator().manual_seed(3)
+    log_p = torch.log_softmax(torch.randn(5, 40, generator=g, dtype=torch.float64) * 2, -1)
+    log_q = torch.log_softmax(torch.randn(5, 40, generator=g, dtype=torch.float64) * 2, -1)
+    kd = reference.kd_divergence
+    close = lambda a, b, tol=1e-12: torch.testing.assert_close(a, b, rtol=tol, atol=tol)  # noqa: E731
+    close(kd(log_p, log_q, "skew_kl", skew=0.0), kd(log_p, log_q, "forward_kl"))
+    close(kd(log_p, log_q, "skew_reverse_kl", skew=0.0), kd(log_p, log_q, "reverse_kl"))
+    close(kd(log_p, log_q, "ab", ab=(1.0, 0.0)), kd(log_p, log_q, "forward_kl"))
+    close(kd(log_p, log_q, "ab", ab=(0.0, 1.0)), kd(log_p, log_q, "reverse_kl"))
+    for a, b in [(0.6, 0.0), (0.0, 0.7), (1.0, 0.0)]:
+        close(kd(log_p, log_q, "ab", ab=(a + 1e-7 * (a == 0), b + 1e-7 * (b == 0))), kd(log_p, log_q, "ab", ab=(a, b)),
+              1e-5)  # fmt: skip
+    close(kd(log_p, log_q, "tvd"), 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1))
+    # The skew KLs as DistiLLM writes them (cross-entropies to the mixture: theirs drops p log p).
+    p, q = log_p.exp(), log_q.exp()
+    close(kd(log_p, log_q, "skew_kl", skew=0.1), (p * log_p).sum(-1) - (p * (0.1 * p + 0.9 * q).log()).sum(-1))
+    close(kd(log_p, log_q, "skew_reverse_kl", skew=0.1), (q * (log_q - (0.9 * p + 0.1 * q).log())).sum(-1))
+
+
+def test_dkd_matches_mdistiller():
+    """DKD against a float64 re-derivation of mdistiller's dkd_loss (its -1000 logit shift excludes
+    the target from NCKD's softmax; the exact exclusion agrees to float64's precision at these logits)."""
+    student, teacher = logits(16, 100, dtype=torch.float64), logits(16, 100, dtype=torch.float64, seed=1)
+    target, temperature, a, b = targets(16, 100, ignored=()), 4.0, 1.0, 8.0
+    gt = F.one_hot(target, 100).bool()
+    p_s, p_t = F.softmax(student / temperature, 1), F.softmax(teacher / temperature, 1)
+    binary_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], 1)
+    binary_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], 1)
+    tckd = F.kl_div(binary_s.log(), binary_t, reduction="sum") * temperature**2 / 16
+    nckd = F.kl_div(F.log_softmax(student / temperature - 1000.0 * gt, 1), F.softmax(teacher / temperature - 1000.0 * gt, 1),
+                    reduction="sum") * temperature**2 / 16  # fmt: skip
+    want = a * tckd + b * nckd
+    got = reference.kd_loss(student, teacher, target, divergence="dkd", dkd_alpha=a, dkd_beta=b, alpha=1.0,
+                            temperature=temperature)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_tvd_matches_distillm():
+    """TVD against DistiLLM's tv_distance (0.5 sum |p - q|, averaged over the tokens not ignored)."""
+    student, teacher, target = logits(12, 50), logits(12, 50, seed=1), targets(12, 50, ignored=(0, 5))
+    p, q = F.softmax(teacher.double(), -1), F.softmax(student.double(), -1)
+    mask = (target != -100).double()
+    want = ((0.5 * (p - q).abs()).sum(-1) * mask).sum() / mask.sum()
+    got = fastkd.kd_loss(student.double(), teacher.double(), target, divergence="tvd", alpha=1.0, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_return_parts(backend, reduction, alpha):
+    """return_parts=True gives (total, KD, CE) from the same call, reduced alike, total = alpha KD +
+    (1 - alpha) CE; both parts computed whatever alpha; the gradient is the total's."""
+    student, teacher, target = logits(6, 300), logits(6, 300, seed=1), targets(6, 300)
+    x = student.clone().requires_grad_()
+    total, kd, ce = fastkd.kd_loss(x, teacher, target, alpha=alpha, temperature=2.0, reduction=reduction,
+                                   return_parts=True, backend=backend)  # fmt: skip
+    want = reference.kd_loss(student.double(), teacher.double(), target, alpha=alpha, temperature=2.0,
+                             reduction=reduction, return_parts=True)  # fmt: skip
+    for got, expected in zip((total, kd, ce), want):
+        assert_close(got, expected, torch.float32, scale=max(expected.abs().max().item(), 1.0))
+    assert not kd.requires_grad and not ce.requires_grad and total.requires_grad
+    assert_close(total, (alpha * kd.double() + (1 - alpha) * ce.double()), torch.float32, scale=1.0)
+    total.sum().backward()
+    _, want_grad = run(student, teacher, target, backend, alpha=alpha, temperature=2.0, reduction=reduction)
+    if reduction != "none":
+        assert_close(x.grad, want_grad.double() / 2, torch.float32, scale=want_grad.abs().max().item())
+
+
+def test_gradient_accumulation_with_a_normalizer(backend):
+    """4 micro-batches each divided by normalizer = the step's rows not ignored (HF Trainer's
+    num_items_in_batch) add up to the loss and gradient of one batch of all of them."""
+    student, teacher, target = logits(24, 100), logits(24, 100, seed=1), targets(24, 100, ignored=(1, 2, 3, 17))
+    whole, whole_grad = run(student, teacher, target, backend, temperature=2.0)  # mean over the 20 counted rows
+    count = int((target != -100).sum())
+    parts, grads = [], []
+    for chunk in range(4):
+        rows = slice(6 * chunk, 6 * chunk + 6)
+        for normalizer in (count, torch.tensor(count, device=DEVICE)):
+            loss, grad = run(student[rows], teacher[rows], target[rows], backend, temperature=2.0, normalizer=normalizer)
+            parts.append(loss)
+            grads.append(grad)
+    assert_close(torch.stack(parts[::2]).sum(), whole.double(), torch.float32)
+    assert_close(torch.stack(parts[1::2]).sum(), whole.double(), torch.float32)
+    assert_close(torch.cat(grads[::2]), whole_grad.double(), torch.float32, scale=whole_grad.abs().max().item())
+
+
+S, T_, Y = logits(4, 10), logits(4, 10, seed=1), targets(4, 10)
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(divergence="jsd", beta=0.0), ValueError, "beta=0.0 is an end of JSD's .*'forward_kl'"),
+        (dict(divergence="jsd", beta=1), ValueError, "'reverse_kl' \\(beta=1\\)"),
+        (dict(divergence="skew_kl", skew=1.0), ValueError, "skew must be in"),
+        (dict(divergence="skew_reverse_kl", skew=-0.1), ValueError, "skew must be in"),
+        (dict(divergence="ab", ab_alpha=-0.5), ValueError, "ab_alpha must be in"),
+        (dict(divergence="ab", ab_alpha=0.0, ab_beta=0.0), ValueError, "ab_alpha = ab_beta = 0"),
+        (dict(divergence="ab", ab_beta="1"), TypeError, "ab_beta must be a float"),
+        (dict(divergence="dkd", dkd_beta=-1.0), ValueError, "dkd_beta must be in"),
+        (dict(softcap=0.0), ValueError, "softcap must be in"),
+        (dict(softcap=math.inf), ValueError, "softcap must be in"),
+        (dict(normalizer=0), ValueError, "normalizer must be in"),
+        (dict(normalizer=10, reduction="none"), ValueError, "normalizer divides the summed loss"),
+        (dict(normalizer=torch.tensor([2.0, 3.0])), ValueError, "normalizer must be a number or a one-element"),
+        (dict(normalizer=torch.tensor(-2.0)), ValueError, "normalizer must be finite and > 0"),
+        (dict(return_parts=1), TypeError, "return_parts must be a bool"),
+    ],
+)
+def test_bad_input(options, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.kd_loss(S, T_, Y, **options)
+
+
+def test_combinations_that_do_not_make_sense():
+    with pytest.raises(ValueError, match="divergence='dkd' needs a target"):
+        fastkd.kd_loss(S, T_, None, alpha=1.0, divergence="dkd")
+    indices, values, _ = sparse_teacher((4,), 10, 3)
+    with pytest.raises(ValueError, match="divergence='dkd' needs dense teacher_logits"):
+        fastkd.kd_loss(S, None, Y, teacher_topk=(indices, values), divergence="dkd")
+    with pytest.raises(ValueError, match="tail='none' is infinite"):
+        fastkd.kd_loss(S, None, Y, teacher_topk=(indices, values), divergence="ab", ab_alpha=0.0, ab_beta=1.0)
+    with pytest.raises(ValueError, match="tail='none' is infinite"):
+        fastkd.kd_loss(S, None, Y, teacher_topk=(indices, values), divergence="skew_reverse_kl", skew=0.0)
+    with pytest.raises(ValueError, match="skew must be in"):
+        fastkd.KDLoss(divergence="skew_kl", skew=2.0)  # at construction
