@@ -6,13 +6,16 @@ error, and whether ``"auto"`` picks it for a tensor. ``resolve_backend`` returns
 module; the ops call ``impl.<op>`` and compare no names. Registered here:
 
   ``"torch"``   plain PyTorch (``fastkd.backends.torch``): any device, any float dtype;
+  ``"cpu"``     the C++ CPU kernels (``fastkd.backends.cpu`` over csrc/, built by ``fastkd._ext``): CPU tensors
+                of float16, bfloat16, float32 or float64, where the extension builds or is installed;
   ``"triton"``  the Triton kernels (``fastkd.backends.triton`` over ``fastkd.kernels``): CUDA tensors of
                 float16, bfloat16 or float32, or CPU tensors when Triton's interpreter is on
                 (``TRITON_INTERPRET=1`` set before ``fastkd.kernels`` is first imported), which is how the
                 tests run the kernels without a GPU.
 
-``"auto"`` (the default) takes the first registered backend whose ``auto`` accepts the tensor: Triton
-for the CUDA tensors it supports, else PyTorch. The environment variable ``FASTKD_BACKEND`` replaces
+``"auto"`` (the default) takes the first registered backend whose ``auto`` accepts the tensor: the C++
+kernels for CPU tensors (when the extension is available), Triton for the CUDA tensors it supports, else
+PyTorch. The environment variable ``FASTKD_BACKEND`` replaces
 ``"auto"`` with the backend it names; a backend passed explicitly to an op wins over it.
 ``register_backend`` adds one (before the others for ``"auto"`` when ``first``).
 """
@@ -101,6 +104,32 @@ register_backend(Backend(
     auto=lambda x: x.is_cuda and x.dtype in KERNEL_DTYPES and TRITON_AVAILABLE,
 ))  # fmt: skip
 register_backend(Backend("torch", "fastkd.backends.torch", check=lambda x: None, auto=lambda x: True))
+
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_cpu(logits: torch.Tensor) -> None:
+    from fastkd import _ext
+
+    if logits.device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs CPU tensors, but logits are on {logits.device}")
+    if logits.dtype not in CPU_DTYPES:
+        raise TypeError(f"backend='cpu' runs float16, bfloat16, float32 and float64 logits, got {logits.dtype}")
+    if not _ext.load():
+        raise RuntimeError(f"backend='cpu' needs the C++ extension, which did not build: {_ext.error()}")
+
+
+def _auto_cpu(logits: torch.Tensor) -> bool:
+    if logits.device.type != "cpu" or logits.dtype not in CPU_DTYPES:
+        return False
+    from fastkd import _ext
+
+    return _ext.load()  # built or loaded once, the outcome cached (one warning when it cannot be)
+
+
+# The C++ CPU kernels (csrc/, fastkd.backends.cpu): first in "auto"'s order for CPU tensors, where the
+# extension builds (fastkd._ext); PyTorch otherwise.
+register_backend(Backend("cpu", "fastkd.backends.cpu", _check_cpu, _auto_cpu), first=True)
 
 
 def check_backend_name(value: object, source: str = "backend") -> str:

@@ -1,0 +1,306 @@
+// What every CPU kernel file shares: the instruction set, vector helpers over at::vec, row buffers, the
+// temperatures, and the dtype dispatch (float32 math for float16/bfloat16/float32, float64 for float64).
+//
+// SIMD: ATen's at::vec::Vectorized<T> picks its implementation from the CPU_CAPABILITY macros, which ATen
+// sets per file when it builds each kernel once per instruction set and dispatches at run time. This
+// extension is built for one instruction set, the compiler's: the JIT build passes -march=native (the
+// machine that compiles is the one that runs) and the ahead-of-time build FASTKD_CPU_ARCH (native by
+// default; x86-64-v3 or x86-64 for a wheel that moves), and the macros below follow what that enables.
+// The loader (fastkd/_ext.py) refuses a build whose instruction set this CPU lacks. One build, not three,
+// keeps the JIT compile short on a 2-core machine; a build for the baseline still vectorizes through
+// Vectorized's generic code.
+#pragma once
+
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#endif
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <fastkd/row_math.h>
+
+#define FASTKD_STR2(x) #x
+#define FASTKD_STR(x) FASTKD_STR2(x)
+#define FASTKD_ISA FASTKD_STR(CPU_CAPABILITY)
+
+namespace fastkd {
+namespace cpu {
+
+using at::vec::Vectorized;
+template <typename T>
+using Vec = Vectorized<T>;
+
+// exp of a float vector: Cody-Waite reduction x = n ln 2 + r, |r| <= ln2 / 2, then Cephes' degree-6
+// polynomial (about 1 ulp); below ln(FLT_MIN) it flushes to 0 (the true value is a denormal), above 88
+// it is +inf (the kernels exponentiate x - max x <= 0), NaN stays NaN. About 15 vector instructions,
+// against Sleef's exp_u10 (Vectorized::exp) at several times that.
+inline Vec<float> vexp(Vec<float> x) {
+  const Vec<float> lo(-87.33654f), hi(88.0f);
+  auto small = x < lo;  // false for NaN
+  auto big = x > hi;
+  Vec<float> xc = at::vec::clamp(x, lo, hi);  // keeps NaN
+  Vec<float> n = (xc * Vec<float>(1.44269504088896341f)).round();
+  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), xc);
+  r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
+  Vec<float> p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec<float>(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec<float>(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec<float>(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec<float>(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec<float>(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + Vec<float>(1.0f));
+  Vectorized<int32_t> bits = at::vec::convert_to_int_of_same_size(n);
+  bits = (bits + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
+  Vec<float> y = p * at::vec::cast<float>(bits);
+  y = Vec<float>::blendv(y, Vec<float>(0.0f), small);
+  return Vec<float>::blendv(y, Vec<float>(std::numeric_limits<float>::infinity()), big);
+}
+
+inline Vec<double> vexp(Vec<double> x) { return x.exp(); }
+
+template <typename T>
+inline Vec<T> vlog(Vec<T> x) {
+  return x.log();
+}
+
+// The vector Ops policy of fastkd/row_math.h's element functions.
+template <typename T>
+struct VecOps {
+  using V = Vec<T>;
+  static V exp(V x) { return vexp(x); }
+  static V log(V x) { return vlog(x); }
+  static V max(V a, V b) { return at::vec::clamp_min(a, b); }
+  static V is_zero(V x) { return x == V(T(0)); }
+  static V less(V a, V b) { return a < b; }
+  static V is_neg_inf(V x) { return x == V(-std::numeric_limits<T>::infinity()); }
+  static V select(V mask, V if_true, V if_false) { return V::blendv(if_false, if_true, mask); }
+};
+
+template <typename T>
+inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// n entries from p (n <= size), the rest -inf: a masked class, which every sum below already handles.
+template <typename T>
+inline Vec<T> load(const T* p, int64_t n) {
+  if (n == Vec<T>::size()) return Vec<T>::loadu(p);
+  return Vec<T>::set(Vec<T>(neg_inf<T>()), Vec<T>::loadu(p, n), n);
+}
+
+// n entries from p, the rest 0.
+template <typename T>
+inline Vec<T> load0(const T* p, int64_t n) {
+  if (n == Vec<T>::size()) return Vec<T>::loadu(p);
+  return Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void store(Vec<T> v, T* p, int64_t n) {
+  if (n == Vec<T>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, n);
+  }
+}
+
+// f(j, n) for each vector of a row of V entries: n = Vec::size() but in the last one.
+template <typename T, typename F>
+inline void for_each_vec(int64_t V, const F& f) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= V; j += W) f(j, W);
+  if (j < V) f(j, V - j);
+}
+
+template <typename T>
+inline T hsum(Vec<T> v) {
+  alignas(64) T a[Vec<T>::size()];
+  v.store(a);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += a[i];
+  return s;
+}
+
+template <typename T>
+inline T hmax(Vec<T> v) {
+  alignas(64) T a[Vec<T>::size()];
+  v.store(a);
+  T m = a[0];
+  for (int64_t i = 1; i < Vec<T>::size(); ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+
+// max over a row (a NaN entry is dropped here and reaches the results through the sums of exps).
+template <typename T>
+inline T row_max(const T* x, int64_t V) {
+  Vec<T> m(neg_inf<T>());
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) { m = at::vec::clamp_min(m, load(x + j, n)); });
+  return hmax(m);
+}
+
+// The first index of the row's maximum, NaN counted as the maximum (torch.argmax's rule).
+template <typename T>
+inline int64_t row_argmax(const T* x, int64_t V) {
+  int64_t best = 0;
+  T m = x[0];
+  if (m != m) return 0;
+  for (int64_t j = 1; j < V; ++j) {
+    T v = x[j];
+    if (v != v) return j;
+    if (v > m) {
+      m = v;
+      best = j;
+    }
+  }
+  return best;
+}
+
+// The row x as acc_t: the row itself when the types agree, else converted into buf.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* x, int64_t V, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+    at::vec::convert(x, buf, V);
+    return buf;
+  }
+}
+
+// Where a row's acc_t result is formed: the output row itself when the types agree, else buf.
+template <typename scalar_t, typename acc_t>
+inline acc_t* acc_out(scalar_t* out, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return out;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void finish_out(const acc_t* buf, scalar_t* out, int64_t V) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buf, out, V);
+}
+
+// A temperature as the kernels read it: one value, or one per row; ``inverse`` is 1/T (NaN for a value
+// that is not finite and > 0), ``value`` T itself (the KD weight's T^2).
+template <typename T>
+struct Temperature {
+  at::Tensor holder;  // the per-row values converted to T, contiguous
+  const T* data = nullptr;
+  T scalar = T(1);
+
+  Temperature(const c10::optional<at::Tensor>& tensor, double value, int64_t n_rows) {
+    if (tensor.has_value() && tensor->defined()) {
+      const at::Tensor& t = *tensor;
+      TORCH_CHECK(t.dim() == 0 || (t.dim() == 1 && t.size(0) == n_rows),
+                  "fastkd_cpu: temperature must be 0-d or hold one value per row (", n_rows, "), got shape ",
+                  t.sizes());
+      if (t.dim() == 0) {
+        scalar = T(t.to(c10::CppTypeToScalarType<T>::value).template item<T>());
+      } else {
+        holder = t.to(c10::CppTypeToScalarType<T>::value).contiguous();
+        data = holder.template data_ptr<T>();
+      }
+    } else {
+      scalar = T(value);
+    }
+  }
+  T value(int64_t row) const { return data ? data[row] : scalar; }
+  T inverse(int64_t row) const { return inverse_temperature(value(row)); }
+};
+
+// Rows per task of at::parallel_for: about 32k entries, at least one row.
+inline int64_t grain(int64_t V, int64_t per_entry = 1) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(V * per_entry, 1));
+}
+
+inline void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "fastkd_cpu: ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "fastkd_cpu: ", name, " must be (N, V), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fastkd_cpu: ", name, " must have a unit column stride, got ",
+              x.strides());
+}
+
+inline void check_target(const c10::optional<at::Tensor>& target, int64_t n_rows) {
+  if (!target.has_value() || !target->defined()) return;
+  TORCH_CHECK(target->dim() == 1 && target->size(0) == n_rows, "fastkd_cpu: target must be (N,) = (", n_rows,
+              ",), got ", target->sizes());
+  TORCH_CHECK(target->scalar_type() == at::kLong || target->scalar_type() == at::kInt,
+              "fastkd_cpu: target must be int64 or int32, got ", target->scalar_type());
+  TORCH_CHECK(target->is_contiguous(), "fastkd_cpu: target must be contiguous");
+}
+
+// The target of row i as int64 (int32 or int64 targets).
+struct Target {
+  const int64_t* i64 = nullptr;
+  const int32_t* i32 = nullptr;
+  explicit Target(const c10::optional<at::Tensor>& t) {
+    if (!t.has_value() || !t->defined()) return;
+    if (t->scalar_type() == at::kLong) {
+      i64 = t->data_ptr<int64_t>();
+    } else {
+      i32 = t->data_ptr<int32_t>();
+    }
+  }
+  bool present() const { return i64 || i32; }
+  int64_t operator[](int64_t i) const { return i64 ? i64[i] : int64_t(i32[i]); }
+};
+
+}  // namespace cpu
+}  // namespace fastkd
+
+// float16, bfloat16, float32, float64 inputs; scalar_t the input's type, acc_t its math type.
+#define FASTKD_DISPATCH(TYPE, NAME, ...)                                                         \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, [&] {                    \
+    using acc_t = at::opmath_type<scalar_t>;                                                     \
+    __VA_ARGS__();                                                                               \
+  })
+
+namespace fastkd {
+namespace cpu {
+
+// The first index of the value m in the row (m its max, found by row_max), or of its first NaN when the
+// row holds one (``has_nan``): torch.argmax's answer, read a vector at a time until found.
+template <typename T>
+inline int64_t first_index_of_max(const T* x, int64_t V, T m, bool has_nan) {
+  if (has_nan) return row_argmax(x, V);
+  using V_ = Vec<T>;
+  constexpr int64_t W = V_::size();
+  const V_ vm(m);
+  const int all = (1 << W) - 1;
+  int64_t j = 0;
+  for (; j + W <= V; j += W) {
+    const int zeros = (V_::loadu(x + j) == vm).zero_mask();
+    if (zeros != all) {
+      for (int64_t l = 0; l < W; ++l) {
+        if (!(zeros & (1 << l))) return j + l;
+      }
+    }
+  }
+  for (; j < V; ++j) {
+    if (x[j] == m) return j;
+  }
+  return 0;
+}
+
+}  // namespace cpu
+}  // namespace fastkd

@@ -1,0 +1,347 @@
+// The dense distillation loss: each row's loss and dL/dx in the forward (kernels/kd_loss.py's module doc
+// for the math), and the backward's in-place scale of that gradient.
+//
+// Per row, in acc_t (float32; float64 for float64 logits):
+//   pass 1  max x, max t_k; sum x (label smoothing); the live entries' moments (logit_norm, two reads)
+//   pass 2  e^(u_s), e^(u_tk) and, for CE at T != 1, e^(x - max x): the only exps (1 + K + [CE, T != 1]
+//           per entry), kept in per-thread row buffers for the passes below
+//   pass 3  the divergence's terms from the buffers (JSD adds a log per entry, an ensemble one more):
+//           the row sum D and g = dD/d(log q) into a buffer
+//   pass 4  dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), written
+//           once in the student's dtype after the -(1 - alpha)(1 - eps) at the target is folded in.
+// The buffers are per thread, a few rows of V each: nothing N x V is allocated beyond the gradient.
+#include "common.h"
+
+namespace fastkd {
+namespace cpu {
+
+template <typename T>
+struct KDParams {
+  int64_t V = 0, K = 1, divergence = FORWARD_KL, norm = NO_NORM, ignore_index = -100;
+  bool has_kd = false, has_ce = false, need_grad = false, scale_grad = true, t_squared = true;
+  T alpha = 0, beta = 0.5, eps = 0, norm_scale = 2, scale = 1;
+};
+
+// (n, mean, M2) of a row's live (not -inf) entries, of x - shift (two reads: the mean, then M2).
+template <typename T>
+inline Moments<T> live_moments(const T* x, int64_t V, T shift) {
+  using V_ = Vec<T>;
+  using Ops = VecOps<T>;
+  const V_ vs(shift), zero(T(0)), one(T(1));
+  V_ n(T(0)), s(T(0));
+  for_each_vec<T>(V, [&](int64_t j, int64_t c) {
+    V_ xj = load(x + j, c);
+    V_ dead = Ops::is_neg_inf(xj);
+    n += Ops::select(dead, zero, one);
+    s += Ops::select(dead, zero, xj - vs);
+  });
+  const T count = hsum(n);
+  const T mean = hsum(s) / std::max(count, T(1));
+  const V_ vmean(mean);
+  V_ m2(T(0));
+  for_each_vec<T>(V, [&](int64_t j, int64_t c) {
+    V_ xj = load(x + j, c);
+    V_ d = xj - vs - vmean;
+    m2 += Ops::select(Ops::is_neg_inf(xj), zero, d * d);
+  });
+  return Moments<T>{count, mean, hsum(m2)};
+}
+
+// One valid row: returns its loss (unscaled) and writes its gradient (scaled as out says) to g.
+// x: the student's row, t[k]: the teachers' rows, all acc_t; work: (3 + K) V entries.
+template <typename T>
+T kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T temperature, T inv_t, T inv_tt,
+         T* g, T* work) {
+  using V_ = Vec<T>;
+  using Ops = VecOps<T>;
+  const int64_t V = P.V, K = P.K;
+  const V_ zero(T(0));
+  T* es = work;          // e^(u_s), then q
+  T* e1 = work + V;      // e^(x - max x) for CE at T != 1
+  T* gb = work + 2 * V;  // g = dD/d(log q)
+  T* tb = work + 3 * V;  // teacher k's e^(u_tk) at tb + k V; p of an ensemble at tb
+
+  const T mx = row_max(x, V);
+  const V_ vmx(mx);
+  T loss = T(0);
+
+  // CE's statistics: its weight (NaN for an unchecked target outside [0, V)), sum x.
+  T w_ce = T(0), sum_x = T(0);
+  if (P.has_ce) {
+    w_ce = (y >= 0 && y < V) ? T(1) - P.alpha : nan_of<T>();
+    if (P.eps > T(0)) {
+      V_ s(T(0));
+      for_each_vec<T>(V, [&](int64_t j, int64_t n) { s += load0(x + j, n); });
+      sum_x = hsum(s);
+    }
+  }
+
+  T k_s = inv_t, r_s = T(1), kappa = T(0), live_n = T(0), mean_y = T(0);
+  T ds = T(0), d1 = T(0);
+  std::vector<T> mt(K), kt(K), dt(K);
+  bool share = false;  // CE's exps are the student's (k_s == 1)
+  if (P.has_kd) {
+    if (P.norm != NO_NORM) {
+      Moments<T> mo = live_moments(x, V, mx);
+      live_n = mo.n;
+      mean_y = mo.mean;
+      norm_factor(mo.n, mo.m2, P.norm, P.norm_scale, &r_s, &kappa);
+      k_s = r_s * inv_t;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      mt[k] = row_max(t[k], V);
+      T r_t = T(1), kappa_t = T(0);
+      if (P.norm != NO_NORM) {
+        Moments<T> mo = live_moments(t[k], V, mt[k]);
+        norm_factor(mo.n, mo.m2, P.norm, P.norm_scale, &r_t, &kappa_t);
+      }
+      kt[k] = r_t * inv_tt;
+    }
+    share = P.has_ce && k_s == T(1);
+    // pass 2: the exps
+    const V_ vks(k_s);
+    V_ s_sum(T(0)), s1_sum(T(0));
+    const bool ce_exps = P.has_ce && !share;
+    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+      V_ z = load(x + j, n) - vmx;
+      V_ e = vexp(z * vks);
+      store(e, es + j, n);
+      s_sum += e;
+      if (ce_exps) {
+        V_ e_1 = vexp(z);
+        store(e_1, e1 + j, n);
+        s1_sum += e_1;
+      }
+    });
+    ds = hsum(s_sum);
+    d1 = share ? ds : hsum(s1_sum);
+    for (int64_t k = 0; k < K; ++k) {
+      const V_ vmt(mt[k]), vkt(kt[k]);
+      T* tk = tb + k * V;
+      V_ t_sum(T(0));
+      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+        V_ e = vexp((load(t[k] + j, n) - vmt) * vkt);
+        store(e, tk + j, n);
+        t_sum += e;
+      });
+      dt[k] = hsum(t_sum);
+    }
+    // pass 3: the divergence's terms
+    const T ln_ds = std::log(ds);
+    const V_ inv_ds(T(1) / ds), vln_ds(ln_ds), vbeta(P.beta), vbeta1(T(1) - P.beta);
+    const V_ vlb(std::log(P.beta)), vlb1(std::log1p(-P.beta));
+    const V_ tiny(std::numeric_limits<T>::min());
+    V_ d_sum(T(0)), g_sum(T(0));
+    if (K == 1) {
+      const V_ inv_dt(T(1) / dt[0]), vmt(mt[0]), vkt(kt[0]);
+      const T ln_dt = std::log(dt[0]);
+      const V_ vln_dt(ln_dt), c(ln_dt - ln_ds);
+      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+        V_ us = (load(x + j, n) - vmx) * vks, ut = (load(t[0] + j, n) - vmt) * vkt;
+        V_ q = V_::loadu(es + j, n) * inv_ds, p = V_::loadu(tb + j, n) * inv_dt;
+        V_ d, gj;
+        divergence_term<Ops>(P.divergence, p, q, ut - vln_dt, us - vln_ds, (ut - us) - c, vbeta, vbeta1, vlb, vlb1,
+                             tiny, &d, &gj);
+        d_sum += d;
+        g_sum += gj;
+        store(gj, gb + j, n);
+        store(q, es + j, n);
+      });
+    } else {
+      std::vector<T> inv_dt(K);
+      for (int64_t k = 0; k < K; ++k) inv_dt[k] = T(1) / (dt[k] * T(K));
+      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+        V_ p(T(0));
+        for (int64_t k = 0; k < K; ++k) p += V_::loadu(tb + k * V + j, n) * V_(inv_dt[k]);
+        V_ us = (load(x + j, n) - vmx) * vks;
+        V_ q = V_::loadu(es + j, n) * inv_ds;
+        V_ lp = vlog(p), lq = us - vln_ds;
+        V_ d, gj;
+        divergence_term<Ops>(P.divergence, p, q, lp, lq, lp - lq, vbeta, vbeta1, vlb, vlb1, tiny, &d, &gj);
+        d_sum += d;
+        g_sum += gj;
+        store(gj, gb + j, n);
+        store(q, es + j, n);
+      });
+    }
+    const T D = hsum(d_sum), G = hsum(g_sum);
+    loss += kd_weight(P.alpha, temperature, P.t_squared) * D;
+    if (P.need_grad) {
+      const T gscale = P.scale_grad ? P.scale : T(1);
+      const V_ vG(G), w(kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale);
+      if (P.norm == NO_NORM) {
+        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+          store(w * (V_::loadu(gb + j, n) - V_::loadu(es + j, n) * vG), g + j, n);
+        });
+      } else {  // through the normalization: e - c W - mean(e - c W), 0 at -inf entries
+        const V_ vmean(mean_y);
+        V_ e_sum(T(0)), ec_sum(T(0)), c_sum(T(0));
+        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+          V_ xj = load(x + j, n);
+          V_ dead = Ops::is_neg_inf(xj);
+          V_ c = Ops::select(dead, zero, xj - vmx - vmean);
+          V_ e = Ops::select(dead, zero, V_::loadu(gb + j, n) - V_::loadu(es + j, n) * vG);
+          store(e, gb + j, n);
+          e_sum += e;
+          ec_sum += e * c;
+          c_sum += c;
+        });
+        const T W = kappa > T(0) ? r_s * hsum(ec_sum) / kappa : T(0);
+        const T e_mean = (hsum(e_sum) - hsum(c_sum) * W) / std::max(live_n, T(1));
+        const V_ vW(W), vem(e_mean);
+        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+          V_ xj = load(x + j, n);
+          V_ dead = Ops::is_neg_inf(xj);
+          V_ c = xj - vmx - vmean;
+          store(Ops::select(dead, zero, w * (V_::loadu(gb + j, n) - c * vW - vem)), g + j, n);
+        });
+      }
+    }
+  } else if (P.has_ce) {
+    V_ s1_sum(T(0));
+    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+      V_ e = vexp(load(x + j, n) - vmx);
+      store(e, e1 + j, n);
+      s1_sum += e;
+    });
+    d1 = hsum(s1_sum);
+    if (P.need_grad) std::fill(g, g + V, T(0));
+  } else if (P.need_grad) {
+    std::fill(g, g + V, T(0));
+  }
+
+  if (P.has_ce) {
+    const T ln_d1 = std::log(d1);
+    const T x_y = (y >= 0 && y < V) ? x[y] : T(0);
+    loss += w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
+    if (P.need_grad) {
+      const T gscale = P.scale_grad ? P.scale : T(1);
+      const T wc = w_ce * gscale;
+      const T* src = share ? work : e1;  // share: es was overwritten by q = e^(u_s) / d_s = s
+      const V_ vw(wc), inv(share ? T(1) : T(1) / d1), off(P.eps / T(V));
+      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+        store(V_::loadu(g + j, n) + vw * (V_::loadu(src + j, n) * inv - off), g + j, n);
+      });
+      if (y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
+    }
+  }
+  return loss;
+}
+
+template <typename scalar_t, typename acc_t>
+void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const at::Tensor& teacher, const Target& target,
+                    const Temperature<acc_t>& temp, const Temperature<acc_t>& ttemp, at::Tensor& rows, at::Tensor& grad) {
+  const int64_t N = student.size(0), V = P.V, K = P.K;
+  const scalar_t* xp = student.data_ptr<scalar_t>();
+  const scalar_t* tp = teacher.data_ptr<scalar_t>();
+  acc_t* rp = rows.data_ptr<acc_t>();
+  scalar_t* gp = P.need_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  const int64_t sx = student.stride(0), st0 = teacher.stride(0), st1 = teacher.stride(1);
+  const int64_t sg = P.need_grad ? grad.stride(0) : 0;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t nbuf = 3 + K;
+  at::parallel_for(0, N, grain(V, 1 + K), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(nbuf * V), xbuf(same ? 0 : V), tbuf(same || !P.has_kd ? 0 : K * V), gbuf(same ? 0 : V);
+    std::vector<const acc_t*> trows(K);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = target.present() ? target[i] : -1;
+      if (target.present() && y == P.ignore_index) {
+        rp[i] = acc_t(0);
+        if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, scalar_t(0));
+        continue;
+      }
+      const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
+      if (P.has_kd) {
+        for (int64_t k = 0; k < K; ++k) trows[k] = as_acc(tp + k * st0 + i * st1, V, tbuf.data() + k * V);
+      }
+      acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
+      const acc_t loss = kd_row(P, x, trows.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i),
+                                P.need_grad ? g : nullptr, work.data());
+      rp[i] = loss * P.scale;
+      if (P.need_grad) finish_out(g, gp + i * sg, V);
+    }
+  });
+}
+
+void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
+                 const c10::optional<at::Tensor>& t, double t_value, const c10::optional<at::Tensor>& tt, double tt_value,
+                 const c10::optional<at::Tensor>& scale_tensor, double scale, bool scale_grad, double alpha, double beta,
+                 double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
+                 bool temperature_squared, at::Tensor rows, at::Tensor grad) {
+  check_rows(student, "student");
+  TORCH_CHECK(teacher.dim() == 3 && teacher.size(1) == student.size(0) && teacher.size(2) == student.size(1) &&
+                  (teacher.size(2) <= 1 || teacher.stride(2) == 1),
+              "fastkd_cpu: teacher must be (K, N, V) with a unit column stride, got ", teacher.sizes());
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "fastkd_cpu: teacher must have the student's dtype");
+  TORCH_CHECK(teacher.device().is_cpu(), "fastkd_cpu: teacher must be a CPU tensor");
+  check_target(target, student.size(0));
+  TORCH_CHECK(divergence >= 0 && divergence <= 2, "fastkd_cpu: divergence must be 0, 1 or 2, got ", divergence);
+  TORCH_CHECK(norm >= 0 && norm <= 2, "fastkd_cpu: norm must be 0, 1 or 2, got ", norm);
+  const int64_t N = student.size(0), V = student.size(1);
+  const bool need_grad = grad.size(0) > 0;
+  const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == N && rows.is_contiguous() && rows.scalar_type() == acc_type,
+              "fastkd_cpu: rows must be a contiguous (N,) tensor of the math dtype ", acc_type);
+  if (need_grad) {
+    check_rows(grad, "grad");
+    TORCH_CHECK(grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type(),
+                "fastkd_cpu: grad must be the student's shape and dtype");
+  }
+  if (student.numel() == 0) {
+    rows.zero_();
+    return;
+  }
+  FASTKD_DISPATCH(student.scalar_type(), "fastkd_cpu::kd_loss_fwd", [&] {
+    KDParams<acc_t> P;
+    P.V = V;
+    P.K = teacher.size(0);
+    P.divergence = divergence;
+    P.norm = norm;
+    P.ignore_index = ignore_index;
+    P.has_kd = alpha > 0;
+    P.has_ce = target.has_value() && target->defined() && alpha < 1;
+    P.need_grad = need_grad;
+    P.scale_grad = scale_grad;
+    P.t_squared = temperature_squared;
+    P.alpha = acc_t(alpha);
+    P.beta = acc_t(beta);
+    P.eps = acc_t(label_smoothing);
+    P.norm_scale = acc_t(norm_scale);
+    P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<float>()) : acc_t(scale);
+    Temperature<acc_t> temp(t, t_value, N), ttemp(tt, tt_value, N);
+    kd_loss_kernel<scalar_t, acc_t>(P, student, teacher, Target(target), temp, ttemp, rows, grad);
+  });
+}
+
+// grad (N, V) *= grad_output (0-d, or (N,) one per row, any stride), in place; rows whose factor is 1 are
+// not touched (nor is anything when a 0-d factor is 1).
+void scale_grad_(at::Tensor grad, const at::Tensor& grad_output) {
+  check_rows(grad, "grad");
+  const int64_t N = grad.size(0), V = grad.size(1);
+  TORCH_CHECK(grad_output.dim() == 0 || (grad_output.dim() == 1 && grad_output.size(0) == N),
+              "fastkd_cpu: grad_output must be 0-d or (N,), got ", grad_output.sizes());
+  if (grad.numel() == 0) return;
+  FASTKD_DISPATCH(grad.scalar_type(), "fastkd_cpu::scale_grad_", [&] {
+    at::Tensor go = grad_output.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* gop = go.data_ptr<acc_t>();
+    const bool one_value = grad_output.dim() == 0;
+    if (one_value && gop[0] == acc_t(1)) return;
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    const int64_t sg = grad.stride(0);
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : V);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t f = one_value ? gop[0] : gop[i];
+        if (f == acc_t(1)) continue;
+        acc_t* row = acc_out(gp + i * sg, buf.data());
+        const acc_t* src = as_acc(gp + i * sg, V, buf.data());
+        const Vec<acc_t> vf(f);
+        for_each_vec<acc_t>(V, [&](int64_t j, int64_t n) { store(Vec<acc_t>::loadu(src + j, n) * vf, row + j, n); });
+        finish_out(row, gp + i * sg, V);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastkd
