@@ -13,8 +13,9 @@ the gradient wrt a rank's shard is those columns of ``kd_loss``'s gradient on th
 The math is the PyTorch backend's closed form (``fastkd.backends.torch_kd``, whose module doc states
 it), with the partial row statistics combined over the group:
 
-Three collectives per call (two when alpha = 0), each on a small (k, N) tensor of row statistics, k <= 8,
-never on logits; then one host sync (the widths, as Python ints):
+Three collectives per call (two when alpha = 0; four for DKD, whose target and non-target masses are
+row sums too), each on a small (k, N) tensor of row statistics, k <= 8, never on logits; then one host
+sync (the widths, as Python ints):
 
   1. all_gather, in float64: this rank's width V_r and, per row, the max of its student and teacher
      logits and, with ``logit_norm``, the (count, mean, M2) of their live entries. Gives the offsets and
@@ -42,7 +43,7 @@ from fastkd import reference
 from fastkd._autograd import first_order
 from fastkd._options import KDOptions, takes_kd_keywords
 from fastkd._validate import check_logits, should_check_values
-from fastkd.backends.torch_kd import Collectives, dense_rows
+from fastkd.backends.torch_kd import Collectives, RowLosses, dense_rows
 
 
 def _world(group) -> tuple[int, int]:
@@ -78,8 +79,9 @@ class _GroupCollectives(Collectives):
 
 
 def _shard_loss(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions, check, group,
-                need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | int]:  # fmt: skip
-    """(row losses (N,) in the compute dtype, zero on ignored rows; dL/d student (N, V_r) of the reduced
+                need_grad: bool) -> tuple[RowLosses, Tensor | None, Tensor | int]:  # fmt: skip
+    """(row losses (N,) and their parts, ``RowLosses``, in the compute dtype, zero on ignored rows; dL/d
+    student (N, V_r) of the reduced
     loss in the compute dtype, or None; the reduction's divisor, a 0-d tensor for "mean", which counts
     the rows not ignored without a host sync) of the rows ``student`` and ``teacher`` (N, V_r) and
     ``target`` (N,) or None. ``options`` come from the checks that read no data; ``check(V)`` runs those
@@ -87,7 +89,6 @@ def _shard_loss(student: Tensor, teacher: Tensor, target: Tensor | None, options
     dtype = reference.compute_dtype(student.dtype)
     rows, grad, valid = dense_rows(student.detach().to(dtype), teacher.detach().to(dtype)[None], target, options,
                                    need_grad, _GroupCollectives(group), check)  # fmt: skip
-    rows = rows.total
     n_rows = student.shape[0]
     divisor = 1
     if options.normalizer is not None:
@@ -117,12 +118,15 @@ class VocabParallelKDFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad.to(student.dtype).reshape(student.shape))
         ctx.per_row = options.reduction == "none"
-        loss = rows.reshape(lead) if ctx.per_row else rows.sum() / divisor
-        return loss  # in the compute dtype, as kd_loss's
+        parts = [part.reshape(lead) if ctx.per_row else part.sum() / divisor for part in rows]
+        if not options.return_parts:
+            return parts[0]  # in the compute dtype, as kd_loss's
+        ctx.mark_non_differentiable(*parts[1:])
+        return tuple(parts)
 
     @staticmethod
     @first_order("vocab_parallel_kd_loss")
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_output: Tensor, *_parts: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * (grad_output[..., None] if ctx.per_row else grad_output), *[None] * 6
 

@@ -80,14 +80,14 @@ def _teacher_rows(teacher: _LinearTeacher | tuple[Tensor, Tensor], start: int, s
 
 
 def _chunk_loss(student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
-                options: KDOptions, impl, need_grad: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """(row losses (C,), dL/d student (C, V) in the student's dtype, or None) of ``sum_rows kd_loss``
-    against teacher logits (C, V) or a sparse teacher (indices, values), the gradient written over
-    ``student``."""
+                options: KDOptions, impl, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """(row losses (C,), their KD and CE parts (2, C) (with ``return_parts``; else (0, C)), dL/d student
+    (C, V) in the student's dtype, or None) of ``sum_rows kd_loss`` against teacher logits (C, V) or a
+    sparse teacher (indices, values), the gradient written over ``student``."""
     sparse = isinstance(teacher, tuple)
     out = kd_forward(impl, student, teacher if sparse else teacher[None], target,
-                     dataclasses.replace(options, reduction="sum"), True, need_grad)  # fmt: skip
-    return out.rows, out.grad if need_grad else None
+                     dataclasses.replace(options, reduction="sum", normalizer=None), True, need_grad)  # fmt: skip
+    return out.rows, out.parts, out.grad if need_grad else None
 
 
 def _accumulate(acc: Tensor, g: Tensor, rhs: Tensor, alpha: float) -> None:
@@ -103,10 +103,10 @@ def _accumulate(acc: Tensor, g: Tensor, rhs: Tensor, alpha: float) -> None:
 
 def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], target: Tensor | None,
           options: KDOptions, impl, chunk_size: int, row_weight: float | Tensor,
-          needs: tuple[bool, bool, bool]) -> tuple[Tensor, list]:  # fmt: skip
-    """Row losses (N,) in the compute dtype and, for the parts of ``student`` (hidden, weight, bias)
-    flagged in ``needs``, the gradients of sum_i w_i loss_i with w = ``row_weight``: a float, or one
-    weight per row."""
+          needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, list]:  # fmt: skip
+    """Row losses (N,) in the compute dtype, their KD and CE parts (2, N) (with ``return_parts``;
+    else (0, N)) and, for the parts of ``student`` (hidden, weight, bias) flagged in ``needs``, the
+    gradients of sum_i w_i loss_i with w = ``row_weight``: a float, or one weight per row."""
     hidden, weight, bias = student
     n_rows, n_classes = hidden.shape[0], weight.shape[0]
     need_grad = any(needs)
@@ -115,15 +115,16 @@ def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], targe
     grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs[1] else None
     grad_b = torch.zeros(n_classes, 1, dtype=acc_dtype, device=weight.device) if needs[2] else None
     per_row = isinstance(row_weight, Tensor)
-    losses = []
+    losses, parts = [], []
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         h = hidden[start:stop]
         logits = F.linear(h, weight, bias)
         teacher_rows = _teacher_rows(teacher, start, stop)
         y = None if target is None else target[start:stop]
-        rows, g = _chunk_loss(logits, teacher_rows, y, options.rows(start, stop), impl, need_grad)
+        rows, chunk_parts, g = _chunk_loss(logits, teacher_rows, y, options.rows(start, stop), impl, need_grad)
         losses.append(rows)
+        parts.append(chunk_parts)
         del teacher_rows
         if not need_grad:
             continue
@@ -143,16 +144,21 @@ def _walk(student: tuple, teacher: _LinearTeacher | tuple[Tensor, Tensor], targe
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None:
         grad_b = grad_b.view(-1).to(weight.dtype)
-    rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=reference.compute_dtype(hidden.dtype))
-    return rows, [grad_h, grad_w, grad_b]
+    compute = reference.compute_dtype(hidden.dtype)
+    rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=compute)
+    parts = torch.cat(parts, -1) if parts else hidden.new_zeros(2 if options.return_parts else 0, 0, dtype=compute)
+    return rows, parts, [grad_h, grad_w, grad_b]
 
 
-def _reduction_scale(reduction: str, target: Tensor | None, ignore_index: int, n_rows: int) -> float:
-    """The factor of the summed row losses: 1 / (rows not ignored) for "mean" (1 when there are none),
-    1 / N for "batchmean" (and for "mean" without a target), else 1. A host sync for "mean"."""
-    if reduction == "mean" and target is not None:
-        return 1.0 / max(int((target != ignore_index).sum()), 1)
-    return 1.0 / max(n_rows, 1) if reduction in ("mean", "batchmean") else 1.0
+def _reduction_scale(options: KDOptions, target: Tensor | None, n_rows: int) -> float:
+    """The factor of the summed row losses: 1 / normalizer when one is given; else 1 / (rows not
+    ignored) for "mean" (1 when there are none), 1 / N for "batchmean" (and for "mean" without a
+    target), else 1. A host sync for "mean" or a tensor normalizer."""
+    if options.normalizer is not None:
+        return 1.0 / float(options.normalizer)
+    if options.reduction == "mean" and target is not None:
+        return 1.0 / max(int((target != options.ignore_index).sum()), 1)
+    return 1.0 / max(n_rows, 1) if options.reduction in ("mean", "batchmean") else 1.0
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -192,20 +198,26 @@ class FusedLinearKDFunction(torch.autograd.Function):
         if options.reduction == "none":  # each row's dL/dloss is known only in the backward
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.teacher = teacher
-            rows, _ = _walk_as(ctx, (hidden, weight, bias), teacher, target, 1.0, (False, False, False))
-            return rows
-        scale = _reduction_scale(options.reduction, target, options.ignore_index, hidden.shape[0])
-        rows, grads = _walk_as(ctx, (hidden, weight, bias), teacher, target, scale, needs)
-        ctx.grads = grads
-        return rows.sum() * scale
+            rows, parts, _ = _walk_as(ctx, (hidden, weight, bias), teacher, target, 1.0, (False, False, False))
+            loss = rows
+        else:
+            scale = _reduction_scale(options, target, hidden.shape[0])
+            rows, parts, grads = _walk_as(ctx, (hidden, weight, bias), teacher, target, scale, needs)
+            ctx.grads = grads
+            loss, parts = rows.sum() * scale, parts.sum(-1) * scale
+        if not options.return_parts:
+            return loss
+        kd, ce = parts
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
 
     @staticmethod
     @first_order("fused_linear_kd_loss")
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_output: Tensor, *_parts: Tensor):
         if ctx.options.reduction == "none":
             *student, target = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
-            _, grads = _walk_as(ctx, tuple(student), ctx.teacher, target, grad_output, needs)
+            _, _, grads = _walk_as(ctx, tuple(student), ctx.teacher, target, grad_output, needs)
         else:
             if ctx.used:
                 raise RuntimeError("fused_linear_kd_loss's backward scales its saved gradients in place and can run "
@@ -216,13 +228,14 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _walk_as(ctx, student: tuple, teacher, target: Tensor | None, row_weight, needs) -> tuple[Tensor, list]:
+def _walk_as(ctx, student: tuple, teacher, target: Tensor | None, row_weight,
+             needs) -> tuple[Tensor, Tensor, list]:  # fmt: skip
     """``_walk`` in the Function's matmul dtype, with autocast off (the casts are explicit), and the
     gradients returned in the dtypes of the tensors given."""
     student, teacher = _cast_all(student, teacher, ctx.matmul_dtype)
     with torch.autocast(student[0].device.type, enabled=False):
-        rows, grads = _walk(student, teacher, target, ctx.options, ctx.impl, ctx.chunk_size, row_weight, needs)
-    return rows, [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        rows, parts, grads = _walk(student, teacher, target, ctx.options, ctx.impl, ctx.chunk_size, row_weight, needs)
+    return rows, parts, [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
 
 
 def _check_linear(hidden: object, weight: object, bias: object, prefix: str,
@@ -346,7 +359,9 @@ def fused_linear_kd_loss(
         student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight, student_bias, teacher,
         None if target is None else target.reshape(-1), options, impl, chunk_size, matmul_dtype,
     )  # fmt: skip
-    return loss.reshape(lead) if options.reduction == "none" else loss
+    if options.reduction != "none":
+        return loss
+    return tuple(part.reshape(lead) for part in loss) if options.return_parts else loss.reshape(lead)
 
 
 class FusedLinearKDLoss(KDKeywords):

@@ -84,6 +84,11 @@ def _cases():
     case("tensor-temperature", lambda: dict(temperature=torch.tensor(2.5, dtype=torch.float64),
                                             temperature_squared=False))  # fmt: skip
     case("ce-only", dict(alpha=0.0, label_smoothing=0.1))
+    for divergence, params in [("skew_kl", dict(skew=0.2)), ("skew_reverse_kl", dict(skew=0.3)), ("tvd", {}),
+                               ("ab", dict(ab_alpha=0.7, ab_beta=0.5)), ("dkd", dict(dkd_alpha=1.0, dkd_beta=4.0))]:
+        case(f"{divergence}-softcap", dict(temperature=2.0, alpha=0.6, divergence=divergence, softcap=4.0,
+                                           logit_norm="standardize", **params))  # fmt: skip
+    case("normalizer", dict(normalizer=7.0, temperature=2.0))
     case("pure-distillation", dict(alpha=1.0, temperature=2.0, logit_norm="standardize"),
          lambda: (_tensor(*LEAD, V), _tensor(*LEAD, V, seed=1), None))  # fmt: skip
     case("all-ignored", dict(logit_norm="spherical"),
@@ -220,7 +225,8 @@ def test_two_ranks_equal_kd_loss(two_ranks, name):
     want_loss, want_grad, in_dtype, split, options = _expected(name)
     assert dtype == str(reference.compute_dtype(in_dtype)) and grad_0.shape[-1] == split and grad_1.shape[-1] == V - split
     assert np.array_equal(loss_0, loss_1, equal_nan=True)  # the same loss on both ranks, bit for bit
-    assert calls_0 == calls_1 == (2 if options.get("alpha", 0.5) == 0 else 3)
+    collectives = 2 if options.get("alpha", 0.5) == 0 else 4 if options.get("divergence") == "dkd" else 3
+    assert calls_0 == calls_1 == collectives
     assert same_0 and same_1  # under no_grad
     loss, grad = torch.from_numpy(loss_0), torch.cat([torch.from_numpy(grad_0), torch.from_numpy(grad_1)], -1)
     assert loss.shape == want_loss.shape and grad.shape == want_grad.shape

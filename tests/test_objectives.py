@@ -218,3 +218,25 @@ def test_combinations_that_do_not_make_sense():
         fastkd.kd_loss(S, None, Y, teacher_topk=(indices, values), divergence="skew_reverse_kl", skew=0.0)
     with pytest.raises(ValueError, match="skew must be in"):
         fastkd.KDLoss(divergence="skew_kl", skew=2.0)  # at construction
+
+
+@pytest.mark.parametrize("objective", ["skew_kl", "tvd", "ab", "dkd"])
+def test_fused_linear_objectives_parts_and_normalizer(backend, objective):
+    """fused_linear_kd_loss takes every objective, soft-capping, return_parts and a normalizer: the same
+    loss, parts and gradients as kd_loss on the materialized logits."""
+    from test_fused_linear import check as linear_check
+    from test_fused_linear import problem
+
+    inputs, target = problem()
+    linear_check(inputs, target, backend, chunk_size=7, temperature=2.0, softcap=5.0, **OBJECTIVES[objective])
+    linear_check(inputs, target, backend, chunk_size=7, normalizer=50.0, **OBJECTIVES[objective])
+    options = dict(OBJECTIVES[objective], temperature=2.0, return_parts=True)
+    hidden, weight = inputs["student_hidden"], inputs["student_weight"]
+    fused = fastkd.fused_linear_kd_loss(hidden, weight, inputs["teacher_hidden"], inputs["teacher_weight"], target,
+                                        student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"],
+                                        chunk_size=7, backend=backend, **options)  # fmt: skip
+    student = F.linear(hidden, weight, inputs["student_bias"])
+    dense = fastkd.kd_loss(student, F.linear(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"]),
+                           target, backend=backend, **options)  # fmt: skip
+    for a, b in zip(fused, dense):
+        assert_close(a, b.double(), torch.float32, scale=max(b.abs().item(), 1.0))
