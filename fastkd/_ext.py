@@ -104,22 +104,24 @@ def _load_jit() -> None:
     root = sources_root()
     folder = cache_dir() / f"{NAME}-{build_key(root)}"
     library = folder / f"{NAME}.so"
-    if not library.is_file():
-        from torch.utils import cpp_extension
+    if library.is_file():
+        try:
+            torch.ops.load_library(str(library))
+            _state["how"], _state["path"] = f"JIT build in {folder}", str(library)
+            return
+        except OSError:  # a library left by an interrupted build: built again below
+            library.unlink()
+    from torch.utils import cpp_extension
 
-        cpp_extension.verify_ninja_availability()  # "Ninja is required to load C++ extensions"
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"fastkd: compiling the C++ CPU kernels (once, cached in {folder}) ...", file=sys.stderr, flush=True)
-        cpp_extension.load(
-            NAME, [str(p) for p in sources(root)], extra_cflags=[*CFLAGS, f"-march={march()}"],
-            extra_ldflags=LDFLAGS, extra_include_paths=[str(root / "include")], build_directory=str(folder),
-            is_python_module=False, verbose=False,
-        )  # fmt: skip
-        _state["how"] = f"JIT build in {folder} (compiled now)"
-    else:
-        torch.ops.load_library(str(library))
-        _state["how"] = f"JIT build in {folder}"
-    _state["path"] = str(library)
+    cpp_extension.verify_ninja_availability()  # "Ninja is required to load C++ extensions"
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"fastkd: compiling the C++ CPU kernels (once, cached in {folder}) ...", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        NAME, [str(p) for p in sources(root)], extra_cflags=[*CFLAGS, f"-march={march()}"],
+        extra_ldflags=LDFLAGS, extra_include_paths=[str(root / "include")], build_directory=str(folder),
+        is_python_module=False, verbose=False,
+    )  # fmt: skip
+    _state["how"], _state["path"] = f"JIT build in {folder} (compiled now)", str(library)
 
 
 def load() -> bool:

@@ -4,25 +4,10 @@
 // which name the backend, wrap them.
 #include <torch/library.h>
 
-#include "common.h"
+#include "ops.h"
 
 namespace fastkd {
 namespace cpu {
-
-void softmax_fwd(const at::Tensor&, const c10::optional<at::Tensor>&, double, bool, at::Tensor, at::Tensor);
-void softmax_bwd(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double, const at::Tensor&, bool,
-                 at::Tensor, at::Tensor, bool, bool);
-void kd_loss_fwd(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                 double, const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double, bool, double,
-                 double, double, double, int64_t, int64_t, int64_t, bool, at::Tensor, at::Tensor);
-void kd_loss_topk_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                      const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
-                      const c10::optional<at::Tensor>&, double, bool, double, double, double, int64_t, int64_t, bool, bool,
-                      at::Tensor, at::Tensor);
-void scale_grad_(at::Tensor, const at::Tensor&);
-void calibration(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&, double, bool, bool, int64_t,
-                 int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor);
-void fidelity(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double, at::Tensor, at::Tensor);
 
 // The instruction set this build's vector code targets, and the threads at::parallel_for uses.
 std::string info() {
@@ -41,11 +26,11 @@ TORCH_LIBRARY(fastkd_cpu, m) {
   m.def("kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, Tensor? t, float t_value, Tensor? tt, "
         "float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, "
         "float label_smoothing, float norm_scale, int ignore_index, int divergence, int norm, "
-        "bool temperature_squared, Tensor(a!) rows, Tensor(b!) grad) -> ()");
+        "bool temperature_squared, bool return_parts, Tensor(a!) rows, Tensor(b!) grad, Tensor(c!) parts) -> ()");
   m.def("kd_loss_topk_fwd(Tensor student, Tensor indices, Tensor values, Tensor? target, Tensor? t, float t_value, "
         "Tensor? tt, float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, "
         "float label_smoothing, int ignore_index, int divergence, bool bucket, bool temperature_squared, "
-        "Tensor(a!) rows, Tensor(b!) grad) -> ()");
+        "bool return_parts, Tensor(a!) rows, Tensor(b!) grad, Tensor(c!) parts) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   m.def("calibration(Tensor logits, Tensor target, int mode, Tensor? t, float t_value, bool probs, bool log_input, "
         "int ignore_index, int n_bins, Tensor(a!) sums, Tensor(b!) bin_count, Tensor(c!) bin_correct, "
@@ -71,11 +56,11 @@ TORCH_LIBRARY_IMPL(fastkd_cpu, Meta, m) {
   m.impl("kd_loss_fwd", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
                            const c10::optional<at::Tensor>&, double, bool, double, double, double, double, int64_t, int64_t,
-                           int64_t, bool, at::Tensor, at::Tensor) {});
+                           int64_t, bool, bool, at::Tensor, at::Tensor, at::Tensor) {});
   m.impl("kd_loss_topk_fwd", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                 const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
                                 const c10::optional<at::Tensor>&, double, bool, double, double, double, int64_t, int64_t,
-                                bool, bool, at::Tensor, at::Tensor) {});
+                                bool, bool, bool, at::Tensor, at::Tensor, at::Tensor) {});
   m.impl("scale_grad_", [](at::Tensor, const at::Tensor&) {});
   m.impl("calibration", [](const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&, double, bool, bool,
                            int64_t, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor) {});

@@ -3,7 +3,7 @@
 // score's sum of p^2 is the sum of the exps squared), or no exp for probabilities at T = 1. The rows'
 // values are kept (N of each, no N x C) and summed in float64 in row order afterwards: the same result
 // on every run and for every thread count.
-#include "common.h"
+#include "ops.h"
 
 namespace fastkd {
 namespace cpu {

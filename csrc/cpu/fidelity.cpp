@@ -3,7 +3,7 @@
 // over both rows (2 exps per entry), KL = E / d_t - (ln d_t - ln d_s), E = sum_j e^(u_tj) (u_tj - u_sj),
 // no buffer. An ensemble: each member's exps kept in a row buffer, then one pass forms p and its log
 // (1 + K exps and 1 log per entry). Row values summed in float64 in row order.
-#include "common.h"
+#include "ops.h"
 
 namespace fastkd {
 namespace cpu {

@@ -10,7 +10,7 @@
 //   pass 4  dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), written
 //           once in the student's dtype after the -(1 - alpha)(1 - eps) at the target is folded in.
 // The buffers are per thread, a few rows of V each: nothing N x V is allocated beyond the gradient.
-#include "common.h"
+#include "ops.h"
 
 namespace fastkd {
 namespace cpu {
@@ -47,11 +47,11 @@ inline Moments<T> live_moments(const T* x, int64_t V, T shift) {
   return Moments<T>{count, mean, hsum(m2)};
 }
 
-// One valid row: returns its loss (unscaled) and writes its gradient (scaled as out says) to g.
-// x: the student's row, t[k]: the teachers' rows, all acc_t; work: (3 + K) V entries.
+// One valid row: its KD part c D and CE part (unscaled; 0 where not computed), and its gradient (scaled
+// as out says) in g. x: the student's row, t[k]: the teachers' rows, all acc_t; work: (3 + K) V entries.
 template <typename T>
-T kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T temperature, T inv_t, T inv_tt,
-         T* g, T* work) {
+void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T temperature, T inv_t, T inv_tt,
+            T* g, T* work, T* kd_part, T* ce_part) {
   using V_ = Vec<T>;
   using Ops = VecOps<T>;
   const int64_t V = P.V, K = P.K;
@@ -63,12 +63,14 @@ T kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T tempe
 
   const T mx = row_max(x, V);
   const V_ vmx(mx);
-  T loss = T(0);
+  *kd_part = T(0);
+  *ce_part = T(0);
+  const bool kd_grad = P.need_grad && P.alpha > T(0);
 
   // CE's statistics: its weight (NaN for an unchecked target outside [0, V)), sum x.
   T w_ce = T(0), sum_x = T(0);
   if (P.has_ce) {
-    w_ce = (y >= 0 && y < V) ? T(1) - P.alpha : nan_of<T>();
+    w_ce = (y >= 0 && y < V) ? T(1) : nan_of<T>();  // an unchecked target outside [0, V): a NaN CE part
     if (P.eps > T(0)) {
       V_ s(T(0));
       for_each_vec<T>(V, [&](int64_t j, int64_t n) { s += load0(x + j, n); });
@@ -165,8 +167,9 @@ T kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T tempe
       });
     }
     const T D = hsum(d_sum), G = hsum(g_sum);
-    loss += kd_weight(P.alpha, temperature, P.t_squared) * D;
-    if (P.need_grad) {
+    *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
+    if (!kd_grad && P.need_grad) std::fill(g, g + V, T(0));
+    if (kd_grad) {
       const T gscale = P.scale_grad ? P.scale : T(1);
       const V_ vG(G), w(kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale);
       if (P.norm == NO_NORM) {
@@ -213,10 +216,10 @@ T kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T tempe
   if (P.has_ce) {
     const T ln_d1 = std::log(d1);
     const T x_y = (y >= 0 && y < V) ? x[y] : T(0);
-    loss += w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
-    if (P.need_grad) {
+    *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
+    if (P.need_grad && P.alpha < T(1)) {
       const T gscale = P.scale_grad ? P.scale : T(1);
-      const T wc = w_ce * gscale;
+      const T wc = w_ce * (T(1) - P.alpha) * gscale;
       const T* src = share ? work : e1;  // share: es was overwritten by q = e^(u_s) / d_s = s
       const V_ vw(wc), inv(share ? T(1) : T(1) / d1), off(P.eps / T(V));
       for_each_vec<T>(V, [&](int64_t j, int64_t n) {
@@ -225,12 +228,12 @@ T kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T tempe
       if (y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
     }
   }
-  return loss;
 }
 
 template <typename scalar_t, typename acc_t>
 void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const at::Tensor& teacher, const Target& target,
-                    const Temperature<acc_t>& temp, const Temperature<acc_t>& ttemp, at::Tensor& rows, at::Tensor& grad) {
+                    const Temperature<acc_t>& temp, const Temperature<acc_t>& ttemp, at::Tensor& rows, at::Tensor& grad,
+                    acc_t* pp) {
   const int64_t N = student.size(0), V = P.V, K = P.K;
   const scalar_t* xp = student.data_ptr<scalar_t>();
   const scalar_t* tp = teacher.data_ptr<scalar_t>();
@@ -247,6 +250,7 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
       const int64_t y = target.present() ? target[i] : -1;
       if (target.present() && y == P.ignore_index) {
         rp[i] = acc_t(0);
+        if (pp) pp[i] = pp[N + i] = acc_t(0);
         if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, scalar_t(0));
         continue;
       }
@@ -255,9 +259,14 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
         for (int64_t k = 0; k < K; ++k) trows[k] = as_acc(tp + k * st0 + i * st1, V, tbuf.data() + k * V);
       }
       acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
-      const acc_t loss = kd_row(P, x, trows.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i),
-                                P.need_grad ? g : nullptr, work.data());
-      rp[i] = loss * P.scale;
+      acc_t kd, ce;
+      kd_row(P, x, trows.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), P.need_grad ? g : nullptr,
+             work.data(), &kd, &ce);
+      rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
+      if (pp) {
+        pp[i] = kd * P.scale;
+        pp[N + i] = ce * P.scale;
+      }
       if (P.need_grad) finish_out(g, gp + i * sg, V);
     }
   });
@@ -267,7 +276,7 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
                  const c10::optional<at::Tensor>& t, double t_value, const c10::optional<at::Tensor>& tt, double tt_value,
                  const c10::optional<at::Tensor>& scale_tensor, double scale, bool scale_grad, double alpha, double beta,
                  double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
-                 bool temperature_squared, at::Tensor rows, at::Tensor grad) {
+                 bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
   check_rows(student, "student");
   TORCH_CHECK(teacher.dim() == 3 && teacher.size(1) == student.size(0) && teacher.size(2) == student.size(1) &&
                   (teacher.size(2) <= 1 || teacher.stride(2) == 1),
@@ -282,6 +291,11 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(rows.dim() == 1 && rows.size(0) == N && rows.is_contiguous() && rows.scalar_type() == acc_type,
               "fastkd_cpu: rows must be a contiguous (N,) tensor of the math dtype ", acc_type);
+  if (return_parts) {
+    TORCH_CHECK(parts.dim() == 2 && parts.size(0) == 2 && parts.size(1) == N && parts.is_contiguous() &&
+                    parts.scalar_type() == acc_type,
+                "fastkd_cpu: parts must be a contiguous (2, N) tensor of the math dtype ", acc_type);
+  }
   if (need_grad) {
     check_rows(grad, "grad");
     TORCH_CHECK(grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type(),
@@ -289,6 +303,7 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
   }
   if (student.numel() == 0) {
     rows.zero_();
+    if (return_parts) parts.zero_();
     return;
   }
   FASTKD_DISPATCH(student.scalar_type(), "fastkd_cpu::kd_loss_fwd", [&] {
@@ -298,8 +313,8 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
     P.divergence = divergence;
     P.norm = norm;
     P.ignore_index = ignore_index;
-    P.has_kd = alpha > 0;
-    P.has_ce = target.has_value() && target->defined() && alpha < 1;
+    P.has_kd = alpha > 0 || return_parts;
+    P.has_ce = target.has_value() && target->defined() && (alpha < 1 || return_parts);
     P.need_grad = need_grad;
     P.scale_grad = scale_grad;
     P.t_squared = temperature_squared;
@@ -307,9 +322,10 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
     P.beta = acc_t(beta);
     P.eps = acc_t(label_smoothing);
     P.norm_scale = acc_t(norm_scale);
-    P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<float>()) : acc_t(scale);
+    P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<double>()) : acc_t(scale);
     Temperature<acc_t> temp(t, t_value, N), ttemp(tt, tt_value, N);
-    kd_loss_kernel<scalar_t, acc_t>(P, student, teacher, Target(target), temp, ttemp, rows, grad);
+    kd_loss_kernel<scalar_t, acc_t>(P, student, teacher, Target(target), temp, ttemp, rows, grad,
+                                    return_parts ? parts.data_ptr<acc_t>() : nullptr);
   });
 }
 

@@ -6,7 +6,7 @@
 //           zeroed in the buffer for one sum, then put back), never taken as 1 - sum_I q
 //   k + 1   the teacher's log-probabilities over I (and the bucket), the divergence over the k + 1 classes
 //   pass 3  dL/dx by the formula of the columns outside I, then the k columns of I set by their own.
-#include "common.h"
+#include "ops.h"
 
 namespace fastkd {
 namespace cpu {
@@ -18,9 +18,10 @@ struct TopkParams {
   T alpha = 0, beta = 0.5, eps = 0, scale = 1;
 };
 
+// One valid row: its KD part c D and CE part (unscaled; 0 where not computed) and its gradient in g.
 template <typename T>
-T topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, int64_t y, T temperature, T inv_t,
-           T inv_tt, T* g, T* work, T* small) {
+void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, int64_t y, T temperature, T inv_t,
+              T inv_tt, T* g, T* work, T* small, T* kd_part, T* ce_part) {
   using V_ = Vec<T>;
   using S = ScalarOps<T>;
   const int64_t V = P.V, k = P.k;
@@ -32,10 +33,13 @@ T topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, i
   T* h = small + 3 * k + 2;      // k + 1: the divergence's h (or, for forward KL, unused)
   const T mx = row_max(x, V);
   const V_ vmx(mx);
-  T loss = T(0);
+  *kd_part = T(0);
+  *ce_part = T(0);
+  const bool kd_grad = P.need_grad && P.alpha > T(0);
+  if (P.need_grad && !kd_grad) std::fill(g, g + V, T(0));
   T w_ce = T(0), sum_x = T(0);
   if (P.has_ce) {
-    w_ce = (y >= 0 && y < V) ? T(1) - P.alpha : nan_of<T>();
+    w_ce = (y >= 0 && y < V) ? T(1) : nan_of<T>();  // an unchecked target outside [0, V): a NaN CE part
     if (P.eps > T(0)) {
       V_ s(T(0));
       for_each_vec<T>(V, [&](int64_t j, int64_t n) { s += load0(x + j, n); });
@@ -69,8 +73,8 @@ T topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, i
   }
   const T gscale = P.scale_grad ? P.scale : T(1);
   if (P.has_kd && !in_range) {  // an unchecked index outside [0, V): a NaN row
-    loss = nan_of<T>();
-    if (P.need_grad) std::fill(g, g + V, nan_of<T>());
+    *kd_part = nan_of<T>();
+    if (kd_grad) std::fill(g, g + V, nan_of<T>());
   } else if (P.has_kd) {
     // the student's mass outside I, summed over those columns
     for (int64_t c = 0; c < k; ++c) {
@@ -117,10 +121,9 @@ T topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, i
         S_sum += q * h[c];
       }
     }
-    const T w_kd = kd_weight(P.alpha, temperature, P.t_squared);
-    loss += w_kd * D;
-    if (P.need_grad) {
-      const T w = w_kd * k_s * gscale;
+    *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
+    if (kd_grad) {
+      const T w = kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale;
       const V_ inv_ds(T(1) / ds);
       if (P.divergence == FORWARD_KL) {  // outside I: q_l (1 - p_R / q_R); at I: q_l - p_l
         const T p_rest = std::exp(lp[k]);
@@ -135,15 +138,13 @@ T topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, i
         for (int64_t c = 0; c < k; ++c) g[idx[c]] = w * f * (es[idx[c]] / ds) * (h[c] - S_sum);
       }
     }
-  } else if (P.need_grad) {
-    std::fill(g, g + V, T(0));
   }
   if (P.has_ce) {
     const T ln_d1 = std::log(d1);
     const T x_y = (y >= 0 && y < V) ? x[y] : T(0);
-    loss += w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
-    if (P.need_grad) {
-      const T wc = w_ce * gscale;
+    *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
+    if (P.need_grad && P.alpha < T(1)) {
+      const T wc = w_ce * (T(1) - P.alpha) * gscale;
       const T* src = share ? es : e1;
       const V_ vw(wc), inv(T(1) / d1), off(P.eps / T(V));
       for_each_vec<T>(V, [&](int64_t j, int64_t n) {
@@ -152,13 +153,12 @@ T topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v, i
       if (y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
     }
   }
-  return loss;
 }
 
 template <typename x_t, typename acc_t>
 void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at::Tensor& indices, const at::Tensor& values,
                  const Target& target, const Temperature<acc_t>& temp, const Temperature<acc_t>& ttemp, at::Tensor& rows,
-                 at::Tensor& grad) {
+                 at::Tensor& grad, acc_t* pp) {
   const int64_t N = student.size(0), V = P.V, k = P.k;
   const x_t* xp = student.data_ptr<x_t>();
   acc_t* rp = rows.data_ptr<acc_t>();
@@ -179,6 +179,7 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
         const int64_t y = target.present() ? target[i] : -1;
         if (target.present() && y == P.ignore_index) {
           rp[i] = acc_t(0);
+        if (pp) pp[i] = pp[N + i] = acc_t(0);
           if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, x_t(0));
           continue;
         }
@@ -190,8 +191,14 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
         auto* grow = P.need_grad ? gp + i * sg : nullptr;
         const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
         acc_t* g = P.need_grad ? acc_out(grow, gbuf.data()) : nullptr;
-        rp[i] = topk_row(P, x, ibuf.data(), vbuf.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), g,
-                         work.data(), small.data()) * P.scale;
+        acc_t kd, ce;
+        topk_row(P, x, ibuf.data(), vbuf.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), g, work.data(),
+                 small.data(), &kd, &ce);
+        rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
+        if (pp) {
+          pp[i] = kd * P.scale;
+          pp[N + i] = ce * P.scale;
+        }
         if (P.need_grad) finish_out(g, grow, V);
       }
     });
@@ -202,7 +209,7 @@ void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, cons
                       const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& t, double t_value,
                       const c10::optional<at::Tensor>& tt, double tt_value, const c10::optional<at::Tensor>& scale_tensor,
                       double scale, bool scale_grad, double alpha, double beta, double label_smoothing, int64_t ignore_index,
-                      int64_t divergence, bool bucket, bool temperature_squared, at::Tensor rows, at::Tensor grad) {
+                      int64_t divergence, bool bucket, bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
   check_rows(student, "student");
   const int64_t N = student.size(0), V = student.size(1);
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == N && values.sizes() == indices.sizes(),
@@ -216,6 +223,11 @@ void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, cons
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(rows.dim() == 1 && rows.size(0) == N && rows.is_contiguous() && rows.scalar_type() == acc_type,
               "fastkd_cpu: rows must be a contiguous (N,) tensor of the math dtype ", acc_type);
+  if (return_parts) {
+    TORCH_CHECK(parts.dim() == 2 && parts.size(0) == 2 && parts.size(1) == N && parts.is_contiguous() &&
+                    parts.scalar_type() == acc_type,
+                "fastkd_cpu: parts must be a contiguous (2, N) tensor of the math dtype ", acc_type);
+  }
   if (need_grad) {
     check_rows(grad, "grad");
     TORCH_CHECK(grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type(),
@@ -223,6 +235,7 @@ void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, cons
   }
   if (student.numel() == 0) {
     rows.zero_();
+    if (return_parts) parts.zero_();
     return;
   }
   FASTKD_DISPATCH(student.scalar_type(), "fastkd_cpu::kd_loss_topk_fwd", [&] {
@@ -232,17 +245,18 @@ void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, cons
     P.divergence = divergence;
     P.ignore_index = ignore_index;
     P.bucket = bucket && P.k < V;
-    P.has_kd = alpha > 0;
-    P.has_ce = target.has_value() && target->defined() && alpha < 1;
+    P.has_kd = alpha > 0 || return_parts;
+    P.has_ce = target.has_value() && target->defined() && (alpha < 1 || return_parts);
     P.need_grad = need_grad;
     P.scale_grad = scale_grad;
     P.t_squared = temperature_squared;
     P.alpha = acc_t(alpha);
     P.beta = acc_t(beta);
     P.eps = acc_t(label_smoothing);
-    P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<float>()) : acc_t(scale);
+    P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<double>()) : acc_t(scale);
     Temperature<acc_t> temp(t, t_value, N), ttemp(tt, tt_value, N);
-    topk_kernel<scalar_t, acc_t>(P, student, indices, values, Target(target), temp, ttemp, rows, grad);
+    topk_kernel<scalar_t, acc_t>(P, student, indices, values, Target(target), temp, ttemp, rows, grad,
+                                 return_parts ? parts.data_ptr<acc_t>() : nullptr);
   });
 }
 

@@ -3,7 +3,7 @@
 // log-softmax writes u - ln d); backward 0 (softmax from y), 1 (log-softmax from y, or from the logits
 // when dL/dT is wanted: p recomputed from the saved row stats, kept in a row buffer between the pass that
 // sums and the pass that writes).
-#include "common.h"
+#include "ops.h"
 
 namespace fastkd {
 namespace cpu {

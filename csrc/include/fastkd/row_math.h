@@ -118,6 +118,12 @@ FASTKD_INLINE T kd_weight(T alpha, T temperature, bool temperature_squared) {
   return alpha * (temperature_squared ? temperature * temperature : T(1));
 }
 
+// A row's loss from its parts: alpha KD + (1 - alpha) CE, without the 0 x inf of a part whose weight is 0.
+template <typename T>
+FASTKD_INLINE T total_loss(T alpha, T kd, T ce) {
+  return alpha == T(1) ? kd : (alpha == T(0) ? ce : alpha * kd + (T(1) - alpha) * ce);
+}
+
 // CE of a row with label smoothing eps, from its max m, the target's logit x_y, ln d (d = sum e^(x - m))
 // and the sum of its logits over V classes: (1 - eps)(-log s_y) + eps mean_j(-log s_j).
 template <typename T>
