@@ -72,10 +72,13 @@ class _LinearTeacher(NamedTuple):
     bias: Tensor | None
 
 
-def _teacher_rows(teacher: _LinearTeacher | tuple[Tensor, Tensor], start: int, stop: int):
-    """The teacher of rows [start, stop): logits (C, V) from its layer, or its entries (indices, values)."""
+def _teacher_rows(teacher: _LinearTeacher | Tensor | tuple[Tensor, Tensor], start: int, stop: int):
+    """The teacher of rows [start, stop): logits (C, V) from its layer or as given, or its entries
+    (indices, values)."""
     if isinstance(teacher, _LinearTeacher):
         return F.linear(teacher.hidden[start:stop], teacher.weight, teacher.bias)
+    if isinstance(teacher, Tensor):
+        return teacher[start:stop]
     return teacher[0][start:stop], teacher[1][start:stop]
 
 
@@ -272,6 +275,7 @@ def fused_linear_kd_loss(
     *,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     values_are: str | None = None,
     tail: str | None = None,
@@ -293,6 +297,8 @@ def fused_linear_kd_loss(
             (V, H_t) and ``teacher_bias`` (V,) in its dtype. No gradient reaches them.
         target: class indices of the leading shape, or None (pure distillation, alpha=1), as in ``kd_loss``.
         student_bias, teacher_bias: (V,) or None.
+        teacher_logits: the teacher's logits (..., V), the student's leading shape, instead of its layer
+            (cached logits; or log-probabilities: the log of a distribution is a teacher's logits).
         teacher_topk, values_are, tail: a sparse teacher (indices, values) (..., k) instead of the
             teacher's layer, as in ``kd_loss`` (offline top-k log-probabilities, say).
         temperature, alpha, divergence, beta, ignore_index, reduction, temperature_squared,
@@ -324,7 +330,21 @@ def fused_linear_kd_loss(
     # The logits' stand-in: their shape, dtype and device, no memory (what the checks read).
     logits = student_hidden.new_zeros((), dtype=_cast(student_hidden, matmul_dtype).dtype).expand(*lead, n_classes)
     options = KDOptions.checked(**kd_options).bind(logits, target, check_values=should_check_values(validate_args))
-    if teacher_topk is None:
+    given = [name for name, value in (("teacher_hidden/teacher_weight", teacher_hidden if teacher_weight is None
+                                                                        else teacher_weight),
+                                      ("teacher_logits", teacher_logits), ("teacher_topk", teacher_topk))
+             if value is not None]  # fmt: skip
+    if len(given) != 1:
+        raise ValueError("pass one teacher, not both: its layer (teacher_hidden and teacher_weight), its "
+                         f"teacher_logits, or a sparse teacher_topk; got {', '.join(given) or 'none'}")  # fmt: skip
+    if teacher_logits is not None:
+        dense_teacher_only(values_are, tail, "teacher_logits")
+        check_logits(teacher_logits, "teacher_logits")
+        if teacher_logits.shape != logits.shape or teacher_logits.device != student_hidden.device:
+            raise ValueError(f"teacher_logits must be the student's logits' shape {tuple(logits.shape)} on "
+                             f"{student_hidden.device}; got {tuple(teacher_logits.shape)} on {teacher_logits.device}")  # fmt: skip
+        teacher = teacher_logits.detach().reshape(-1, n_classes)
+    elif teacher_topk is None:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("pass the teacher's layer (teacher_hidden and teacher_weight) or a sparse teacher_topk")
         dense_teacher_only(values_are, tail, "the teacher's layer")
@@ -341,9 +361,6 @@ def fused_linear_kd_loss(
         teacher = _LinearTeacher(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
                                  None if teacher_bias is None else teacher_bias.detach())  # fmt: skip
     else:
-        if not (teacher_hidden is None and teacher_weight is None and teacher_bias is None):
-            raise ValueError("pass either the teacher's layer (teacher_hidden, teacher_weight) or teacher_topk, "
-                             "not both")  # fmt: skip
         (indices, values), options = check_sparse_teacher(teacher_topk, logits, target, options, values_are, tail,
                                                           validate_args)  # fmt: skip
         k = indices.shape[-1]

@@ -126,8 +126,19 @@ def kd_loss(
         temperature: T > 0: a float, a one-element tensor or a tensor of one value per row. Not
             differentiated (a tensor that requires grad is an error).
         alpha: weight of the KD term in [0, 1]; the CE term gets 1 - alpha.
-        divergence: ``"forward_kl"`` KL(p_t || p_s); ``"reverse_kl"`` KL(p_s || p_t); ``"jsd"``
-            beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s, 0 < beta < 1.
+        divergence: D(p, q) of the teacher's p = p_t and the student's q = p_s:
+            ``"forward_kl"`` KL(p || q); ``"reverse_kl"`` KL(q || p);
+            ``"jsd"`` beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, 0 < beta < 1
+            (TRL's and Liger's beta = 0 and 1 are ``"forward_kl"`` and ``"reverse_kl"``);
+            ``"skew_kl"`` KL(p || skew p + (1 - skew) q) and ``"skew_reverse_kl"`` KL(q || (1 - skew) p +
+            skew q), 0 <= skew < 1 (DistiLLM, Ko et al. 2024; skew 0 is the plain KL);
+            ``"tvd"`` 1/2 sum_j |p_j - q_j|;
+            ``"ab"`` the alpha-beta divergence D_AB^(ab_alpha, ab_beta)(p || q) (ABKD, Wang et al.,
+            ICML 2025; ``reference.ab_divergence``), ab_alpha, ab_beta >= 0, not both 0: (1, 0) is
+            forward KL, (0, 1) reverse KL, and its limits are continuous;
+            ``"dkd"`` Decoupled KD (Zhao et al., CVPR 2022): dkd_alpha TCKD + dkd_beta NCKD, the
+            target-vs-rest binary KL and the KL among the non-target classes (needs a target and a
+            dense teacher; with T^2 as Hinton's, so ``alpha * c * D`` is DKD's loss).
         reduction: ``"mean"``: the sum over the rows divided by the number of rows not ignored (0,
             with zero gradient, when all are); ``"sum"``; ``"batchmean"``: the sum divided by the
             number of rows N, ignored ones included (``F.kl_div``'s divisor, ``input.size(0)``, for
@@ -143,6 +154,19 @@ def kd_loss(
         norm_scale: the norm of spherical logits (default 2); only with ``logit_norm="spherical"``.
         label_smoothing: eps in [0, 1] of the CE term, as in ``F.cross_entropy``: (1 - eps) CE(y) +
             eps mean_j CE(j) (infinite when a class is masked with -inf, as there).
+        skew, ab_alpha, ab_beta, dkd_alpha, dkd_beta: the parameters of ``divergence`` above (defaults
+            0.1; 1 and 0; 1 and 8, mdistiller's).
+        softcap: c > 0 caps student and teacher logits at c tanh(z / c) (Gemma 2's
+            ``final_logit_softcapping``) before anything else, the CE term included; the gradient
+            goes through the tanh; -inf stays masked. None (default): no cap.
+        normalizer: a count (a number or a one-element tensor, > 0) that divides the summed loss in
+            place of the reduction's divisor (not with ``"none"``): pass a gradient-accumulation
+            step's total of counted rows (HF Trainer's ``num_items_in_batch``) and the micro-batches
+            add up to the loss of one batch of them all.
+        return_parts: return (loss, KD part, CE part): the parts c D and CE reduced as the loss
+            (loss = alpha KD + (1 - alpha) CE), both computed whatever alpha (CE needs a target; 0
+            without one), from the same call, not differentiable (for logging: backpropagate the
+            loss).
         inplace_grad: write the gradient into ``student_logits`` (saving N*V memory): the logits are
             overwritten, so use it only when nothing else needs them; they must be viewable as rows
             of unit column stride. Kernels only (the reference ignores it), and eager only: under
