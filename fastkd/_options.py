@@ -67,7 +67,6 @@ KD_PARAMETERS = tuple(
     )
 )
 KD_DEFAULTS = {p.name: p.default for p in KD_PARAMETERS}
-KD_KEYWORDS = tuple(KD_DEFAULTS)
 
 
 def takes_kd_keywords(fn):

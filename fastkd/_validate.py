@@ -63,14 +63,6 @@ def check_classes(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must have at least one class (the last dimension is 0)")
 
 
-def check_keywords(keywords: dict, allowed: tuple[str, ...], caller: str) -> None:
-    """No keyword outside ``allowed``: a ``TypeError`` naming them, as Python's own for a function."""
-    unknown = sorted(set(keywords) - set(allowed))
-    if unknown:
-        raise TypeError(f"{caller} got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
-                        f"{', '.join(allowed)}")  # fmt: skip
-
-
 def check_temperature(
     temperature: object,
     logits: torch.Tensor,

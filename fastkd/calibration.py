@@ -52,6 +52,7 @@ from fastkd._backend import check_backend_name, resolve_backend
 from fastkd._host import unit_column_stride
 from fastkd._validate import (
     check_choice,
+    check_classes,
     check_ignore_index,
     check_int,
     check_logits,
@@ -178,8 +179,7 @@ def _prepare(
     probs = input == "probs"
     if isinstance(target, Tensor) and target.shape == logits.shape:
         logits = binary_as_two_classes(logits.detach(), probs)
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have at least one class (the last dimension is 0)")
+    check_classes(logits)
     check_ignore_index(ignore_index)
     check_values = should_check_values(validate_args)
     check_target(target, logits, ignore_index, check_values=check_values)

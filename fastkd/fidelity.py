@@ -21,6 +21,7 @@ from fastkd._backend import resolve_backend
 from fastkd._host import unit_column_stride
 from fastkd._validate import (
     check_choice,
+    check_classes,
     check_logits,
     check_not_probs,
     check_probs,
@@ -66,8 +67,7 @@ def fidelity(
     ``ValueError``; unchecked, such a row makes the KL NaN.
     """
     check_logits(student_logits, "student_logits")
-    if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits must have at least one class (the last dimension is 0)")
+    check_classes(student_logits, "student_logits")
     n_teachers = check_teacher(teacher_logits, student_logits)
     check_choice(input, INPUTS, "input")
     check_values = should_check_values(validate_args)
