@@ -62,6 +62,7 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   T* tb = work + 3 * V;  // teacher k's e^(u_tk) at tb + k V; p of an ensemble at tb
 
   const T mx = row_max(x, V);
+  const T x_y = (y >= 0 && y < V) ? x[y] : T(0);  // read first: g may be x itself (inplace_grad)
   const V_ vmx(mx);
   *kd_part = T(0);
   *ce_part = T(0);
@@ -215,7 +216,6 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
 
   if (P.has_ce) {
     const T ln_d1 = std::log(d1);
-    const T x_y = (y >= 0 && y < V) ? x[y] : T(0);
     *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
     if (P.need_grad && P.alpha < T(1)) {
       const T gscale = P.scale_grad ? P.scale : T(1);

@@ -32,11 +32,11 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
   T* lp = small + 2 * k + 1;     // k + 1: log p
   T* h = small + 3 * k + 2;      // k + 1: the divergence's h (or, for forward KL, unused)
   const T mx = row_max(x, V);
+  const T x_y = (y >= 0 && y < V) ? x[y] : T(0);  // read first: g may be x itself (inplace_grad)
   const V_ vmx(mx);
   *kd_part = T(0);
   *ce_part = T(0);
   const bool kd_grad = P.need_grad && P.alpha > T(0);
-  if (P.need_grad && !kd_grad) std::fill(g, g + V, T(0));
   T w_ce = T(0), sum_x = T(0);
   if (P.has_ce) {
     w_ce = (y >= 0 && y < V) ? T(1) : nan_of<T>();  // an unchecked target outside [0, V): a NaN CE part
@@ -139,9 +139,9 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
       }
     }
   }
+  if (P.need_grad && !kd_grad) std::fill(g, g + V, T(0));  // after the last read of x (g may be x)
   if (P.has_ce) {
     const T ln_d1 = std::log(d1);
-    const T x_y = (y >= 0 && y < V) ? x[y] : T(0);
     *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
     if (P.need_grad && P.alpha < T(1)) {
       const T wc = w_ce * (T(1) - P.alpha) * gscale;
