@@ -4,6 +4,9 @@ Supported versions: the oldest ones below are what CI installs (the Makefile's p
 tests/test_package.py); the newest tested ones are in the README's Install section.
 """
 
+import os
+import subprocess
+
 from setuptools import setup
 
 # The oldest torch and Triton releases the package admits, each tested (CI: torch 2.13.0, triton 3.6.0).
@@ -17,10 +20,48 @@ DEMO = ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"]
 # torchmetrics is the tests' independent oracle for the calibration error; the tests also run the demo.
 # The trainer integrations (examples/, fastkd.fsdp) are tested against Hugging Face's and TRL's releases.
 INTEGRATIONS = ["transformers>=5.24", "accelerate>=1.15", "trl>=1.16"]
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.3", "torchmetrics>=1.0", TRITON, *DEMO,
+# ninja builds the C++ CPU kernels on first use (fastkd/_ext.py): `make test` and CI build them from a clean clone.
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.3", "torchmetrics>=1.0", "ninja", TRITON, *DEMO,
         *INTEGRATIONS]  # fmt: skip
 
 URL = "https://github.com/fastkd/fastkd"
+
+# The C++ CPU kernels (csrc/) ship as sources, which fastkd/_ext.py compiles on first use (JIT, ninja,
+# -march=native) and caches. FASTKD_BUILD_EXT=1 builds them here instead, ahead of time, as the module
+# fastkd._C_cpu_<isa> (torch must be importable: pip install --no-build-isolation). FASTKD_CPU_ARCH
+# picks the -march (default native: the machine that builds is the one that runs; x86-64-v3 or x86-64
+# for a wheel that moves); <isa> (avx512, avx2, default) is what that -march enables, and the loader
+# imports only a build whose instruction set the running CPU has.
+CSRC_DATA = ["README.md", "include/fastkd/*.h", "cpu/*.h", "cpu/*.cpp"]
+
+
+def _isa(compiler: str, march: str) -> str:
+    """The instruction set a -march gives ATen's vector code: avx512, avx2 or default (common.h's rule)."""
+    macros = subprocess.run([compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
+    if {"__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512DQ__"} <= defined:
+        return "avx512"
+    return "avx2" if {"__AVX2__", "__FMA__"} <= defined else "default"
+
+
+def _extensions() -> dict:
+    if os.environ.get("FASTKD_BUILD_EXT", "0") != "1":
+        return {}
+    from glob import glob
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    march = os.environ.get("FASTKD_CPU_ARCH", "native")
+    name = f"_C_cpu_{_isa(os.environ.get('CXX', 'c++'), march)}"
+    extension = CppExtension(
+        f"fastkd.{name}", sorted(glob("csrc/cpu/*.cpp")), include_dirs=[os.path.abspath("csrc/include")],
+        define_macros=[("FASTKD_PYTHON_MODULE", name)],
+        extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-Wno-unused-parameter"],
+        extra_link_args=["-fopenmp"],
+    )  # fmt: skip
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
 
 setup(
     name="fastkd",
@@ -33,10 +74,12 @@ setup(
     url=URL,
     project_urls={"Source": URL, "Issues": f"{URL}/issues"},
     python_requires=">=3.10",
-    packages=["fastkd", "fastkd.backends", "fastkd.demo", "fastkd.kernels"],
-    package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
+    packages=["fastkd", "fastkd.backends", "fastkd.demo", "fastkd.kernels", "fastkd.csrc"],
+    package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels", "fastkd.csrc": "csrc"},
+    package_data={"fastkd.csrc": CSRC_DATA},
     install_requires=[TORCH],
     # No `bench` extra: the benchmark suite (benchmarks/) runs from a clone, where it writes its results.
     extras_require={"triton": [TRITON], "demo": DEMO, "test": TEST},
     entry_points={"console_scripts": ["fastkd = fastkd.__main__:main"]},
+    **_extensions(),
 )
