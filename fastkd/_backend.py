@@ -11,7 +11,11 @@ module; the ops call ``impl.<op>`` and compare no names. Registered here:
   ``"triton"``  the Triton kernels (``fastkd.backends.triton`` over ``fastkd.kernels``): CUDA tensors of
                 float16, bfloat16 or float32, or CPU tensors when Triton's interpreter is on
                 (``TRITON_INTERPRET=1`` set before ``fastkd.kernels`` is first imported), which is how the
-                tests run the kernels without a GPU.
+                tests run the kernels without a GPU;
+  ``"cuda"``    experimental: the CUDA C++ kernels (``fastkd.backends.cuda`` over csrc/cuda/, built by
+                ``fastkd._cuda_ext``): CUDA tensors of float16, bfloat16 or float32, on request only
+                (``"auto"`` never picks it until a GPU run has validated it); what its kernels do not
+                cover it hands to the Triton backend (PyTorch without triton).
 
 ``"auto"`` (the default) takes the first registered backend whose ``auto`` accepts the tensor: the C++
 kernels for CPU tensors (when the extension is available), Triton for the CUDA tensors it supports, else
@@ -130,6 +134,25 @@ def _auto_cpu(logits: torch.Tensor) -> bool:
 # The C++ CPU kernels (csrc/, fastkd.backends.cpu): first in "auto"'s order for CPU tensors, where the
 # extension builds (fastkd._ext); PyTorch otherwise.
 register_backend(Backend("cpu", "fastkd.backends.cpu", _check_cpu, _auto_cpu), first=True)
+
+
+def _check_cuda(logits: torch.Tensor) -> None:
+    from fastkd import _cuda_ext
+
+    if logits.device.type != "cuda":
+        why = _cuda_ext.unavailable_reason()
+        raise ValueError(
+            f"backend='cuda' (experimental) runs CUDA tensors, but logits are on {logits.device}"
+            + (f"; CUDA is not available here: {why}" if why else "")
+        )
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend='cuda' runs float16, bfloat16 and float32 logits, got {logits.dtype}")
+    if not _cuda_ext.load():
+        raise RuntimeError(f"backend='cuda' needs the CUDA extension, which did not build or load: {_cuda_ext.error()}")
+
+
+# The CUDA C++ kernels (csrc/cuda/, fastkd.backends.cuda): experimental, opt-in; "auto" never picks them.
+register_backend(Backend("cuda", "fastkd.backends.cuda", _check_cuda, auto=lambda x: False))
 
 
 def check_backend_name(value: object, source: str = "backend") -> str:
