@@ -28,3 +28,14 @@ float16/bfloat16/float32 inputs (float64 for float64, where the backend takes it
     student (N, C), teacher (K, N, C): (rows whose top-1 classes agree, int64 0-d; sum of the rows'
     KL(p || q), float64 0-d).
 """
+
+KERNEL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def kernels_cover(options) -> bool:
+    """Whether the fused kernels (C++ and Triton) implement these KD options. Issue 18's objectives
+    (skew KL and skew reverse KL, TVD, the alpha-beta divergence, DKD) and logit soft-capping are not
+    in them yet: a kernel backend runs the PyTorch backend's closed form for them (one read of each
+    tensor per pass in PyTorch ops, loss and gradient written into the same outputs)."""
+    return options.divergence in KERNEL_DIVERGENCES and options.softcap is None
+

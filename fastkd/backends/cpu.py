@@ -16,6 +16,7 @@ from torch import Tensor
 from fastkd import _ext
 from fastkd._host import KDOutputs
 from fastkd._options import KDOptions
+from fastkd.backends import kernels_cover
 from fastkd.backends import torch as torch_backend
 
 NAME = "cpu"
@@ -47,16 +48,9 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
                      empty.float() if dt is None else dt, dx is not None, dt is not None)  # fmt: skip
 
 
-def _in_kernel(options: KDOptions) -> bool:
-    """Whether the C++ kernels implement these options; the objectives of issue 18 (skew KL and skew
-    reverse KL, TVD, the alpha-beta divergence, DKD, logit soft-capping) run the PyTorch backend's closed
-    form until they do."""
-    return options.divergence in DIVERGENCES and options.softcap is None
-
-
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
-    if not _in_kernel(options):
+    if not kernels_cover(options):
         return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     _ops.kd_loss_fwd(
         student, teacher, target, *_split(options.temperature), *_split(options.teacher_temperature),
@@ -68,7 +62,7 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
-    if not _in_kernel(options):
+    if not kernels_cover(options):
         return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     _ops.kd_loss_topk_fwd(
         student, indices, values, target, *_split(options.temperature), *_split(options.teacher_temperature),
