@@ -29,13 +29,9 @@ float16/bfloat16/float32 inputs (float64 for float64, where the backend takes it
     KL(p || q), float64 0-d).
 """
 
-KERNEL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
-
-def kernels_cover(options) -> bool:
-    """Whether the fused kernels (C++ and Triton) implement these KD options. Issue 18's objectives
-    (skew KL and skew reverse KL, TVD, the alpha-beta divergence, DKD) and logit soft-capping are not
-    in them yet: a kernel backend runs the PyTorch backend's closed form for them (one read of each
-    tensor per pass in PyTorch ops, loss and gradient written into the same outputs)."""
-    return options.divergence in KERNEL_DIVERGENCES and options.softcap is None
-
+def kernels_cover(options, divergences) -> bool:
+    """Whether a kernel that implements ``divergences`` (names) runs these KD options. What a kernel
+    backend's kernels do not implement yet (DKD and logit soft-capping everywhere; the Triton kernels:
+    issue 18's divergences, skew KL, skew reverse KL, TVD and alpha-beta, too) runs the PyTorch
+    backend's closed form from that backend (loss and gradient written into the same outputs)."""
+    return options.divergence in divergences and options.softcap is None

@@ -66,7 +66,7 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
 
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options) or options.return_parts:  # the kernels do not write the parts yet
+    if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:  # the kernels do not write the parts yet
         return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     n_rows, n_cols = student.shape
     if student.numel() == 0:
@@ -108,7 +108,7 @@ def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options) or options.return_parts:
+    if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:
         return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     n_rows, n_cols = student.shape
     if student.numel() == 0:
