@@ -11,6 +11,8 @@
 //           g = dD/d(log q) into a buffer
 //   pass 4  dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), written
 //           once in the student's dtype after the -(1 - alpha)(1 - eps) at the target is folded in.
+// With soft-capping, each row is first capped into a buffer (a tanh per entry of student and teachers) and
+// the gradient multiplied by the cap's derivative at the end.
 // The buffers are per thread, a few rows of V each: nothing N x V is allocated beyond the gradient.
 #include "ops.h"
 
@@ -22,7 +24,31 @@ struct KDParams {
   int64_t V = 0, K = 1, divergence = FORWARD_KL, norm = NO_NORM, ignore_index = -100;
   bool has_kd = false, has_ce = false, need_grad = false, scale_grad = true, t_squared = true;
   T alpha = 0, beta = 0.5, skew = 0.1, ab_alpha = 1, ab_beta = 0, eps = 0, norm_scale = 2, scale = 1;
+  T softcap = 0;  // > 0: logits soft-capped to cap tanh(z / cap) before everything (CE included)
 };
+
+// z -> cap tanh(z / cap) in place (-inf kept: a masked class stays masked; NaN stays NaN).
+template <typename T>
+inline void soft_cap(T* z, int64_t V, T cap) {
+  using V_ = Vec<T>;
+  const V_ vcap(cap), inv(T(1) / cap);
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    V_ zj = V_::loadu(z + j, n);
+    store(VecOps<T>::select(VecOps<T>::is_neg_inf(zj), zj, vcap * (zj * inv).tanh()), z + j, n);
+  });
+}
+
+// dL/dz = dL/dz' (1 - (z' / cap)^2) from the capped row z', in place in g (0 at a masked class).
+template <typename T>
+inline void soft_cap_grad(T* g, const T* capped, int64_t V, T cap) {
+  using V_ = Vec<T>;
+  const V_ inv(T(1) / cap), one(T(1)), zero(T(0));
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    V_ c = V_::loadu(capped + j, n);
+    V_ r = c * inv;
+    store(VecOps<T>::select(VecOps<T>::is_neg_inf(c), zero, V_::loadu(g + j, n) * (one - r * r)), g + j, n);
+  });
+}
 
 // (n, mean, M2) of a row's live (not -inf) entries, of x - shift (two reads: the mean, then M2).
 template <typename T>
@@ -245,7 +271,9 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const int64_t nbuf = 3 + K;
   at::parallel_for(0, N, grain(V, 1 + K), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> work(nbuf * V), xbuf(same ? 0 : V), tbuf(same || !P.has_kd ? 0 : K * V), gbuf(same ? 0 : V);
+    const bool cap = P.softcap > acc_t(0);  // the capped rows live in xbuf and tbuf
+    std::vector<acc_t> work(nbuf * V), xbuf(same && !cap ? 0 : V), tbuf((same && !cap) || !P.has_kd ? 0 : K * V),
+        gbuf(same ? 0 : V);
     std::vector<const acc_t*> trows(K);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = target.present() ? target[i] : -1;
@@ -256,8 +284,21 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
         continue;
       }
       const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
+      if (cap) {
+        if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
+        soft_cap(xbuf.data(), V, P.softcap);
+        x = xbuf.data();
+      }
       if (P.has_kd) {
-        for (int64_t k = 0; k < K; ++k) trows[k] = as_acc(tp + k * st0 + i * st1, V, tbuf.data() + k * V);
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t* buf = tbuf.data() + k * V;
+          trows[k] = as_acc(tp + k * st0 + i * st1, V, buf);
+          if (cap) {
+            if (trows[k] != buf) std::copy(trows[k], trows[k] + V, buf);
+            soft_cap(buf, V, P.softcap);
+            trows[k] = buf;
+          }
+        }
       }
       acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
       acc_t kd, ce;
@@ -268,7 +309,10 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
         pp[i] = kd * P.scale;
         pp[N + i] = ce * P.scale;
       }
-      if (P.need_grad) finish_out(g, gp + i * sg, V);
+      if (P.need_grad) {
+        if (cap) soft_cap_grad(g, x, V, P.softcap);
+        finish_out(g, gp + i * sg, V);
+      }
     }
   });
 }
@@ -276,7 +320,7 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
 void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
                  const c10::optional<at::Tensor>& t, double t_value, const c10::optional<at::Tensor>& tt, double tt_value,
                  const c10::optional<at::Tensor>& scale_tensor, double scale, bool scale_grad, double alpha, double beta,
-                 double skew, double ab_alpha, double ab_beta, double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
+                 double skew, double ab_alpha, double ab_beta, double softcap, double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
                  bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
   check_rows(student, "student");
   TORCH_CHECK(teacher.dim() == 3 && teacher.size(1) == student.size(0) && teacher.size(2) == student.size(1) &&
@@ -325,6 +369,7 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
     P.skew = acc_t(skew);
     P.ab_alpha = acc_t(ab_alpha);
     P.ab_beta = acc_t(ab_beta);
+    P.softcap = acc_t(softcap);
     P.eps = acc_t(label_smoothing);
     P.norm_scale = acc_t(norm_scale);
     P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<double>()) : acc_t(scale);

@@ -29,9 +29,9 @@ float16/bfloat16/float32 inputs (float64 for float64, where the backend takes it
     KL(p || q), float64 0-d).
 """
 
-def kernels_cover(options, divergences) -> bool:
-    """Whether a kernel that implements ``divergences`` (names) runs these KD options. What a kernel
-    backend's kernels do not implement yet (DKD and logit soft-capping everywhere; the Triton kernels:
-    issue 18's divergences, skew KL, skew reverse KL, TVD and alpha-beta, too) runs the PyTorch
-    backend's closed form from that backend (loss and gradient written into the same outputs)."""
-    return options.divergence in divergences and options.softcap is None
+def kernels_cover(options, divergences, softcap: bool = False) -> bool:
+    """Whether a kernel that implements ``divergences`` (names), and logit soft-capping when ``softcap``,
+    runs these KD options. What a kernel backend's kernels do not implement yet (DKD everywhere; on
+    Triton soft-capping and issue 18's divergences: skew KL, skew reverse KL, TVD and alpha-beta) runs the
+    PyTorch backend's closed form from that backend (loss and gradient written into the same outputs)."""
+    return options.divergence in divergences and (softcap or options.softcap is None)

@@ -51,14 +51,13 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
 
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options, DIVERGENCES):
+    if not kernels_cover(options, DIVERGENCES, softcap=True):
         return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     _ops.kd_loss_fwd(
         student, teacher, target, *_split(options.temperature), *_split(options.teacher_temperature),
         out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.skew,
-        options.ab_alpha, options.ab_beta, options.label_smoothing, options.norm_scale, options.ignore_index,
-        DIVERGENCES[options.divergence], NORMS[options.logit_norm],
-        options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
+        options.ab_alpha, options.ab_beta, options.softcap or 0.0, options.label_smoothing, options.norm_scale,
+        options.ignore_index, DIVERGENCES[options.divergence], NORMS[options.logit_norm], options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
     )  # fmt: skip
 
 
