@@ -148,7 +148,9 @@ def _check_cuda(logits: torch.Tensor) -> None:
     if logits.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='cuda' runs float16, bfloat16 and float32 logits, got {logits.dtype}")
     if not _cuda_ext.load():
-        raise RuntimeError(f"backend='cuda' needs the CUDA extension, which did not build or load: {_cuda_ext.error()}")
+        raise RuntimeError(
+            f"backend='cuda' needs the CUDA extension, which did not build or load: {_cuda_ext.error()}"
+        )
 
 
 # The CUDA C++ kernels (csrc/cuda/, fastkd.backends.cuda): experimental, opt-in; "auto" never picks them.

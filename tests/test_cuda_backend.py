@@ -74,6 +74,10 @@ OPTIONS = [
     {"divergence": "jsd", "temperature": 4.0, "teacher_temperature": 2.0, "alpha": 0.9, "beta": 0.3},
     {"divergence": "forward_kl", "temperature": 1.0, "alpha": 0.0},
     {"divergence": "forward_kl", "temperature": 3.0, "alpha": 1.0, "reduction": "sum"},
+    {"divergence": "skew_kl", "temperature": 2.0, "alpha": 0.5, "skew": 0.2},
+    {"divergence": "skew_reverse_kl", "temperature": 2.0, "alpha": 0.5},
+    {"divergence": "tvd", "temperature": 1.0, "alpha": 0.5},
+    {"divergence": "ab", "temperature": 2.0, "alpha": 0.5, "ab_alpha": 0.8, "ab_beta": 0.3},
 ]
 
 

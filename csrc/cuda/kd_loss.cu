@@ -1,6 +1,7 @@
 // The dense distillation loss on CUDA: each row's loss and dL/dx in one kernel (kernels/kd_loss.py's
 // module doc for the math; the per-entry math is csrc/include/fastkd/row_math.h, the functions the CPU
-// kernels run and their tests test). Forward KL, reverse KL and JSD against one teacher, CE with label
+// kernels run and their tests test). Every divergence of row_math.h's divergence_term (forward KL, reverse
+// KL, JSD, skew KL, skew reverse KL, TVD, alpha-beta) against one teacher, CE with label
 // smoothing, student and teacher temperatures (one value or one per row), ignore_index, T^2, the
 // reduction's scale (a float or a 0-d device tensor), the loss's parts. Math in float32.
 //
@@ -17,15 +18,16 @@
 //   multi-pass   anything else (wider rows, GPUs without clusters): one block per row loops over it
 //                from global memory: pass A online max / sum-exp, pass B the divergence's sums and, for
 //                forward KL or without a KD gradient, the gradient (G = sum g = -1 there); reverse KL
-//                and JSD need G = sum g before any entry's gradient: pass C writes it.
+//                and the others need G = sum g before any entry's gradient: pass C writes it.
 //
 // Exps per entry (ex2.approx after a log2(e) prescale; K = 1 teacher):
 //   one block / cluster   2 (e^(u_s), e^(u_t), kept in registers) + 2 for CE at a student T != 1
-//                         (e^(x - max) in the sum pass and again in the gradient pass); JSD adds 1 log.
+//                         (e^(x - max) in the sum pass and again in the gradient pass); JSD adds 1 log,
+//                         skew KL / skew reverse KL 1 log + 1 exp, alpha-beta up to 4 exps (row_math.h).
 //   multi-pass            4 (2 in pass A, 2 again in pass B) + 2 for CE at T != 1 (+2 in pass C for
-//                         reverse KL / JSD with a gradient).
-// What the kernels do not cover (logit_norm, ensembles of K > 1 teachers, issue 18's objectives,
-// softcap, float64) fastkd/backends/cuda.py runs on another backend.
+//                         the divergences other than forward KL, with a gradient).
+// What the kernels do not cover (logit_norm, ensembles of K > 1 teachers, DKD, softcap, float64)
+// fastkd/backends/cuda.py runs on another backend.
 #include <cfloat>
 
 #include "common.cuh"
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(THREADS) kd_rows_kernel(const KDArgs a, int64_
   float r3[3] = {0.f, 0.f, 0.f};
   if (a.has_kd) {
     const float inv_ds = 1.f / ds, inv_dt = 1.f / dt, ln_ds = logf(ds), ln_dt = logf(dt), c_off = ln_dt - ln_ds;
-    const float beta = a.beta, beta1 = 1.f - a.beta, lb = logf(a.beta), lb1 = log1pf(-a.beta);
+    const auto dc = divergence_constants<float, float>(a.divergence, a.beta, a.skew, a.ab_alpha, a.ab_beta, FLT_MIN);
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
       const int64_t j0 = (int64_t(c) * THREADS + threadIdx.x) * VEC;
@@ -181,8 +183,7 @@ __global__ void __launch_bounds__(THREADS) kd_rows_kernel(const KDArgs a, int64_
         const float us = (to_f(vx.v[e]) - mx) * rs.ks, ut = (to_f(vt.v[e]) - mt) * rs.kt;
         const float q = es[c][e] * inv_ds, p = et[c][e] * inv_dt;
         float d, gj;
-        divergence_term<ScalarOps<float>>(a.divergence, p, q, ut - ln_dt, us - ln_ds, (ut - us) - c_off, beta, beta1,
-                                          lb, lb1, FLT_MIN, &d, &gj);
+        divergence_term<ScalarOps<float>>(dc, p, q, ut - ln_dt, us - ln_ds, (ut - us) - c_off, &d, &gj);
         r3[0] += d;
         r3[1] += gj;
         es[c][e] = q;
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(THREADS) kd_rows_multipass_kernel(const KDArgs
   const GradWeights gw = grad_weights(a, rs.temperature, rs.ks, y_ok, scale);
   const float inv_ds = 1.f / dss, inv_dt = 1.f / dts, ln_ds = logf(dss), ln_dt = logf(dts), c_off = ln_dt - ln_ds;
   const float inv_d1 = 1.f / d1s;
-  const float beta = a.beta, beta1 = 1.f - a.beta, lb = logf(a.beta), lb1 = log1pf(-a.beta);
+  const auto dc = divergence_constants<float, float>(a.divergence, a.beta, a.skew, a.ab_alpha, a.ab_beta, FLT_MIN);
   // the gradient at entry j from q_j, g_j and G
   auto grad_at = [&](int64_t j, float xv, float q, float gj, float G) {
     float gv = gw.kd ? gw.w * (gj - q * G) : 0.f;
@@ -294,8 +295,7 @@ __global__ void __launch_bounds__(THREADS) kd_rows_multipass_kernel(const KDArgs
     const float us = (xv - mx) * rs.ks, ut = (tv - mtt) * rs.kt;
     *q = exp2_fast(us * LOG2E) * inv_ds;
     const float p = exp2_fast(ut * LOG2E) * inv_dt;
-    divergence_term<ScalarOps<float>>(a.divergence, p, *q, ut - ln_dt, us - ln_ds, (ut - us) - c_off, beta, beta1, lb,
-                                      lb1, FLT_MIN, d, gj);
+    divergence_term<ScalarOps<float>>(dc, p, *q, ut - ln_dt, us - ln_ds, (ut - us) - c_off, d, gj);
   };
 
   // pass B: D and G; the gradient too where G is known before the pass (forward KL: G = -sum p = -1)
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(THREADS) kd_rows_multipass_kernel(const KDArgs
   const float D = r3[0], G = r3[1];
   if (writer) write_loss(a, i, rs.temperature, D, mx, x_y, d1s, sum_x, y_ok, scale);
 
-  // pass C: the gradient of reverse KL and JSD, which needs G
+  // pass C: the gradient of the other divergences, which needs G
   if (g && !fused) {
     for_each_pair(x, t, V, [&](int64_t j, float xv, float tv) {
       float q, d, gj;

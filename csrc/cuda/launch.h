@@ -26,6 +26,8 @@ struct KDArgs {
   const float* scale_ptr = nullptr;  // 0-d float32 scale on the device, or nullptr (then ``scale``)
   int64_t N = 0, V = 0, sx = 0, st = 0, sg = 0, t_stride = 0, tt_stride = 0, ignore_index = -100;
   float t_value = 1.f, tt_value = 1.f, scale = 1.f, alpha = 0.5f, beta = 0.5f, eps = 0.f;
+  float skew = 0.1f, ab_alpha = 1.f, ab_beta = 0.f;  // skew KL / skew reverse KL's w; the alpha-beta divergence's a, b
+  // divergence: row_math.h's Divergence (forward KL, reverse KL, JSD, skew KL, skew reverse KL, TVD, alpha-beta)
   int dtype = BF16, divergence = 0;
   bool target_int32 = false, has_kd = true, has_ce = false, need_grad = false, scale_grad = true, t_squared = true;
 };

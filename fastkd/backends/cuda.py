@@ -3,7 +3,8 @@
 
 What runs in the CUDA kernels (CUDA tensors of float16, bfloat16, float32; math in float32):
 
-- ``kd_loss_forward``: forward KL, reverse KL and JSD against one teacher, CE with label smoothing,
+- ``kd_loss_forward``: forward KL, reverse KL, JSD, skew KL, skew reverse KL, TVD and the alpha-beta
+  divergence against one teacher, CE with label smoothing,
   temperatures (a float, or a tensor of one value or one per row), ignore_index, T^2, the reduction's
   scale, the loss's parts. Rows of at most 16384 in one block, up to 16 x 16384 in a thread-block
   cluster on sm_90+, wider rows (or GPUs without clusters) in a multi-pass kernel (csrc/cuda/kd_loss.cu).
@@ -12,8 +13,7 @@ What runs in the CUDA kernels (CUDA tensors of float16, bfloat16, float32; math 
   float64 bin sums' order, and so their last bits, may vary between runs).
 
 Delegated, explicitly, to the Triton backend (the PyTorch backend where triton is not installed):
-everything else: ``logit_norm``, ensembles of more than one teacher, issue 18's objectives and
-``softcap``, float64, the sparse teacher's loss (``kd_loss_topk_forward``), the tempered softmax,
+everything else: ``logit_norm``, ensembles of more than one teacher, DKD, ``softcap``, float64, the sparse teacher's loss (``kd_loss_topk_forward``), the tempered softmax,
 ``scale_grad_``, the calibration pass's Newton mode and probability inputs, ``fidelity_pass``.
 """
 
@@ -29,11 +29,20 @@ from fastkd import _cuda_ext
 from fastkd._backend import KERNEL_DTYPES, TRITON_AVAILABLE
 from fastkd._host import KDOutputs
 from fastkd._options import KDOptions
+from fastkd.backends import kernels_cover
 
 NAME = "cuda"
 WORKSPACE_BYTES_PER_ENTRY = 0  # the kernels write the gradient in place (over the student's row when asked)
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+DIVERGENCES = {
+    "forward_kl": 0,
+    "reverse_kl": 1,
+    "jsd": 2,
+    "skew_kl": 3,
+    "skew_reverse_kl": 4,
+    "tvd": 5,
+    "ab": 6,
+}
 PATHS = {"auto": 0, "one_block": 1, "cluster": 2, "multi_pass": 3}  # csrc/cuda/launch.h KDPath
 
 if not _cuda_ext.load():
@@ -54,9 +63,8 @@ def in_kernel(student: Tensor, teacher: Tensor, options: KDOptions) -> bool:
         student.is_cuda
         and student.dtype in KERNEL_DTYPES
         and teacher.shape[0] == 1
-        and options.divergence in DIVERGENCES
+        and kernels_cover(options, DIVERGENCES)  # not DKD, not softcap
         and options.logit_norm is None
-        and options.softcap is None
     )
 
 
@@ -71,8 +79,9 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
         return fallback.kd_loss_forward(student, teacher, target, options, out)
     _ops.kd_loss_fwd(
         student, teacher, target, *_split(options.temperature), *_split(options.teacher_temperature),
-        out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.label_smoothing,
-        options.norm_scale, options.ignore_index, DIVERGENCES[options.divergence], 0,
+        out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.skew, options.ab_alpha,
+        options.ab_beta, 0.0, options.label_smoothing, options.norm_scale, options.ignore_index,
+        DIVERGENCES[options.divergence], 0,
         options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts, PATHS[path],
     )  # fmt: skip
 
