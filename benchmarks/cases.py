@@ -161,11 +161,13 @@ KD_LOSS = Case(
     "kd_loss", f"KD loss: forward KL + CE, forward + backward (T = {T_KD:g}, alpha = {ALPHA})", 3, _kd_inputs,
     {
         "fastkd": _fwd_bwd(lambda x, i: fastkd.kd_loss(x, i["teacher"], i["target"], temperature=T_KD, alpha=ALPHA)),
+        "fastkd-cuda": _fwd_bwd(lambda x, i: fastkd.kd_loss(x, i["teacher"], i["target"], temperature=T_KD, alpha=ALPHA,
+                                                            backend="cuda")),
         "eager": _fwd_bwd(_kd_eager),
         "compiled": _compiled(_kd_eager),
         "liger": _fwd_bwd(_kd_liger),
     },
-    needs_cuda={"liger"},
+    needs_cuda={"liger", "fastkd-cuda"},
     compiled={"compiled"},
 )  # fmt: skip
 
@@ -189,11 +191,13 @@ JSD = Case(
     "jsd", f"JSD (beta = {BETA}), forward + backward", 3, _kd_inputs,
     {
         "fastkd": _fwd_bwd(lambda x, i: fastkd.kd_loss(x, i["teacher"], divergence="jsd", beta=BETA, alpha=1.0)),
+        "fastkd-cuda": _fwd_bwd(lambda x, i: fastkd.kd_loss(x, i["teacher"], divergence="jsd", beta=BETA, alpha=1.0,
+                                                            backend="cuda")),
         "eager": _fwd_bwd(_jsd_eager),
         "compiled": _compiled(_jsd_eager),
         "liger": _fwd_bwd(_jsd_liger),
     },
-    needs_cuda={"liger"},
+    needs_cuda={"liger", "fastkd-cuda"},
     compiled={"compiled"},
 )  # fmt: skip
 
@@ -261,6 +265,11 @@ def _ece_fastkd(inputs):
     return lambda: torch.tensor(fastkd.calibration_stats(inputs["logits"], inputs["target"], N_BINS, validate_args=False).ece())
 
 
+def _ece_fastkd_cuda(inputs):
+    return lambda: torch.tensor(fastkd.calibration_stats(inputs["logits"], inputs["target"], N_BINS, validate_args=False,
+                                                         backend="cuda").ece())  # fmt: skip
+
+
 def _ece_torchmetrics(inputs):
     from torchmetrics.functional.classification import multiclass_calibration_error
 
@@ -286,7 +295,8 @@ def _ece_plain(inputs):
 
 ECE = Case(
     "ece", f"ECE statistics ({N_BINS} bins)", 1, _ece_inputs,
-    {"fastkd": _ece_fastkd, "torchmetrics": _ece_torchmetrics, "plain": _ece_plain},
+    {"fastkd": _ece_fastkd, "fastkd-cuda": _ece_fastkd_cuda, "torchmetrics": _ece_torchmetrics, "plain": _ece_plain},
+    needs_cuda={"fastkd-cuda"},
 )  # fmt: skip
 
 
