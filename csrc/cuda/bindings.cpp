@@ -42,10 +42,9 @@ const float* temperature(const c10::optional<at::Tensor>& t, const at::Tensor& r
                          int64_t* stride) {
   *stride = 0;
   if (!t.has_value() || !t->defined()) return nullptr;
-  check_same_device(*t, ref, "a temperature tensor");
   TORCH_CHECK(t->dim() == 0 || (t->dim() == 1 && t->size(0) == N),
               "fastkd_cuda: a temperature tensor must be 0-d or (N,), got ", t->sizes());
-  keep = t->to(at::kFloat);
+  keep = t->to(ref.device(), at::kFloat);  // a CPU 0-d temperature is copied over
   *stride = keep.dim() == 0 ? 0 : keep.stride(0);
   return keep.data_ptr<float>();
 }
@@ -120,9 +119,8 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
   a.t_value = float(t_value);
   a.tt_value = float(tt_value);
   if (scale_tensor.has_value() && scale_tensor->defined()) {
-    check_same_device(*scale_tensor, student, "scale_tensor");
     TORCH_CHECK(scale_tensor->numel() == 1, "fastkd_cuda: scale_tensor must hold one value");
-    scale_keep = scale_tensor->to(at::kFloat).contiguous();
+    scale_keep = scale_tensor->to(student.device(), at::kFloat).contiguous();
     a.scale_ptr = scale_keep.data_ptr<float>();
   }
   a.scale = float(scale);

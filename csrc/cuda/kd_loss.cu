@@ -379,6 +379,10 @@ cudaError_t launch_rows(const KDArgs& a, int64_t slice, int csize, cudaStream_t 
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     config.numAttrs = 1;
+    int clusters = 0;  // whether the GPU can place one such cluster at all (its blocks' shared memory)
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    if (err != cudaSuccess) return err;
+    if (clusters == 0) return cudaErrorInvalidClusterSize;
   }
   return cudaLaunchKernelEx(&config, kernel, a, slice);
 }
@@ -422,12 +426,17 @@ cudaError_t launch_cluster(const KDArgs& a, bool forced, cudaStream_t stream) {
 }
 
 template <typename T>
-const char* launch_typed(const KDArgs& a, int path, cudaStream_t stream) {
+const char* launch_typed(const KDArgs& a, int path, bool forced, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (path == ONE_BLOCK) {
     err = launch_one_block<T>(a, stream);
   } else if (path == CLUSTER) {
     err = launch_cluster<T>(a, a.V <= ONE_BLOCK_MAX, stream);
+    if (err != cudaSuccess && !forced) {  // a cluster this GPU cannot place (e.g. 16 blocks): the fallback
+      cudaGetLastError();
+      kd_rows_multipass_kernel<T, MULTI_THREADS><<<unsigned(a.N), MULTI_THREADS, 0, stream>>>(a);
+      err = cudaGetLastError();
+    }
   } else {
     kd_rows_multipass_kernel<T, MULTI_THREADS><<<unsigned(a.N), MULTI_THREADS, 0, stream>>>(a);
     err = cudaGetLastError();
@@ -446,17 +455,18 @@ int kd_loss_path(const KDArgs& a, int path) {
 
 const char* kd_loss_launch(const KDArgs& a, int path, cudaStream_t stream) {
   if (a.N == 0) return nullptr;
+  const bool forced = path != AUTO;
   path = kd_loss_path(a, path);
   if (path == ONE_BLOCK && a.V > ONE_BLOCK_MAX) return "fastkd_cuda: the one-block path holds rows of at most 16384";
   if (path == CLUSTER && (a.V > ONE_BLOCK_MAX * MAX_CLUSTER || !device_has_clusters()))
     return "fastkd_cuda: the cluster path needs sm_90+ and rows of at most 16 x 16384";
   switch (a.dtype) {
     case F32:
-      return launch_typed<float>(a, path, stream);
+      return launch_typed<float>(a, path, forced, stream);
     case F16:
-      return launch_typed<__half>(a, path, stream);
+      return launch_typed<__half>(a, path, forced, stream);
     default:
-      return launch_typed<__nv_bfloat16>(a, path, stream);
+      return launch_typed<__nv_bfloat16>(a, path, forced, stream);
   }
 }
 
