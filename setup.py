@@ -32,7 +32,10 @@ URL = "https://github.com/fastkd/fastkd"
 # picks the -march (default native: the machine that builds is the one that runs; x86-64-v3 or x86-64
 # for a wheel that moves); <isa> (avx512, avx2, default) is what that -march enables, and the loader
 # imports only a build whose instruction set the running CPU has.
-CSRC_DATA = ["README.md", "include/fastkd/*.h", "cpu/*.h", "cpu/*.cpp"]
+# The CUDA kernels (csrc/cuda/, experimental) likewise: JIT on first use of backend="cuda" (fastkd/_cuda_ext.py),
+# or FASTKD_BUILD_CUDA=1 here, as fastkd._C_cuda (nvcc; TORCH_CUDA_ARCH_LIST picks the architectures).
+CSRC_DATA = ["README.md", "include/fastkd/*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cuh", "cuda/*.cu",
+             "cuda/*.cpp"]  # fmt: skip
 
 
 def _isa(compiler: str, march: str) -> str:
@@ -45,9 +48,28 @@ def _isa(compiler: str, march: str) -> str:
     return "avx2" if {"__AVX2__", "__FMA__"} <= defined else "default"
 
 
+def _cuda_extension():
+    from glob import glob
+
+    from torch.utils.cpp_extension import CUDAExtension
+
+    return CUDAExtension(
+        "fastkd._C_cuda", ["csrc/cuda/bindings.cpp", *sorted(glob("csrc/cuda/*.cu"))],
+        include_dirs=[os.path.abspath("csrc/include"), os.path.abspath("csrc/cuda")],
+        define_macros=[("FASTKD_PYTHON_MODULE", "_C_cuda")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )  # fmt: skip
+
+
 def _extensions() -> dict:
+    cuda = os.environ.get("FASTKD_BUILD_CUDA", "0") == "1"
     if os.environ.get("FASTKD_BUILD_EXT", "0") != "1":
-        return {}
+        if not cuda:
+            return {}
+        from torch.utils.cpp_extension import BuildExtension
+
+        build = BuildExtension.with_options(use_ninja=True)
+        return {"ext_modules": [_cuda_extension()], "cmdclass": {"build_ext": build}}
     from glob import glob
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -60,7 +82,8 @@ def _extensions() -> dict:
         extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-Wno-unused-parameter"],
         extra_link_args=["-fopenmp"],
     )  # fmt: skip
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    modules = [extension, _cuda_extension()] if cuda else [extension]
+    return {"ext_modules": modules, "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
 setup(

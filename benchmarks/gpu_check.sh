@@ -2,7 +2,7 @@
 # One run on a GPU machine (H100/H200: torch with CUDA, triton, python 3.12, offline) that checks every
 # backend there and measures the headline shapes, in under 8 minutes of wall time:
 #
-#   1. environment   the GPU, torch, CUDA, triton; what is missing is said (offline: nothing is downloaded)
+#   1. environment   the GPU, nvcc, torch, CUDA, triton; what is missing is said (offline: nothing is downloaded)
 #   2. install       pip install --no-deps -e . where fastkd does not import yet
 #   3. cuda build    the CUDA extension's JIT build (csrc/cuda/, fastkd._cuda_ext), its ptxas report
 #   4. cuda tests    tests/test_cuda_backend.py: every kernel path against float64 (the gpu-marked tests)
@@ -29,7 +29,7 @@ OP_TESTS=(tests/test_kd_loss.py tests/test_calibration.py tests/test_objectives.
 
 # name | budget (s) | command
 STEPS=(
-  "environment|15|nvidia-smi -L; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; for m in pytest hypothesis tqdm matplotlib numpy liger_kernel; do $PY -c \"import \$m\" 2>/dev/null && echo \"\$m: ok\" || echo \"\$m: MISSING\"; done"
+  "environment|15|nvidia-smi -L; (command -v nvcc >/dev/null && nvcc --version | tail -1) || echo 'nvcc: MISSING (the CUDA backend cannot build; CUDA_HOME?)'; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; for m in pytest hypothesis tqdm matplotlib numpy liger_kernel; do $PY -c \"import \$m\" 2>/dev/null && echo \"\$m: ok\" || echo \"\$m: MISSING\"; done"
   "install|25|$PY -c 'import fastkd' 2>/dev/null || $PY -m pip install --no-deps -e ."
   "cuda build|100|FASTKD_EXT_DIR=\${FASTKD_EXT_DIR:-\$HOME/.cache/fastkd/ext} $PY -c 'from fastkd import _cuda_ext as e; ok = e.load(); print(e.info()); raise SystemExit(0 if ok else 1)'"
   "cuda tests|80|$PY -m pytest -q -p no:cacheprovider ${CUDA_TESTS[*]}"
