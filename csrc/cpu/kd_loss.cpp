@@ -24,6 +24,7 @@ struct KDParams {
   int64_t V = 0, K = 1, divergence = FORWARD_KL, norm = NO_NORM, ignore_index = -100;
   bool has_kd = false, has_ce = false, need_grad = false, scale_grad = true, t_squared = true;
   T alpha = 0, beta = 0.5, skew = 0.1, ab_alpha = 1, ab_beta = 0, eps = 0, norm_scale = 2, scale = 1;
+  T dkd_alpha = 1, dkd_beta = 8;  // DKD's weights of TCKD and NCKD
   T softcap = 0;  // > 0: logits soft-capped to cap tanh(z / cap) before everything (CE included)
 };
 
@@ -73,6 +74,39 @@ inline Moments<T> live_moments(const T* x, int64_t V, T shift) {
     m2 += Ops::select(Ops::is_neg_inf(xj), zero, d * d);
   });
   return Moments<T>{count, mean, hsum(m2)};
+}
+
+// The sum of v over [0, V) but the entry at skip (in [0, V)), excluded exactly.
+template <typename T>
+inline T sum_except(const T* v, int64_t V, int64_t skip) {
+  Vec<T> s(T(0));
+  for_each_vec<T>(skip, [&](int64_t j, int64_t n) { s += Vec<T>::loadu(v + j, n); });
+  for_each_vec<T>(V - skip - 1, [&](int64_t j, int64_t n) { s += Vec<T>::loadu(v + skip + 1 + j, n); });
+  return hsum(s);
+}
+
+// Decoupled KD's row sum D, from q (es), p (gb) and p (log p - log q) (cross) of every class; writes into
+// gb its g with dD/du = g - q G (G returned in *G), as every divergence's: w_n (q_j / B - p_j / A) off the
+// target, w_t kappa at it (row_math.h's dkd_row). An unchecked target outside [0, V): NaN.
+template <typename T>
+T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T* gb, const T* cross, T* G) {
+  using V_ = Vec<T>;
+  const int64_t V = P.V;
+  if (y < 0 || y >= V) {
+    std::fill(gb, gb + V, nan_of<T>());
+    *G = nan_of<T>();
+    return nan_of<T>();
+  }
+  T kappa, inv_a, inv_b;
+  const T D = dkd_row(gb[y], es[y], sum_except(gb, V, y), sum_except(es, V, y), sum_except(cross, V, y),
+                      P.dkd_alpha, P.dkd_beta, &kappa, &inv_a, &inv_b);
+  const V_ wa(P.dkd_beta * inv_a), wb(P.dkd_beta * inv_b);
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    store(V_::loadu(es + j, n) * wb - V_::loadu(gb + j, n) * wa, gb + j, n);
+  });
+  gb[y] = P.dkd_alpha * kappa;
+  *G = P.dkd_alpha * kappa;
+  return D;
 }
 
 // One valid row: its KD part c D and CE part (unscaled; 0 where not computed), and its gradient (scaled
@@ -163,6 +197,7 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
     const auto dc = divergence_constants<V_, T>(P.divergence, P.beta, P.skew, P.ab_alpha, P.ab_beta,
                                                 std::numeric_limits<T>::min());
     V_ d_sum(T(0)), g_sum(T(0));
+    const bool dkd = P.divergence == DKD;  // p into gb, its cross terms into tb, for dkd_terms below
     if (K == 1) {
       const V_ inv_dt(T(1) / dt[0]), vmt(mt[0]), vkt(kt[0]);
       const T ln_dt = std::log(dt[0]);
@@ -176,6 +211,7 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
         g_sum += gj;
         store(gj, gb + j, n);
         store(q, es + j, n);
+        if (dkd) store(d, tb + j, n);
       });
     } else {
       std::vector<T> inv_dt(K);
@@ -192,9 +228,11 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
         g_sum += gj;
         store(gj, gb + j, n);
         store(q, es + j, n);
+        if (dkd) store(d, tb + j, n);  // the teachers' exps at j are read above
       });
     }
-    const T D = hsum(d_sum), G = hsum(g_sum);
+    T D = hsum(d_sum), G = hsum(g_sum);
+    if (dkd) D = dkd_terms(P, y, es, gb, tb, &G);
     *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
     if (!kd_grad && P.need_grad) std::fill(g, g + V, T(0));
     if (kd_grad) {
@@ -320,7 +358,8 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
 void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
                  const c10::optional<at::Tensor>& t, double t_value, const c10::optional<at::Tensor>& tt, double tt_value,
                  const c10::optional<at::Tensor>& scale_tensor, double scale, bool scale_grad, double alpha, double beta,
-                 double skew, double ab_alpha, double ab_beta, double softcap, double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
+                 double skew, double ab_alpha, double ab_beta, double dkd_alpha, double dkd_beta, double softcap,
+                 double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
                  bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
   check_rows(student, "student");
   TORCH_CHECK(teacher.dim() == 3 && teacher.size(1) == student.size(0) && teacher.size(2) == student.size(1) &&
@@ -329,7 +368,8 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "fastkd_cpu: teacher must have the student's dtype");
   TORCH_CHECK(teacher.device().is_cpu(), "fastkd_cpu: teacher must be a CPU tensor");
   check_target(target, student.size(0));
-  TORCH_CHECK(divergence >= FORWARD_KL && divergence <= AB, "fastkd_cpu: divergence must be in [0, 6], got ", divergence);
+  TORCH_CHECK(divergence >= FORWARD_KL && divergence <= DKD, "fastkd_cpu: divergence must be in [0, 7], got ", divergence);
+  TORCH_CHECK(divergence != DKD || (target.has_value() && target->defined()), "fastkd_cpu: DKD needs a target");
   TORCH_CHECK(divergence != AB || ab_alpha > 0 || ab_beta > 0, "fastkd_cpu: ab_alpha and ab_beta must not both be 0");
   TORCH_CHECK(norm >= 0 && norm <= 2, "fastkd_cpu: norm must be 0, 1 or 2, got ", norm);
   const int64_t N = student.size(0), V = student.size(1);
@@ -369,6 +409,8 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
     P.skew = acc_t(skew);
     P.ab_alpha = acc_t(ab_alpha);
     P.ab_beta = acc_t(ab_beta);
+    P.dkd_alpha = acc_t(dkd_alpha);
+    P.dkd_beta = acc_t(dkd_beta);
     P.softcap = acc_t(softcap);
     P.eps = acc_t(label_smoothing);
     P.norm_scale = acc_t(norm_scale);

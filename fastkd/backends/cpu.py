@@ -22,7 +22,7 @@ from fastkd.backends import torch as torch_backend
 NAME = "cpu"
 WORKSPACE_BYTES_PER_ENTRY = 0  # per-thread row buffers only: nothing per logit entry beyond the gradient
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6}
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6, "dkd": 7}
 TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # the sparse teacher's kernel
 NORMS = {None: 0, "standardize": 1, "spherical": 2}
 MODES = {"bins": 0, "rows": 1, "newton": 2}
@@ -56,8 +56,9 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
     _ops.kd_loss_fwd(
         student, teacher, target, *_split(options.temperature), *_split(options.teacher_temperature),
         out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.skew,
-        options.ab_alpha, options.ab_beta, options.softcap or 0.0, options.label_smoothing, options.norm_scale,
-        options.ignore_index, DIVERGENCES[options.divergence], NORMS[options.logit_norm], options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
+        options.ab_alpha, options.ab_beta, options.dkd_alpha, options.dkd_beta, options.softcap or 0.0,
+        options.label_smoothing, options.norm_scale, options.ignore_index, DIVERGENCES[options.divergence],
+        NORMS[options.logit_norm], options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
     )  # fmt: skip
 
 

@@ -29,7 +29,9 @@
 namespace fastkd {
 
 // The first three are kernels/kd_math.py's DIVERGENCES (the Triton kernels'); fastkd/backends/cpu.py lists all.
-enum Divergence : int64_t { FORWARD_KL = 0, REVERSE_KL = 1, JSD = 2, SKEW_KL = 3, SKEW_REVERSE_KL = 4, TVD = 5, AB = 6 };
+enum Divergence : int64_t {
+  FORWARD_KL = 0, REVERSE_KL = 1, JSD = 2, SKEW_KL = 3, SKEW_REVERSE_KL = 4, TVD = 5, AB = 6, DKD = 7
+};
 enum Norm : int64_t { NO_NORM = 0, STANDARDIZE = 1, SPHERICAL = 2 };    // kernels/kd_loss.py NORMS
 enum CalibrationMode : int64_t { BINS = 0, ROWS = 1, NEWTON = 2 };      // kernels/calibration.py MODES
 
@@ -197,6 +199,7 @@ FASTKD_INLINE DivergenceConstants<V> divergence_constants(int64_t kind, T beta, 
 //   skew_kl          D_j = p (log p - log m), m = w p + (1 - w) q,                g = -(1 - w) p q / m
 //   skew_reverse_kl  D_j = q (log q - log m), m = (1 - w) p + w q,                g = D_j - w q q / m
 //   tvd              D_j = |p - q| / 2,                                            g = q sign(q - p) / 2
+//   dkd              D_j = p (log p - log q) and g = p: the sums decoupled KD needs (dkd_row below)
 //   ab               D_j = -(p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)) / (a b), g = (q^(a+b) - p^a q^b) / a
 //                    b = 0: (a p^a (log p - log q) - p^a + q^a) / a^2,           g = (q^a - p^a) / a
 //                    a = 0: (b q^b (log q - log p) - q^b + p^b) / b^2,           g = q^b (log q - log p)
@@ -210,6 +213,10 @@ FASTKD_INLINE void divergence_term(const DivergenceConstants<V>& c, V p, V q, V 
     case FORWARD_KL:
       *d = Ops::select(Ops::is_zero(p), zero, p * diff);
       *g = zero - p;
+      return;
+    case DKD:
+      *d = Ops::select(Ops::is_zero(p), zero, p * diff);
+      *g = p;
       return;
     case REVERSE_KL: {
       V qh = Ops::select(Ops::is_zero(q), zero, q * (zero - diff));
@@ -262,6 +269,24 @@ FASTKD_INLINE void divergence_term(const DivergenceConstants<V>& c, V p, V q, V 
       }
     }
   }
+}
+
+// Decoupled KD (Zhao et al., CVPR 2022) of one row from its sums over the classes: a = p_y, b = q_y, A and B
+// the teacher's and student's mass on the other classes (summed, not 1 - p_y), cross = sum_{j != y}
+// p_j (log p_j - log q_j); weights w_t (TCKD) and w_n (NCKD). Returns D = w_t TCKD + w_n NCKD,
+//   TCKD = a log(a / b) + A log(A / B),   NCKD = cross / A - log A + log B  (0 where A = 0),
+// and sets the factors of its gradient dD/du_j = w_t kappa ([j = y] - q_j) + w_n (q_j / B - p_j / A)[j != y]:
+// kappa = A b / B - a, inv_a = 1 / A and inv_b = 1 / B (0 where A = 0: no non-target distribution).
+template <typename T>
+FASTKD_INLINE T dkd_row(T a, T b, T A, T B, T cross, T w_t, T w_n, T* kappa, T* inv_a, T* inv_b) {
+  using S = ScalarOps<T>;
+  const T tckd = kl_term<S>(a, S::log(a), S::log(b)) + kl_term<S>(A, S::log(A), S::log(B));
+  const bool rest = A > T(0);
+  const T nckd = rest ? cross / A - S::log(A) + S::log(B) : T(0);
+  *kappa = (B > T(0) ? A * b / B : T(0)) - a;
+  *inv_a = rest ? T(1) / A : T(0);
+  *inv_b = rest ? T(1) / B : T(0);
+  return w_t * tckd + w_n * nckd;
 }
 
 // Tempered softmax backward, dL/du_j from g_j = dL/dy_j and p_j, with c = sum g p (softmax) or sum g (log).
