@@ -59,7 +59,8 @@ void check_target(const at::Tensor& target, const at::Tensor& ref, int64_t N) {
 void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
                  const c10::optional<at::Tensor>& t, double t_value, const c10::optional<at::Tensor>& tt, double tt_value,
                  const c10::optional<at::Tensor>& scale_tensor, double scale, bool scale_grad, double alpha, double beta,
-                 double skew, double ab_alpha, double ab_beta, double softcap, double label_smoothing, double norm_scale,
+                 double skew, double ab_alpha, double ab_beta, double dkd_alpha, double dkd_beta, double softcap,
+                 double label_smoothing, double norm_scale,
                  int64_t ignore_index, int64_t divergence, int64_t norm, bool temperature_squared, bool return_parts,
                  at::Tensor rows, at::Tensor grad, at::Tensor parts, int64_t path) {
   check_rows(student, "student");
@@ -71,7 +72,8 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
               "fastkd_cuda: teacher must be (1, N, V) with a unit column stride (one teacher), got ", teacher.sizes());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "fastkd_cuda: teacher must have the student's dtype");
   check_same_device(teacher, student, "teacher");
-  TORCH_CHECK(divergence >= 0 && divergence <= 6, "fastkd_cuda: divergence must be 0 to 6, got ", divergence);
+  TORCH_CHECK(divergence >= 0 && divergence <= 6, "fastkd_cuda: divergence must be 0 to 6 (DKD, 7, is not in the "
+              "CUDA kernels), got ", divergence);
   TORCH_CHECK(softcap == 0, "fastkd_cuda: softcap is not in the CUDA kernels (softcap must be 0, got ", softcap, ")");
   TORCH_CHECK(norm == 0, "fastkd_cuda: logit_norm is not in the CUDA kernels (norm must be 0, got ", norm, ")");
   TORCH_CHECK(path >= AUTO && path <= MULTI_PASS, "fastkd_cuda: path must be 0 (auto) to 3, got ", path);
@@ -197,7 +199,8 @@ TORCH_LIBRARY(fastkd_cuda, m) {
   // fastkd_cpu's kd_loss_fwd schema, and ``path`` (launch.h's KDPath: 0 auto) to force a kernel.
   m.def("kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, Tensor? t, float t_value, Tensor? tt, "
         "float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, float skew, "
-        "float ab_alpha, float ab_beta, float softcap, float label_smoothing, float norm_scale, int ignore_index, "
+        "float ab_alpha, float ab_beta, float dkd_alpha, float dkd_beta, float softcap, float label_smoothing, "
+        "float norm_scale, int ignore_index, "
         "int divergence, int norm, bool temperature_squared, bool return_parts, Tensor(a!) rows, Tensor(b!) grad, "
         "Tensor(c!) parts, int path=0) -> ()");
   m.def("kd_loss_path(int V, int path=0) -> int");
@@ -216,7 +219,7 @@ TORCH_LIBRARY_IMPL(fastkd_cuda, Meta, m) {
   m.impl("kd_loss_fwd", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
                            const c10::optional<at::Tensor>&, double, bool, double, double, double, double, double, double,
-                           double, double, int64_t, int64_t, int64_t, bool, bool, at::Tensor, at::Tensor, at::Tensor,
+                           double, double, double, double, int64_t, int64_t, int64_t, bool, bool, at::Tensor, at::Tensor, at::Tensor,
                            int64_t) {});
   m.impl("calibration_rows", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double, int64_t,
                                 int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor) {});

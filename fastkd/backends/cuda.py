@@ -80,9 +80,9 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
     _ops.kd_loss_fwd(
         student, teacher, target, *_split(options.temperature), *_split(options.teacher_temperature),
         out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.skew, options.ab_alpha,
-        options.ab_beta, 0.0, options.label_smoothing, options.norm_scale, options.ignore_index,
-        DIVERGENCES[options.divergence], 0,
-        options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts, PATHS[path],
+        options.ab_beta, options.dkd_alpha, options.dkd_beta, 0.0, options.label_smoothing, options.norm_scale,
+        options.ignore_index, DIVERGENCES[options.divergence], 0, options.temperature_squared, options.return_parts,
+        out.rows, out.grad, out.parts, PATHS[path],
     )  # fmt: skip
 
 
