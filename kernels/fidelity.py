@@ -21,7 +21,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.kernels.reductions import LN2, LOG2E, lse_empty, lse_finish, lse_step, online_argmax, row_inv_temperature, safe_max
+from fastkd.kernels.reductions import (
+    LN2,
+    LOG2E,
+    lse_empty,
+    lse_finish,
+    lse_step,
+    online_argmax,
+    row_inv_temperature,
+    safe_max,
+)
 
 
 @triton.jit
@@ -154,5 +163,3 @@ def fidelity_kernel(
         kl += tl.sum(tl.where(row_ok, row_kl, 0.0).to(tl.float64), 0)
     tl.store(AGREE + pid, agree)
     tl.store(KL + pid, kl)
-
-

@@ -34,7 +34,16 @@ import triton
 import triton.language as tl
 
 from fastkd.kernels.kd_loss import MAX_ONE_BLOCK
-from fastkd.kernels.kd_math import FORWARD_KL, JSD, REVERSE_KL, ce_grad, ce_loss, divergence_grad, divergence_tile, row_setup
+from fastkd.kernels.kd_math import (
+    FORWARD_KL,
+    JSD,
+    REVERSE_KL,
+    ce_grad,
+    ce_loss,
+    divergence_grad,
+    divergence_tile,
+    row_setup,
+)
 from fastkd.kernels.reductions import LN2, LOG2E, row_inv_temperature, safe_max
 
 LOOP_BLOCK = 1024  # columns per step when a row is wider than MAX_ONE_BLOCK
@@ -55,7 +64,9 @@ def _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, 
     """One step of k entries: (indices, stored values (-inf past k), lanes in use, index in [0, V))."""
     kmask = valid[:, None] & (kstart + kk < k)
     idx = tl.load(IDX + rows64[:, None] * stride_idx + kstart + kk, mask=kmask, other=0).to(tl.int64)
-    v = tl.load(VAL + rows64[:, None] * stride_val + kstart + kk, mask=kmask, other=float("-inf")).to(tl.float32)
+    v = tl.load(VAL + rows64[:, None] * stride_val + kstart + kk, mask=kmask, other=float("-inf")).to(
+        tl.float32
+    )
     return idx, v, kmask, (idx >= 0) & (idx < n_cols)
 
 
@@ -155,7 +166,9 @@ def kd_loss_topk_fwd_kernel(
         mass = tl.zeros([ROWS], tl.float32)
         bad_index = tl.zeros([ROWS], tl.int32)
         for kstart in range(0, k, K_BLOCK):
-            _, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
+            _, v, kmask, ok = _topk_block(
+                IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols
+            )
             bad_index = tl.maximum(bad_index, tl.max((kmask & ~ok).to(tl.int32), 1))
             a = v * inv_tt[:, None]
             a_new = tl.maximum(a_max, tl.max(a, 1))
@@ -173,14 +186,20 @@ def kd_loss_topk_fwd_kernel(
             log_p_rest = a_rest - lse_t
         kd_weight = tl.where(bad_index > 0, float("nan"), kd_weight)  # an index outside [0, V): NaN row
         for kstart in range(0, k, K_BLOCK):
-            idx, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
+            idx, v, kmask, ok = _topk_block(
+                IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols
+            )
             x_top = tl.load(x_ptr + idx, mask=kmask & ok, other=float("-inf")).to(tl.float32)
             l2q = (x_top - m_s[:, None]) * (inv_t * LOG2E)[:, None] - l2d_s[:, None]
-            q, p, terms, h = divergence_tile(l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE)
+            q, p, terms, h = divergence_tile(
+                l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE
+            )
             kd += tl.sum(terms, 1)
             qh_sum += tl.sum(q * h, 1)
         l2q_rest = tl.log2(r_s) - l2d_s  # -inf when the bucket holds no student mass (or is not summed)
-        q_r, p_r, terms_r, h_r = divergence_tile(l2q_rest[:, None], (log_p_rest * LOG2E)[:, None], beta, DIVERGENCE)
+        q_r, p_r, terms_r, h_r = divergence_tile(
+            l2q_rest[:, None], (log_p_rest * LOG2E)[:, None], beta, DIVERGENCE
+        )
         kd += tl.sum(terms_r, 1)
         qh_sum += tl.sum(q_r * h_r, 1)
         p_rest = tl.sum(p_r, 1)
@@ -191,15 +210,21 @@ def kd_loss_topk_fwd_kernel(
         ce_scale = ce_weight * grad_scale
         # The k columns of I, from the gather.
         for kstart in range(0, k, K_BLOCK):
-            idx, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
+            idx, v, kmask, ok = _topk_block(
+                IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols
+            )
             x_top = tl.load(x_ptr + idx, mask=kmask & ok, other=float("-inf")).to(tl.float32)
             grad = tl.zeros([ROWS, K_BLOCK], tl.float32)
             if HAS_KD:
                 l2q = (x_top - m_s[:, None]) * (inv_t * LOG2E)[:, None] - l2d_s[:, None]
-                q, p, _, h = divergence_tile(l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE)
+                q, p, _, h = divergence_tile(
+                    l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE
+                )
                 grad = kd_scale[:, None] * divergence_grad(q, p, h, qh_sum[:, None], beta, DIVERGENCE)
             if HAS_CE:
-                grad += ce_scale[:, None] * ce_grad(x_top, idx == y[:, None], m_s[:, None], l2d_1[:, None], ls_eps, n_cols)
+                grad += ce_scale[:, None] * ce_grad(
+                    x_top, idx == y[:, None], m_s[:, None], l2d_1[:, None], ls_eps, n_cols
+                )
             tl.store(g_ptr + idx, grad.to(G.dtype.element_ty), mask=kmask & ok)
         # The other columns: q_l times a row constant rho; forward KL with the bucket also subtracts
         # p_R q_l / q_R, with q_l / q_R formed per entry as e_l / r_s <= 1 (no ratio overflows).
@@ -248,5 +273,3 @@ def launch_config(n_cols: int, k: int) -> tuple[int, int, int, int]:
     rows = min(max(1, 1024 // max(block, k_block)), 32)
     tile = rows * max(block, k_block)
     return rows, block, k_block, 4 if tile <= 1024 else 8
-
-

@@ -123,7 +123,9 @@ def lse_step(m, d, x, k, SLOTS: tl.constexpr):
     x3 = slots(x, SLOTS)
     m_new = tl.maximum(m, slot_max(x3, SLOTS))
     sub = safe_max(m_new)
-    d = d * tl.exp2((m - sub) * k) + slot_total(tl.exp2((x3 - per_entry(sub, SLOTS)) * per_entry(k, SLOTS)), SLOTS)
+    d = d * tl.exp2((m - sub) * k) + slot_total(
+        tl.exp2((x3 - per_entry(sub, SLOTS)) * per_entry(k, SLOTS)), SLOTS
+    )
     return m_new, d
 
 
@@ -150,7 +152,11 @@ def row_body(rows64, stride, n_cols, VEC: tl.constexpr, ALIGN: tl.constexpr):
         return start[:, None], tl.zeros_like(start)[:, None], (tl.zeros_like(start) + n_cols)[:, None]
     if ALIGN == 1:
         start = tl.multiple_of(rows64 * tl.multiple_of(stride, VEC), VEC)
-        return start[:, None], tl.zeros_like(start)[:, None], ((n_cols // VEC) * VEC + tl.zeros_like(start))[:, None]
+        return (
+            start[:, None],
+            tl.zeros_like(start)[:, None],
+            ((n_cols // VEC) * VEC + tl.zeros_like(start))[:, None],
+        )
     head = (VEC - start % VEC) % VEC
     n_body = tl.maximum(n_cols - head, 0) // VEC * VEC
     return tl.multiple_of(start + head, VEC)[:, None], head[:, None], n_body[:, None]
