@@ -74,7 +74,16 @@ import functools
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_math import FORWARD_KL, JSD, REVERSE_KL, ce_grad, ce_loss, divergence_grad, divergence_tile, row_setup
+from fastkd.kernels.kd_math import (
+    FORWARD_KL,
+    JSD,
+    REVERSE_KL,
+    ce_grad,
+    ce_loss,
+    divergence_grad,
+    divergence_tile,
+    row_setup,
+)
 from fastkd.kernels.reductions import (
     LN2,
     LOG2E,
@@ -100,11 +109,18 @@ PHASE_FUSED, PHASE_STATS, PHASE_GRAD = (tl.constexpr(v) for v in PHASES.values()
 # The row statistics STATS writes and GRAD reads, fp32 each: student max, k_s, log2 d_s, log2 d_1;
 # teacher max, k_t, log2 d_t; sum q h (bits); mean x, W, mean_k (D'_k - c_k W) (logit_norm).
 N_STATS = 11
+STATS_WIDTH = tl.constexpr(N_STATS)  # the same, for the kernel
 
 MAX_ONE_BLOCK = 4096  # widest row held in registers by one program
 LOOP_WARPS = 4
 LOOP_VECTORS = 2  # 16-byte vectors per thread per tensor in a step of the column loop
-LOOP_MAX_REGISTERS = 128  # per thread, for the loop: without a budget ptxas spills 8 bytes at 80 in some variants
+# Registers per thread, for the loop: without a budget ptxas spills 8 bytes at 80 in some variants.
+LOOP_MAX_REGISTERS = 128
+# An ensemble with logit_norm at a width with an edge (rows not 16-byte aligned) spilled 24-40 bytes at 128
+# (V = 50257, K = 3) and 8 at 168 (JSD + spherical); with no budget (255) ptxas takes 202-207 registers and
+# spills nothing, at 2 blocks of 4 warps a SM (any budget over 170 gives 2). Rows read entry by entry
+# instead (ALIGN 0) spilled 232-304 bytes at 128 (tests/sm90_compile.py).
+LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE = 255
 
 
 # ---- logit_norm: the rows' statistics -----------------------------------------------------------------
@@ -426,8 +442,8 @@ def kd_loss_kernel(
     if ALIGN != 0 and ENSEMBLE:
         stride_tk = tl.multiple_of(stride_tk, VEC)
     x_off, head, n_body = row_body(rows64, stride_x, n_cols, VEC, ALIGN)
-    t_off, t_head, t_n = row_body(rows64, stride_tn, n_cols, VEC, ALIGN)  # the same head and body as x's
-    g_off, g_head, g_n = row_body(rows64, stride_g, n_cols, VEC, ALIGN)
+    t_off, _t_head, _t_n = row_body(rows64, stride_tn, n_cols, VEC, ALIGN)  # the same head and body as x's
+    g_off, _g_head, _g_n = row_body(rows64, stride_g, n_cols, VEC, ALIGN)
     x_body, t_body, g_body = X + x_off, TL + t_off, G + g_off
     body_mask = ok & (cols < n_body)
     edge, edge_mask = row_edge(head, n_body, n_cols, row_ok, VEC)
@@ -439,7 +455,13 @@ def kd_loss_kernel(
         X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x, HAS_TARGET, HAS_CE,
         T_SQUARED, SCALE_GRAD, PHASE != PHASE_GRAD,
     )  # fmt: skip
-    inv_t, valid, y, kd_weight, ce_weight = inv_t[:, None], valid[:, None], y[:, None], kd_weight[:, None], ce_weight[:, None]
+    inv_t, valid, y, kd_weight, ce_weight = (
+        inv_t[:, None],
+        valid[:, None],
+        y[:, None],
+        kd_weight[:, None],
+        ce_weight[:, None],
+    )
 
     # The tiles of a row held in registers (one block), and the edge; a row read in blocks loads its own.
     x_b = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -479,7 +501,10 @@ def kd_loss_kernel(
             n, mu, m2 = _row_moments(x_body, cols, n_body, ok, x_b, x_e, n_cols, NORM, ROWS, BLOCK, SLOTS, ONE_BLOCK,
                                      EDGE)  # fmt: skip
             r_s, kappa = _norm_factor(n, m2, norm_scale, NORM)
-            member_body, member_edge = t_body, t_edge  # advanced by stride_tk: 64-bit pointers, no int32 product
+            member_body, member_edge = (
+                t_body,
+                t_edge,
+            )  # advanced by stride_tk: 64-bit pointers, no int32 product
             for member in range(n_teachers):
                 t_m = t_b
                 t_me = t_e
@@ -487,11 +512,11 @@ def kd_loss_kernel(
                     t_m = tl.load(member_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
                 if ENSEMBLE and EDGE:
                     t_me = tl.load(member_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
-                n_t, mean_t, m2_t = _row_moments(member_body, cols, n_body, ok, t_m, t_me, n_cols, NORM, ROWS, BLOCK, SLOTS,
+                n_t, _mean_t, m2_t = _row_moments(member_body, cols, n_body, ok, t_m, t_me, n_cols, NORM, ROWS, BLOCK, SLOTS,
                                             ONE_BLOCK, EDGE)  # fmt: skip
                 member_body += stride_tk
                 member_edge += stride_tk
-                r, kappa_t = _norm_factor(n_t, m2_t, norm_scale, NORM)
+                r, _kappa_t = _norm_factor(n_t, m2_t, norm_scale, NORM)
                 r_t = tl.where(kk[None, :] == member, r, r_t)
         k_s = r_s * inv_t
         ks2 = k_s * LOG2E
@@ -501,7 +526,9 @@ def kd_loss_kernel(
         # the row sums of the module doc online; sum x for label smoothing.
         st = _pass_empty(ROWS, SLOTS)
         if ONE_BLOCK:
-            st = _pass_step(st, x_b, t_b, body_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS)
+            st = _pass_step(
+                st, x_b, t_b, body_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS
+            )
         else:
             for start in range(0, n_cols, BLOCK):
                 mask = ok & (start + cols < n_body)
@@ -574,15 +601,19 @@ def kd_loss_kernel(
                     sums = _terms(sums, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, SLOTS)
             sums = _row_sums(sums)
             if EDGE:
-                l2p = _teacher_log2_prob(t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE)
-                sums = _terms(sums, x_e, l2p, edge_mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, 1)
+                l2p_e = _teacher_log2_prob(
+                    t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE
+                )
+                sums = _terms(sums, x_e, l2p_e, edge_mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, 1)
             kd, qh_sum, dc_sum, qc_sum, d_sum, c_sum = sums
             if NORM != NO_NORM:
-                w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE)
+                w_norm, g_mean = _norm_terms(
+                    r_s, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE
+                )
         if HAS_CE:
             ce = ce_loss(safe_max(m_s), l2d_1 * LN2, x_y[:, None], x_sum, ls_eps, n_cols)
         if PHASE == PHASE_STATS:
-            stats = STATS + rows64[:, None] * N_STATS
+            stats = STATS + rows64[:, None] * STATS_WIDTH
             tl.store(stats + 0, m_s, mask=ok)
             tl.store(stats + 1, k_s, mask=ok)
             tl.store(stats + 2, l2d_s, mask=ok)
@@ -595,7 +626,7 @@ def kd_loss_kernel(
             tl.store(stats + 9, w_norm, mask=ok)
             tl.store(stats + 10, g_mean, mask=ok)
     else:
-        stats = STATS + rows64[:, None] * N_STATS
+        stats = STATS + rows64[:, None] * STATS_WIDTH
         m_s = tl.load(stats + 0, mask=ok, other=0.0)
         k_s = tl.load(stats + 1, mask=ok, other=0.0)
         l2d_s = tl.load(stats + 2, mask=ok, other=0.0)
@@ -611,11 +642,15 @@ def kd_loss_kernel(
         grad_scale = scale * go
 
     # Last pass: the gradient (and the loss terms not known yet: an ensemble's forward KL).
-    if PHASE != PHASE_STATS and (NEED_GRAD or (HAS_KD and ENSEMBLE and DIVERGENCE == FORWARD_KL and NORM == NO_NORM)):
+    if PHASE != PHASE_STATS and (
+        NEED_GRAD or (HAS_KD and ENSEMBLE and DIVERGENCE == FORWARD_KL and NORM == NO_NORM)
+    ):
         kd_scale = tl.where(valid, kd_weight * grad_scale, 0.0)
         ce_scale = tl.where(valid, ce_weight * grad_scale, 0.0)
         kd_acc = tl.zeros([ROWS, SLOTS], tl.float32)
-        y_body = tl.where((y >= head) & (y < head + n_body), y - head, -1).to(tl.int32)  # the target in the body
+        y_body = tl.where((y >= head) & (y < head + n_body), y - head, -1).to(
+            tl.int32
+        )  # the target in the body
         if ONE_BLOCK:
             l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
                                      ENSEMBLE)  # fmt: skip
@@ -623,7 +658,7 @@ def kd_loss_kernel(
                                 ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
             kd_acc += slot_sum(tl.where(body_mask, terms, 0.0), SLOTS)
             if NEED_GRAD:
-                tl.store(g_body + cols, grad.to(G.dtype.element_ty), mask=body_mask)
+                tl.store(g_body + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=body_mask)
         else:
             for start in range(0, n_cols, BLOCK):
                 mask = ok & (start + cols < n_body)
@@ -637,15 +672,23 @@ def kd_loss_kernel(
                                     kd_scale, ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
                 kd_acc += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
                 if NEED_GRAD:
-                    tl.store(g_body + start + cols, grad.to(G.dtype.element_ty), mask=mask)
+                    tl.store(
+                        g_body + start + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=mask
+                    )
         kd_row = tl.sum(kd_acc, 1, keep_dims=True)
         if EDGE:
-            l2p = _teacher_log2_prob(t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE)
-            grad, terms = _grad(x_e, l2p, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
+            l2p_e = _teacher_log2_prob(
+                t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE
+            )
+            grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
                                 ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
             kd_row += tl.sum(tl.where(edge_mask, terms, 0.0), 1, keep_dims=True)
             if NEED_GRAD:
-                tl.store(G + rows64[:, None] * stride_g + edge, grad.to(G.dtype.element_ty), mask=edge_mask)
+                tl.store(
+                    G + rows64[:, None] * stride_g + edge,
+                    tl.where(valid, grad, 0.0).to(G.dtype.element_ty),
+                    mask=edge_mask,
+                )
         if HAS_KD and ENSEMBLE and DIVERGENCE == FORWARD_KL and NORM == NO_NORM:
             kd = kd_row
 
@@ -681,15 +724,15 @@ def scale_grad_kernel(
         mask = cols < n_body
         g = tl.load(G + start + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(G + start + cols, (g * go).to(G.dtype.element_ty), mask=mask)
-        if EDGE:
+        if EDGE:  # noqa: SIM102 (a constexpr: the edge's code only where rows have an edge)
             if tl.program_id(1) == 0:
-                edge, edge_mask = row_edge(head, n_body, n_cols, rows == rows, VEC)
+                edge, edge_mask = row_edge(head, n_body, n_cols, rows >= 0, VEC)
                 ptr = G + row * stride_g + edge
-                g = tl.load(ptr, mask=edge_mask, other=0.0).to(tl.float32)
-                tl.store(ptr, (g * go).to(G.dtype.element_ty), mask=edge_mask)
+                g_e = tl.load(ptr, mask=edge_mask, other=0.0).to(tl.float32)
+                tl.store(ptr, (g_e * go).to(G.dtype.element_ty), mask=edge_mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def launch_config(n_cols: int, vec: int) -> tuple[int, int, bool, int, int]:
     """(rows per program, BLOCK, ONE_BLOCK, SLOTS, num_warps) for rows of ``n_cols`` columns read in
     vectors of ``vec`` entries."""
@@ -700,3 +743,9 @@ def launch_config(n_cols: int, vec: int) -> tuple[int, int, bool, int, int]:
     rows = min(max(1, 1024 // block), 32)
     tile = rows * block
     return rows, block, True, 1, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
+
+
+def loop_max_registers(n_teachers: int, logit_norm: str | None, edge: bool) -> int:
+    """The register budget (``maxnreg``) of the column loop's launch (``edge``: the kernel's EDGE)."""
+    ensemble_norm_edge = n_teachers > 1 and logit_norm is not None and edge
+    return LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE if ensemble_norm_edge else LOOP_MAX_REGISTERS

@@ -19,8 +19,7 @@ from fastkd.kernels import calibration as calibration_kernels
 from fastkd.kernels import fidelity as fidelity_kernels
 from fastkd.kernels import kd_loss as kd_kernels
 from fastkd.kernels import kd_loss_topk as topk_kernels
-from fastkd.kernels import kd_math
-from fastkd.kernels import reductions
+from fastkd.kernels import kd_math, reductions
 from fastkd.kernels import softmax as softmax_kernels
 
 NAME = "triton"
@@ -92,7 +91,7 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
             HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None, ENSEMBLE=n_teachers > 1,
             K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, SLOTS=slots,
             VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], num_warps=num_warps,
-            **({} if one_block else {"maxnreg": kd_kernels.LOOP_MAX_REGISTERS}),
+            **({} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge)}),
         )  # fmt: skip
 
 
