@@ -142,8 +142,12 @@ def _compile(job) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=False
+        ).stdout
+        sass = subprocess.run(
+            [CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=False
+        ).stdout
     regs, shared, stack, local = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
                                   .group(1, 3, 2, 4))  # fmt: skip
     warps = options["num_warps"]
@@ -179,7 +183,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-SOFTMAX_WIDTHS = [2**i for i in range(14)] + [131072]  # every launch config: 1 to MAX_ONE_BLOCK, then the loop
+SOFTMAX_WIDTHS = [2**i for i in range(14)] + [
+    131072
+]  # every launch config: 1 to MAX_ONE_BLOCK, then the loop
 
 
 def softmax_launches(case):
@@ -217,29 +223,35 @@ def _kd_launch(width, dtype, n_teachers=1, per_row=False, phase="fused", **optio
     teacher = torch.empty(n_teachers, n_rows, width, dtype=dtype, device="meta")
     target = torch.empty(n_rows, dtype=torch.int64, device="meta")
     t = torch.empty(n_rows, device="meta") if per_row else 4.0
-    options = KDOptions(temperature=t, teacher_temperature=t, label_smoothing=0.1 if per_row else 0.0, **options)
+    options = KDOptions(
+        temperature=t, teacher_temperature=t, label_smoothing=0.1 if per_row else 0.0, **options
+    )
     if phase == "fused":
         _ops.kd_forward(triton_backend, x, teacher, target, options, False, True)
         return
     out = kd_outputs(x, target, options, False, True)
     stats = torch.empty(n_rows, kd_kernels.N_STATS, device="meta")
     triton_backend._kd_launch(x, teacher, target, options, out, "stats", stats)
-    triton_backend._kd_launch(x, teacher, target, options, out, "grad", stats, out.grad, torch.empty((), device="meta"))
+    triton_backend._kd_launch(
+        x, teacher, target, options, out, "grad", stats, out.grad, torch.empty((), device="meta")
+    )
 
 
 def kd_loss_launches(case):
-    """Every launch config of the default loss (forward KL + CE, bf16); at three widths every divergence
+    """Every launch config of the default loss (forward KL + CE, bf16); at four widths every divergence
     x normalization x (1 or 3 teachers) with label smoothing and per-row temperatures; at the issue's
     widths in bf16 and fp32 the default loss fused and split (stats, then grad); the backward scale."""
     for width in KD_WIDTHS:
         case(f"{width} bfloat16")
         _kd_launch(width, torch.bfloat16)
-    for width in (128, 4096, 131072):
+    for width in (128, 4096, 50257, 131072):
         for divergence in ("forward_kl", "reverse_kl", "jsd"):
             for norm in (None, "standardize", "spherical"):
                 for n_teachers in (1, 3):
                     case(f"{width} bfloat16 {divergence} {norm} K={n_teachers}")
-                    _kd_launch(width, torch.bfloat16, n_teachers, True, divergence=divergence, logit_norm=norm)
+                    _kd_launch(
+                        width, torch.bfloat16, n_teachers, True, divergence=divergence, logit_norm=norm
+                    )
     for width in ISSUE_WIDTHS:
         for dtype in ISSUE_DTYPES:
             case(f"{width} {_dtype_name(dtype)}")
@@ -274,7 +286,9 @@ def kd_loss_topk_launches(case):
         _ops.kd_forward(triton_backend, x, (indices, values), target, options, False, True)
 
 
-CALIBRATION_WIDTHS = [2**i for i in range(11)] + [131072]  # every launch config: 1 to LOOP_BLOCK, then the loop
+CALIBRATION_WIDTHS = [2**i for i in range(11)] + [
+    131072
+]  # every launch config: 1 to LOOP_BLOCK, then the loop
 
 
 def calibration_launches(case):
@@ -285,7 +299,9 @@ def calibration_launches(case):
     cases += [(w, "bins", 1024, False, 2.0, torch.bfloat16) for w in (10, 1000, 131072)]
     variants = [("rows", False, 2.0), ("newton", False, 2.0), ("bins", True, 1.0), ("bins", True, 2.0),
                 ("newton", True, 2.0), ("bins", False, "per row")]  # fmt: skip
-    cases += [(w, mode, 15, probs, t, torch.bfloat16) for w in (10, 1000, 131072) for mode, probs, t in variants]
+    cases += [
+        (w, mode, 15, probs, t, torch.bfloat16) for w in (10, 1000, 131072) for mode, probs, t in variants
+    ]
     cases += [(w, "bins", 15, False, 2.0, dtype) for w in ISSUE_WIDTHS for dtype in ISSUE_DTYPES]
     for width, mode, n_bins, probs, t, dtype in cases:
         case(f"{width} {_dtype_name(dtype)} {mode} probs={probs}")
@@ -337,8 +353,12 @@ def main() -> Iterator[dict] | None:
     todo = jobs(sys.argv[1:])
     cases = os.environ.get("FASTKD_COMPILE_CASES")  # e.g. "131072 bfloat16|4096 bfloat16": only these cases
     if cases:
-        todo = [job for job in todo if any(job[2] == c or job[2].startswith(c + " ") for c in cases.split("|"))]
-    with multiprocessing.get_context("fork").Pool(int(os.environ.get("FASTKD_COMPILE_PROCESSES", os.cpu_count()))) as pool:
+        todo = [
+            job for job in todo if any(job[2] == c or job[2].startswith(c + " ") for c in cases.split("|"))
+        ]
+    with multiprocessing.get_context("fork").Pool(
+        int(os.environ.get("FASTKD_COMPILE_PROCESSES", os.cpu_count()))
+    ) as pool:
         for row in pool.imap(_compile, todo):
             print(json.dumps(row), flush=True)
 
