@@ -117,7 +117,7 @@ LOOP_VECTORS = 2  # 16-byte vectors per thread per tensor in a step of the colum
 # Registers per thread, for the loop: without a budget ptxas spills 8 bytes at 80 in some variants.
 LOOP_MAX_REGISTERS = 128
 # An ensemble with logit_norm at a width with an edge (rows not 16-byte aligned) spilled 24-40 bytes at 128
-# (V = 50257, K = 3) and 8 at 168 (JSD + spherical); with no budget (255) ptxas takes 202-207 registers and
+# (V = 50257, K = 3) and 8 at 168 (JSD + spherical); with no budget (255) ptxas takes 200-207 registers and
 # spills nothing, at 2 blocks of 4 warps a SM (any budget over 170 gives 2). Rows read entry by entry
 # instead (ALIGN 0) spilled 232-304 bytes at 128 (tests/sm90_compile.py).
 LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE = 255
