@@ -9,9 +9,11 @@ Bytes per case, for N rows of V classes of ``b`` bytes (the int64 targets, N x 8
     softmax   fwd+bwd    5 N V b   forward reads x, writes y; backward reads y and dy, writes dx
     kd_loss   fwd+bwd    3 N V b   reads student and teacher logits, writes the student's gradient
     jsd       fwd+bwd    3 N V b   likewise
+    skew_kl, tvd         3 N V b   likewise
     ece       stats      1 N V b   reads the logits
     fit_temperature      1 N V b   one read of the logits: the least any method needs (fastkd reads
                                    them once per Newton pass, LBFGS once per function evaluation)
+    fidelity  stats      2 N V b   reads the student's and the teacher's logits
     fused_linear         (3 N H + 3 V H) b   reads the student's and teacher's hidden states and weights,
                                    writes dL/dh and dL/dW (H = the hidden size; the logits need not
                                    move at all: this case is bound by its matmuls and read for its time
@@ -196,6 +198,45 @@ JSD = Case(
 )  # fmt: skip
 
 
+# --- skew_kl, tvd: issue 18's divergences, priced beside forward KL and JSD ---------------------------
+
+SKEW = 0.1
+
+
+def _skew_kl_eager(x, inputs):
+    """KL(p || s p + (1 - s) q) (DistiLLM), batchmean, in plain PyTorch."""
+    log_q, log_p = F.log_softmax(x.float(), -1), F.log_softmax(inputs["teacher"].float(), -1)
+    log_m = torch.logaddexp(log_p + math.log(SKEW), log_q + math.log1p(-SKEW))
+    return F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
+
+
+def _tvd_eager(x, inputs):
+    """1/2 sum_j |p_j - q_j|, batchmean, in plain PyTorch."""
+    q, p = F.softmax(x.float(), -1), F.softmax(inputs["teacher"].float(), -1)
+    return 0.5 * (p - q).abs().sum(-1).mean()
+
+
+SKEW_KL = Case(
+    "skew_kl", f"skew KL (skew = {SKEW}), forward + backward", 3, _kd_inputs,
+    {
+        "fastkd": _fwd_bwd(lambda x, i: fastkd.kd_loss(x, i["teacher"], divergence="skew_kl", skew=SKEW, alpha=1.0)),
+        "eager": _fwd_bwd(_skew_kl_eager),
+        "compiled": _compiled(_skew_kl_eager),
+    },
+    compiled={"compiled"},
+)  # fmt: skip
+
+TVD = Case(
+    "tvd", "total variation distance, forward + backward", 3, _kd_inputs,
+    {
+        "fastkd": _fwd_bwd(lambda x, i: fastkd.kd_loss(x, i["teacher"], divergence="tvd", alpha=1.0)),
+        "eager": _fwd_bwd(_tvd_eager),
+        "compiled": _compiled(_tvd_eager),
+    },
+    compiled={"compiled"},
+)  # fmt: skip
+
+
 # --- ece ----------------------------------------------------------------------------------------------
 
 
@@ -282,6 +323,42 @@ FIT = Case(
     max_elements_cpu=1 << 23,
 )  # fmt: skip
 
+# --- fidelity -----------------------------------------------------------------------------------------
+
+T_FIDELITY = 1.0
+
+
+def _fidelity_inputs(rows, width, dtype, device):
+    return {"student": _logits(rows, width, dtype, device, 0), "teacher": _logits(rows, width, dtype, device, 1)}
+
+
+def _fidelity_fastkd(inputs):
+    def call():
+        result = fastkd.fidelity(inputs["student"], inputs["teacher"], temperature=T_FIDELITY, validate_args=False)
+        return torch.tensor([result.top1_agreement, result.predictive_kl])
+
+    return call
+
+
+def _fidelity_plain(inputs):
+    """Top-1 agreement and KL(teacher || student) in plain PyTorch: two log_softmaxes, argmaxes, kl_div."""
+    student, teacher = inputs["student"], inputs["teacher"]
+
+    def call():
+        log_q = F.log_softmax(student.float() / T_FIDELITY, -1)
+        log_p = F.log_softmax(teacher.float() / T_FIDELITY, -1)
+        agree = (student.argmax(-1) == teacher.argmax(-1)).double().mean()
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").double()
+        return torch.stack([agree, kl]).float()
+
+    return call
+
+
+FIDELITY = Case(
+    "fidelity", f"fidelity: top-1 agreement and KL(teacher || student) (T = {T_FIDELITY:g})", 2, _fidelity_inputs,
+    {"fastkd": _fidelity_fastkd, "plain": _fidelity_plain},
+)  # fmt: skip
+
 # --- fused_linear: JSD of two final linear layers -------------------------------------------------------
 
 HIDDEN = {"cuda": 4096, "cpu": 256}  # H of the student and the teacher
@@ -361,7 +438,7 @@ FUSED_LINEAR = Case(  # passes: unused, see bytes_of
     bytes_of=lambda rows, width, dtype, device: 3 * (rows + width) * HIDDEN[device.type] * dtype.itemsize,
 )  # fmt: skip
 
-CASES = {case.name: case for case in (SOFTMAX, KD_LOSS, JSD, ECE, FIT, FUSED_LINEAR)}
+CASES = {case.name: case for case in (SOFTMAX, KD_LOSS, JSD, SKEW_KL, TVD, ECE, FIT, FIDELITY, FUSED_LINEAR)}
 
 
 def available(case: Case, impl: str, device: torch.device) -> str | None:

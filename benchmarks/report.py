@@ -14,8 +14,11 @@ BYTES_NOTE = {
     "softmax": "5 N V b (read x, write y; read y and dy, write dx)",
     "kd_loss": "3 N V b (read student and teacher, write the gradient)",
     "jsd": "3 N V b (read student and teacher, write the gradient)",
+    "skew_kl": "3 N V b (read student and teacher, write the gradient)",
+    "tvd": "3 N V b (read student and teacher, write the gradient)",
     "ece": "N V b (read the logits)",
     "fit_temperature": "N V b (one read of the logits, the least any method needs)",
+    "fidelity": "2 N V b (read the student's and the teacher's logits)",
     "fused_linear": "3 (N + V) H b (read the hidden states and weights, write dL/dh and dL/dW; no logits: the "
     "case is bound by its matmuls, its GB/s are not a bandwidth figure; read it for time and peak memory)",
 }

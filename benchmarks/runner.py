@@ -59,7 +59,7 @@ def run_shape(case, rows, width, dtype, device, rounds, quick, bandwidth) -> lis
             release_grads(inputs)
             if device.type == "cuda":
                 record["peak_bytes"] = peak_memory(call, device)
-            elif case.about_memory and not quick:
+            elif (case.about_memory or impl == "fastkd") and not quick:  # fastkd's own peak in every case
                 record["peak_bytes"] = peak_cpu(case.name, impl, rows, width, dtype)
             calls[impl] = call
         except Exception as error:  # noqa: BLE001  (a baseline's failure is a result, reported in its cell)
@@ -99,6 +99,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _backend_label(device: torch.device) -> str:
+    """The backend "auto" runs for float32 tensors on ``device``, as the tables name it."""
+    from fastkd._backend import resolve_backend
+
+    name = resolve_backend("auto", torch.empty(1, 2, device=device)).NAME
+    if name == "cpu":
+        from fastkd import _ext
+
+        return f"its C++ CPU kernels (backend 'cpu': {_ext.info()})"
+    return {"triton": "Triton kernels", "torch": "the PyTorch backend (closed form)"}.get(name, f"backend {name!r}")
+
+
 def environment(device: torch.device, bandwidth: float, quick: bool) -> dict:
     import triton
 
@@ -108,7 +120,7 @@ def environment(device: torch.device, bandwidth: float, quick: bool) -> dict:
         name = f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
     return {
         "device": name,
-        "backend": "Triton kernels" if device.type == "cuda" else "the PyTorch reference (fastkd's CPU path)",
+        "backend": _backend_label(device),
         "copy_bandwidth_gbps": bandwidth / 1e9,
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -34,7 +34,7 @@ def scale_logits(logits: torch.Tensor, temperature: float | torch.Tensor, dim: i
         return x / temperature
     t = temperature.to(x.dtype)
     t = torch.where((t > 0) & torch.isfinite(t), t, torch.nan)
-    if t.dim() > 0:
+    if 0 < t.dim() < x.dim():  # one per row: broadcast along dim (a keepdim tensor already is)
         t = t.unsqueeze(dim)
     return x / torch.where(torch.isneginf(x), t.detach(), t)
 

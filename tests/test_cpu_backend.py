@@ -191,3 +191,24 @@ def test_sources_are_package_data():
     """setup.py ships csrc/ in the wheel (fastkd/csrc), where a pip-installed fastkd finds it to compile."""
     text = (ROOT / "setup.py").read_text()
     assert '"fastkd.csrc": "csrc"' in text and "cpu/*.cpp" in text and "include/fastkd/*.h" in text
+
+
+@needs_ext
+@pytest.mark.parametrize("options", [
+    {"divergence": "skew_kl", "skew": 0.1}, {"divergence": "skew_reverse_kl", "skew": 0.3}, {"divergence": "tvd"},
+    {"divergence": "ab", "ab_alpha": 0.8, "ab_beta": 0.4}, {"divergence": "dkd"},
+    {"divergence": "jsd", "softcap": 5.0},
+], ids=str)  # fmt: skip
+def test_objectives_run_in_the_kernels(monkeypatch, options):
+    """Issue 18's objectives on a dense teacher run in the C++ kernel, not the PyTorch closed form that
+    covers what a kernel lacks (their numbers: tests/test_objectives.py on this backend)."""
+    from fastkd.backends import torch as torch_backend
+
+    def closed_form(*args):
+        raise AssertionError("the cpu backend ran the PyTorch closed form")
+
+    monkeypatch.setattr(torch_backend, "kd_loss_forward", closed_form)
+    x = torch.randn(4, 33, requires_grad=True)
+    loss = fastkd.kd_loss(x, torch.randn(4, 33), torch.tensor([0, 5, -100, 32]), backend="cpu", **options)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

@@ -307,6 +307,7 @@ def test_torch_compile_fullgraph(backend, log):
 
 def test_torch_compile_float_temperatures(backend):
     """A float temperature that changes between calls (a schedule) compiles and stays right."""
+    torch._dynamo.reset()  # the lambda's code object is shared by every backend's case: its cache too
     compiled = torch.compile(lambda x, t: fastkd.tempered_log_softmax(x, t, backend=backend), fullgraph=True)
     x = randn(4, 300, seed=25)
     for t in (2.0, 3.0, 4.5):

@@ -24,8 +24,8 @@ TORCH_LIBRARY(fastkd_cpu, m) {
   m.def("softmax_bwd(Tensor grad, Tensor saved, Tensor? t, float t_value, Tensor stats, bool log, Tensor(a!) dx, "
         "Tensor(b!) dt, bool need_dx, bool need_dt) -> ()");
   m.def("kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, Tensor? t, float t_value, Tensor? tt, "
-        "float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, "
-        "float label_smoothing, float norm_scale, int ignore_index, int divergence, int norm, "
+        "float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, float skew, "
+        "float ab_alpha, float ab_beta, float dkd_alpha, float dkd_beta, float softcap, float label_smoothing, float norm_scale, int ignore_index, int divergence, int norm, "
         "bool temperature_squared, bool return_parts, Tensor(a!) rows, Tensor(b!) grad, Tensor(c!) parts) -> ()");
   m.def("kd_loss_topk_fwd(Tensor student, Tensor indices, Tensor values, Tensor? target, Tensor? t, float t_value, "
         "Tensor? tt, float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, "
@@ -55,8 +55,9 @@ TORCH_LIBRARY_IMPL(fastkd_cpu, Meta, m) {
                            bool, at::Tensor, at::Tensor, bool, bool) {});
   m.impl("kd_loss_fwd", [](const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
-                           const c10::optional<at::Tensor>&, double, bool, double, double, double, double, int64_t, int64_t,
-                           int64_t, bool, bool, at::Tensor, at::Tensor, at::Tensor) {});
+                           const c10::optional<at::Tensor>&, double, bool, double, double, double, double, double,
+                           double, double, double, double, double, int64_t, int64_t, int64_t, bool, bool, at::Tensor, at::Tensor,
+                           at::Tensor) {});
   m.impl("kd_loss_topk_fwd", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                 const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
                                 const c10::optional<at::Tensor>&, double, bool, double, double, double, int64_t, int64_t,

@@ -5,10 +5,14 @@
 //   pass 1  max x, max t_k; sum x (label smoothing); the live entries' moments (logit_norm, two reads)
 //   pass 2  e^(u_s), e^(u_tk) and, for CE at T != 1, e^(x - max x): the only exps (1 + K + [CE, T != 1]
 //           per entry), kept in per-thread row buffers for the passes below
-//   pass 3  the divergence's terms from the buffers (JSD adds a log per entry, an ensemble one more):
-//           the row sum D and g = dD/d(log q) into a buffer
+//   pass 3  the divergence's terms from the buffers (row_math.h's divergence_term: forward and reverse KL
+//           and TVD no exp, JSD a log per entry, skew KL and skew reverse KL a log and an exp, the
+//           alpha-beta divergence 2 to 4 exps; an ensemble one log more): the row sum D and
+//           g = dD/d(log q) into a buffer
 //   pass 4  dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), written
 //           once in the student's dtype after the -(1 - alpha)(1 - eps) at the target is folded in.
+// With soft-capping, each row is first capped into a buffer (a tanh per entry of student and teachers) and
+// the gradient multiplied by the cap's derivative at the end.
 // The buffers are per thread, a few rows of V each: nothing N x V is allocated beyond the gradient.
 #include "ops.h"
 
@@ -19,8 +23,33 @@ template <typename T>
 struct KDParams {
   int64_t V = 0, K = 1, divergence = FORWARD_KL, norm = NO_NORM, ignore_index = -100;
   bool has_kd = false, has_ce = false, need_grad = false, scale_grad = true, t_squared = true;
-  T alpha = 0, beta = 0.5, eps = 0, norm_scale = 2, scale = 1;
+  T alpha = 0, beta = 0.5, skew = 0.1, ab_alpha = 1, ab_beta = 0, eps = 0, norm_scale = 2, scale = 1;
+  T dkd_alpha = 1, dkd_beta = 8;  // DKD's weights of TCKD and NCKD
+  T softcap = 0;  // > 0: logits soft-capped to cap tanh(z / cap) before everything (CE included)
 };
+
+// z -> cap tanh(z / cap) in place (-inf kept: a masked class stays masked; NaN stays NaN).
+template <typename T>
+inline void soft_cap(T* z, int64_t V, T cap) {
+  using V_ = Vec<T>;
+  const V_ vcap(cap), inv(T(1) / cap);
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    V_ zj = V_::loadu(z + j, n);
+    store(VecOps<T>::select(VecOps<T>::is_neg_inf(zj), zj, vcap * (zj * inv).tanh()), z + j, n);
+  });
+}
+
+// dL/dz = dL/dz' (1 - (z' / cap)^2) from the capped row z', in place in g (0 at a masked class).
+template <typename T>
+inline void soft_cap_grad(T* g, const T* capped, int64_t V, T cap) {
+  using V_ = Vec<T>;
+  const V_ inv(T(1) / cap), one(T(1)), zero(T(0));
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    V_ c = V_::loadu(capped + j, n);
+    V_ r = c * inv;
+    store(VecOps<T>::select(VecOps<T>::is_neg_inf(c), zero, V_::loadu(g + j, n) * (one - r * r)), g + j, n);
+  });
+}
 
 // (n, mean, M2) of a row's live (not -inf) entries, of x - shift (two reads: the mean, then M2).
 template <typename T>
@@ -45,6 +74,39 @@ inline Moments<T> live_moments(const T* x, int64_t V, T shift) {
     m2 += Ops::select(Ops::is_neg_inf(xj), zero, d * d);
   });
   return Moments<T>{count, mean, hsum(m2)};
+}
+
+// The sum of v over [0, V) but the entry at skip (in [0, V)), excluded exactly.
+template <typename T>
+inline T sum_except(const T* v, int64_t V, int64_t skip) {
+  Vec<T> s(T(0));
+  for_each_vec<T>(skip, [&](int64_t j, int64_t n) { s += Vec<T>::loadu(v + j, n); });
+  for_each_vec<T>(V - skip - 1, [&](int64_t j, int64_t n) { s += Vec<T>::loadu(v + skip + 1 + j, n); });
+  return hsum(s);
+}
+
+// Decoupled KD's row sum D, from q (es), p (gb) and p (log p - log q) (cross) of every class; writes into
+// gb its g with dD/du = g - q G (G returned in *G), as every divergence's: w_n (q_j / B - p_j / A) off the
+// target, w_t kappa at it (row_math.h's dkd_row). An unchecked target outside [0, V): NaN.
+template <typename T>
+T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T* gb, const T* cross, T* G) {
+  using V_ = Vec<T>;
+  const int64_t V = P.V;
+  if (y < 0 || y >= V) {
+    std::fill(gb, gb + V, nan_of<T>());
+    *G = nan_of<T>();
+    return nan_of<T>();
+  }
+  T kappa, inv_a, inv_b;
+  const T D = dkd_row(gb[y], es[y], sum_except(gb, V, y), sum_except(es, V, y), sum_except(cross, V, y),
+                      P.dkd_alpha, P.dkd_beta, &kappa, &inv_a, &inv_b);
+  const V_ wa(P.dkd_beta * inv_a), wb(P.dkd_beta * inv_b);
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    store(V_::loadu(es + j, n) * wb - V_::loadu(gb + j, n) * wa, gb + j, n);
+  });
+  gb[y] = P.dkd_alpha * kappa;
+  *G = P.dkd_alpha * kappa;
+  return D;
 }
 
 // One valid row: its KD part c D and CE part (unscaled; 0 where not computed), and its gradient (scaled
@@ -131,10 +193,11 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
     }
     // pass 3: the divergence's terms
     const T ln_ds = std::log(ds);
-    const V_ inv_ds(T(1) / ds), vln_ds(ln_ds), vbeta(P.beta), vbeta1(T(1) - P.beta);
-    const V_ vlb(std::log(P.beta)), vlb1(std::log1p(-P.beta));
-    const V_ tiny(std::numeric_limits<T>::min());
+    const V_ inv_ds(T(1) / ds), vln_ds(ln_ds);
+    const auto dc = divergence_constants<V_, T>(P.divergence, P.beta, P.skew, P.ab_alpha, P.ab_beta,
+                                                std::numeric_limits<T>::min());
     V_ d_sum(T(0)), g_sum(T(0));
+    const bool dkd = P.divergence == DKD;  // p into gb, its cross terms into tb, for dkd_terms below
     if (K == 1) {
       const V_ inv_dt(T(1) / dt[0]), vmt(mt[0]), vkt(kt[0]);
       const T ln_dt = std::log(dt[0]);
@@ -143,12 +206,12 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
         V_ us = (load(x + j, n) - vmx) * vks, ut = (load(t[0] + j, n) - vmt) * vkt;
         V_ q = V_::loadu(es + j, n) * inv_ds, p = V_::loadu(tb + j, n) * inv_dt;
         V_ d, gj;
-        divergence_term<Ops>(P.divergence, p, q, ut - vln_dt, us - vln_ds, (ut - us) - c, vbeta, vbeta1, vlb, vlb1,
-                             tiny, &d, &gj);
+        divergence_term<Ops>(dc, p, q, ut - vln_dt, us - vln_ds, (ut - us) - c, &d, &gj);
         d_sum += d;
         g_sum += gj;
         store(gj, gb + j, n);
         store(q, es + j, n);
+        if (dkd) store(d, tb + j, n);
       });
     } else {
       std::vector<T> inv_dt(K);
@@ -160,14 +223,16 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
         V_ q = V_::loadu(es + j, n) * inv_ds;
         V_ lp = vlog(p), lq = us - vln_ds;
         V_ d, gj;
-        divergence_term<Ops>(P.divergence, p, q, lp, lq, lp - lq, vbeta, vbeta1, vlb, vlb1, tiny, &d, &gj);
+        divergence_term<Ops>(dc, p, q, lp, lq, lp - lq, &d, &gj);
         d_sum += d;
         g_sum += gj;
         store(gj, gb + j, n);
         store(q, es + j, n);
+        if (dkd) store(d, tb + j, n);  // the teachers' exps at j are read above
       });
     }
-    const T D = hsum(d_sum), G = hsum(g_sum);
+    T D = hsum(d_sum), G = hsum(g_sum);
+    if (dkd) D = dkd_terms(P, y, es, gb, tb, &G);
     *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
     if (!kd_grad && P.need_grad) std::fill(g, g + V, T(0));
     if (kd_grad) {
@@ -244,7 +309,9 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const int64_t nbuf = 3 + K;
   at::parallel_for(0, N, grain(V, 1 + K), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> work(nbuf * V), xbuf(same ? 0 : V), tbuf(same || !P.has_kd ? 0 : K * V), gbuf(same ? 0 : V);
+    const bool cap = P.softcap > acc_t(0);  // the capped rows live in xbuf and tbuf
+    std::vector<acc_t> work(nbuf * V), xbuf(same && !cap ? 0 : V), tbuf((same && !cap) || !P.has_kd ? 0 : K * V),
+        gbuf(same ? 0 : V);
     std::vector<const acc_t*> trows(K);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = target.present() ? target[i] : -1;
@@ -255,8 +322,21 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
         continue;
       }
       const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
+      if (cap) {
+        if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
+        soft_cap(xbuf.data(), V, P.softcap);
+        x = xbuf.data();
+      }
       if (P.has_kd) {
-        for (int64_t k = 0; k < K; ++k) trows[k] = as_acc(tp + k * st0 + i * st1, V, tbuf.data() + k * V);
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t* buf = tbuf.data() + k * V;
+          trows[k] = as_acc(tp + k * st0 + i * st1, V, buf);
+          if (cap) {
+            if (trows[k] != buf) std::copy(trows[k], trows[k] + V, buf);
+            soft_cap(buf, V, P.softcap);
+            trows[k] = buf;
+          }
+        }
       }
       acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
       acc_t kd, ce;
@@ -267,7 +347,10 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
         pp[i] = kd * P.scale;
         pp[N + i] = ce * P.scale;
       }
-      if (P.need_grad) finish_out(g, gp + i * sg, V);
+      if (P.need_grad) {
+        if (cap) soft_cap_grad(g, x, V, P.softcap);
+        finish_out(g, gp + i * sg, V);
+      }
     }
   });
 }
@@ -275,6 +358,7 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
 void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
                  const c10::optional<at::Tensor>& t, double t_value, const c10::optional<at::Tensor>& tt, double tt_value,
                  const c10::optional<at::Tensor>& scale_tensor, double scale, bool scale_grad, double alpha, double beta,
+                 double skew, double ab_alpha, double ab_beta, double dkd_alpha, double dkd_beta, double softcap,
                  double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
                  bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
   check_rows(student, "student");
@@ -284,7 +368,9 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "fastkd_cpu: teacher must have the student's dtype");
   TORCH_CHECK(teacher.device().is_cpu(), "fastkd_cpu: teacher must be a CPU tensor");
   check_target(target, student.size(0));
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "fastkd_cpu: divergence must be 0, 1 or 2, got ", divergence);
+  TORCH_CHECK(divergence >= FORWARD_KL && divergence <= DKD, "fastkd_cpu: divergence must be in [0, 7], got ", divergence);
+  TORCH_CHECK(divergence != DKD || (target.has_value() && target->defined()), "fastkd_cpu: DKD needs a target");
+  TORCH_CHECK(divergence != AB || ab_alpha > 0 || ab_beta > 0, "fastkd_cpu: ab_alpha and ab_beta must not both be 0");
   TORCH_CHECK(norm >= 0 && norm <= 2, "fastkd_cpu: norm must be 0, 1 or 2, got ", norm);
   const int64_t N = student.size(0), V = student.size(1);
   const bool need_grad = grad.size(0) > 0;
@@ -320,6 +406,12 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
     P.t_squared = temperature_squared;
     P.alpha = acc_t(alpha);
     P.beta = acc_t(beta);
+    P.skew = acc_t(skew);
+    P.ab_alpha = acc_t(ab_alpha);
+    P.ab_beta = acc_t(ab_beta);
+    P.dkd_alpha = acc_t(dkd_alpha);
+    P.dkd_beta = acc_t(dkd_beta);
+    P.softcap = acc_t(softcap);
     P.eps = acc_t(label_smoothing);
     P.norm_scale = acc_t(norm_scale);
     P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<double>()) : acc_t(scale);

@@ -107,13 +107,13 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
       for (int64_t c = 0; c <= k; ++c) lp[c] = nan_of<T>();
     }
     // the divergence over the k + 1 classes; h_c = dD/d(log q_c) / (f q_c) for reverse KL and JSD
-    const T beta = P.beta, beta1 = T(1) - P.beta, lb = std::log(beta), lb1 = std::log1p(-beta);
-    const T tiny = std::numeric_limits<T>::min();
+    const T beta1 = T(1) - P.beta;
+    const auto dc = divergence_constants<T, T>(P.divergence, P.beta, T(0), T(1), T(0), std::numeric_limits<T>::min());
     T D = T(0), S_sum = T(0);
     for (int64_t c = 0; c <= k; ++c) {
       const T p = std::exp(lp[c]), q = std::exp(lq[c]);
       T d, gc;
-      divergence_term<S>(P.divergence, p, q, lp[c], lq[c], lp[c] - lq[c], beta, beta1, lb, lb1, tiny, &d, &gc);
+      divergence_term<S>(dc, p, q, lp[c], lq[c], lp[c] - lq[c], &d, &gc);
       D += d;
       if (P.divergence != FORWARD_KL) {
         const T f = P.divergence == REVERSE_KL ? T(1) : beta1;

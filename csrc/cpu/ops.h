@@ -12,7 +12,8 @@ void softmax_bwd(const at::Tensor&, const at::Tensor&, const c10::optional<at::T
                  at::Tensor, at::Tensor, bool, bool);
 void kd_loss_fwd(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                  double, const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double, bool, double,
-                 double, double, double, int64_t, int64_t, int64_t, bool, bool, at::Tensor, at::Tensor, at::Tensor);
+                 double, double, double, double, double, double, double, double, double, int64_t, int64_t, int64_t,
+                 bool, bool, at::Tensor, at::Tensor, at::Tensor);
 void kd_loss_topk_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                       const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
                       const c10::optional<at::Tensor>&, double, bool, double, double, double, int64_t, int64_t, bool, bool,

@@ -28,3 +28,11 @@ float16/bfloat16/float32 inputs (float64 for float64, where the backend takes it
     student (N, C), teacher (K, N, C): (rows whose top-1 classes agree, int64 0-d; sum of the rows'
     KL(p || q), float64 0-d).
 """
+
+def kernels_cover(options, divergences, softcap: bool = False) -> bool:
+    """Whether a kernel that implements ``divergences`` (names), and logit soft-capping when ``softcap``,
+    runs these KD options. What a kernel backend's kernels do not implement yet (on Triton, issue 18's
+    objectives: skew KL, skew reverse KL, TVD, alpha-beta, DKD, soft-capping; in the C++ sparse teacher's
+    kernel, the same) runs the PyTorch backend's closed form from that backend (loss and gradient
+    written into the same outputs)."""
+    return options.divergence in divergences and (softcap or options.softcap is None)

@@ -16,12 +16,14 @@ from torch import Tensor
 from fastkd import _ext
 from fastkd._host import KDOutputs
 from fastkd._options import KDOptions
+from fastkd.backends import kernels_cover
 from fastkd.backends import torch as torch_backend
 
 NAME = "cpu"
 WORKSPACE_BYTES_PER_ENTRY = 0  # per-thread row buffers only: nothing per logit entry beyond the gradient
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6, "dkd": 7}
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # the sparse teacher's kernel
 NORMS = {None: 0, "standardize": 1, "spherical": 2}
 MODES = {"bins": 0, "rows": 1, "newton": 2}
 
@@ -47,28 +49,22 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
                      empty.float() if dt is None else dt, dx is not None, dt is not None)  # fmt: skip
 
 
-def _in_kernel(options: KDOptions) -> bool:
-    """Whether the C++ kernels implement these options; the objectives of issue 18 (skew KL and skew
-    reverse KL, TVD, the alpha-beta divergence, DKD, logit soft-capping) run the PyTorch backend's closed
-    form until they do."""
-    return options.divergence in DIVERGENCES and options.softcap is None
-
-
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
-    if not _in_kernel(options):
+    if not kernels_cover(options, DIVERGENCES, softcap=True):
         return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     _ops.kd_loss_fwd(
         student, teacher, target, *_split(options.temperature), *_split(options.teacher_temperature),
-        out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.label_smoothing,
-        options.norm_scale, options.ignore_index, DIVERGENCES[options.divergence], NORMS[options.logit_norm],
-        options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
+        out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.skew,
+        options.ab_alpha, options.ab_beta, options.dkd_alpha, options.dkd_beta, options.softcap or 0.0,
+        options.label_smoothing, options.norm_scale, options.ignore_index, DIVERGENCES[options.divergence],
+        NORMS[options.logit_norm], options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
     )  # fmt: skip
 
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
-    if not _in_kernel(options):
+    if not kernels_cover(options, TOPK_DIVERGENCES):
         return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     _ops.kd_loss_topk_fwd(
         student, indices, values, target, *_split(options.temperature), *_split(options.teacher_temperature),

@@ -15,6 +15,8 @@ from torch import Tensor
 from fastkd import reference
 from fastkd._host import KDOutputs, on_device, temperature_arg
 from fastkd._options import KDOptions
+from fastkd.backends import kernels_cover
+from fastkd.backends import torch as torch_backend
 from fastkd.kernels import calibration as calibration_kernels
 from fastkd.kernels import fidelity as fidelity_kernels
 from fastkd.kernels import kd_loss as kd_kernels
@@ -97,6 +99,8 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
 
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
+    if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:  # the kernels do not write the parts yet
+        return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     if student.numel() == 0:
         out.rows.zero_()
         return
@@ -119,6 +123,8 @@ def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
+    if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:
+        return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     n_rows, n_cols = student.shape
     if student.numel() == 0:
         out.rows.zero_()

@@ -8,8 +8,9 @@
 //
 // The math (kernels/*.py module docs for the whole derivation):
 //   online log-sum-exp   (m, d) with d = sum_j e^((x_j - m) k), merged as d = d_a e^((m_a - m) k) + d_b ...
-//   divergence terms     a (log a - log b), 0 where a = 0 (NaN where a is NaN)
-//   JSD mixture          log m, m = beta p + (1 - beta) q
+//   divergence terms     a (log a - log b), 0 where a = 0 (NaN where a is NaN), and each divergence's
+//                        D_j and g_j = dD/d(log q_j) (divergence_term)
+//   mixtures             log m, m = w p + (1 - w) q (JSD, skew KL, skew reverse KL)
 //   CE with smoothing    (1 - eps) (m - x_y + ln d) + eps (m - mean x + ln d)
 //   normalization        (r, kappa) of logit_norm, from the live entries' count and M2
 //   confidence bins      bin m of M holds ((m - 1)/M, m/M], compared exactly (Dekker's split for float64)
@@ -27,7 +28,10 @@
 
 namespace fastkd {
 
-enum Divergence : int64_t { FORWARD_KL = 0, REVERSE_KL = 1, JSD = 2 };  // kernels/kd_math.py DIVERGENCES
+// The first three are kernels/kd_math.py's DIVERGENCES (the Triton kernels'); fastkd/backends/cpu.py lists all.
+enum Divergence : int64_t {
+  FORWARD_KL = 0, REVERSE_KL = 1, JSD = 2, SKEW_KL = 3, SKEW_REVERSE_KL = 4, TVD = 5, AB = 6, DKD = 7
+};
 enum Norm : int64_t { NO_NORM = 0, STANDARDIZE = 1, SPHERICAL = 2 };    // kernels/kd_loss.py NORMS
 enum CalibrationMode : int64_t { BINS = 0, ROWS = 1, NEWTON = 2 };      // kernels/calibration.py MODES
 
@@ -152,27 +156,137 @@ FASTKD_INLINE V log_mixture(V p, V q, V log_p, V log_q, V beta, V beta1, V log_b
   return Ops::select(Ops::less(m, tiny), bound, exact);
 }
 
-// The divergence's row-sum term D_j and g_j = dD/d(log q_j), entry by entry (p and the other log q fixed):
-//   forward_kl  D_j = p (log p - log q),                   g = -p
-//   reverse_kl  D_j = q h, h = log q - log p,              g = q h
-//   jsd         D_j = beta p (log p - log m) + (1 - beta) q (log q - log m),  g = (1 - beta) q (log q - log m)
-// ``diff`` is log p - log q, formed by the caller (exactly 0 where the two rows are equal).
+// A row's divergence and its constants: the mixture weight w (JSD's beta; skew KL's and skew reverse KL's
+// skew) with ln w and ln(1 - w); the alpha-beta divergence's a, b >= 0 (not both 0) and the factors of
+// its terms; the smallest normal float (log_mixture). Built once per row on the host side of a kernel.
+template <typename V>
+struct DivergenceConstants {
+  int64_t kind = FORWARD_KL;
+  V w, w1, log_w, log_w1, tiny;
+  bool has_a = true, has_b = false;
+  V a, b, inv_a, inv_ab, inv_a2, inv_b2, a_frac, b_frac;
+};
+
+template <typename V, typename T>
+FASTKD_INLINE DivergenceConstants<V> divergence_constants(int64_t kind, T beta, T skew, T a, T b, T tiny) {
+  DivergenceConstants<V> c;
+  c.kind = kind;
+  const T w = kind == JSD ? beta : skew;
+  c.w = V(w);
+  c.w1 = V(T(1) - w);
+  c.log_w = V(::log(w));
+  c.log_w1 = V(::log1p(-w));
+  c.tiny = V(tiny);
+  c.has_a = a != T(0);
+  c.has_b = b != T(0);
+  c.a = V(a);
+  c.b = V(b);
+  c.inv_a = V(c.has_a ? T(1) / a : T(0));
+  c.inv_ab = V(c.has_a && c.has_b ? T(1) / (a * b) : T(0));
+  c.inv_a2 = V(c.has_a ? T(1) / (a * a) : T(0));
+  c.inv_b2 = V(c.has_b ? T(1) / (b * b) : T(0));
+  c.a_frac = V(a / (a + b));
+  c.b_frac = V(b / (a + b));
+  return c;
+}
+
+// The divergence's row-sum term D_j and g_j = dD/d(log q_j), entry by entry (p and the other log q fixed),
+// p the teacher's probabilities, q the student's (fastkd.reference.kd_divergence states each D):
+//   forward_kl       D_j = p (log p - log q),                                      g = -p
+//   reverse_kl       D_j = q h, h = log q - log p,                                 g = q h
+//   jsd              D_j = w p (log p - log m) + (1 - w) q (log q - log m),        g = (1 - w) q (log q - log m)
+//                    m = w p + (1 - w) q, w = beta
+//   skew_kl          D_j = p (log p - log m), m = w p + (1 - w) q,                g = -(1 - w) p q / m
+//   skew_reverse_kl  D_j = q (log q - log m), m = (1 - w) p + w q,                g = D_j - w q q / m
+//   tvd              D_j = |p - q| / 2,                                            g = q sign(q - p) / 2
+//   dkd              D_j = p (log p - log q) and g = p: the sums decoupled KD needs (dkd_row below)
+//   ab               D_j = -(p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)) / (a b), g = (q^(a+b) - p^a q^b) / a
+//                    b = 0: (a p^a (log p - log q) - p^a + q^a) / a^2,           g = (q^a - p^a) / a
+//                    a = 0: (b q^b (log q - log p) - q^b + p^b) / b^2,           g = q^b (log q - log p)
+// A term is 0 where its weight (p or q, or p^a, q^b) is 0, and NaN where an input is NaN. ``diff`` is
+// log p - log q, formed by the caller (exactly 0 where the two rows are equal). Exps per entry: JSD and the
+// skew divergences one log (and skew KL / skew reverse KL one exp); ab up to 4 (p^a, q^b, p^(a+b), q^(a+b)).
 template <typename Ops, typename V>
-FASTKD_INLINE void divergence_term(int64_t divergence, V p, V q, V log_p, V log_q, V diff, V beta, V beta1,
-                                   V log_beta, V log_beta1, V tiny, V* d, V* g) {
-  if (divergence == FORWARD_KL) {
-    *d = Ops::select(Ops::is_zero(p), V(0), p * diff);
-    *g = V(0) - p;
-  } else if (divergence == REVERSE_KL) {
-    V qh = Ops::select(Ops::is_zero(q), V(0), q * (V(0) - diff));
-    *d = qh;
-    *g = qh;
-  } else {
-    V log_m = log_mixture<Ops>(p, q, log_p, log_q, beta, beta1, log_beta, log_beta1, tiny);
-    V qh = kl_term<Ops>(q, log_q, log_m);
-    *d = beta * kl_term<Ops>(p, log_p, log_m) + beta1 * qh;
-    *g = beta1 * qh;
+FASTKD_INLINE void divergence_term(const DivergenceConstants<V>& c, V p, V q, V log_p, V log_q, V diff, V* d, V* g) {
+  const V zero(0);
+  switch (c.kind) {
+    case FORWARD_KL:
+      *d = Ops::select(Ops::is_zero(p), zero, p * diff);
+      *g = zero - p;
+      return;
+    case DKD:
+      *d = Ops::select(Ops::is_zero(p), zero, p * diff);
+      *g = p;
+      return;
+    case REVERSE_KL: {
+      V qh = Ops::select(Ops::is_zero(q), zero, q * (zero - diff));
+      *d = qh;
+      *g = qh;
+      return;
+    }
+    case JSD: {
+      V log_m = log_mixture<Ops>(p, q, log_p, log_q, c.w, c.w1, c.log_w, c.log_w1, c.tiny);
+      V qh = kl_term<Ops>(q, log_q, log_m);
+      *d = c.w * kl_term<Ops>(p, log_p, log_m) + c.w1 * qh;
+      *g = c.w1 * qh;
+      return;
+    }
+    case SKEW_KL: {
+      V log_m = log_mixture<Ops>(p, q, log_p, log_q, c.w, c.w1, c.log_w, c.log_w1, c.tiny);
+      *d = kl_term<Ops>(p, log_p, log_m);
+      *g = zero - c.w1 * Ops::select(Ops::is_neg_inf(log_m), zero, Ops::exp(log_p + log_q - log_m));
+      return;
+    }
+    case SKEW_REVERSE_KL: {
+      V log_m = log_mixture<Ops>(q, p, log_q, log_p, c.w, c.w1, c.log_w, c.log_w1, c.tiny);
+      V qh = kl_term<Ops>(q, log_q, log_m);
+      *d = qh;
+      *g = qh - c.w * q * Ops::select(Ops::is_neg_inf(log_m), zero, Ops::exp(log_q - log_m));
+      return;
+    }
+    case TVD: {
+      // NaN compares false: |p - q| is then q - p (NaN), and 0 (q - p) carries the NaN into g.
+      *d = V(0.5) * Ops::select(Ops::less(q, p), p - q, q - p);
+      V sign = Ops::select(Ops::less(p, q), V(1), Ops::select(Ops::less(q, p), V(-1), zero));
+      *g = V(0.5) * q * sign + zero * (q - p);
+      return;
+    }
+    default: {  // AB
+      if (c.has_a && c.has_b) {
+        V pa = Ops::exp(c.a * log_p), qb = Ops::exp(c.b * log_q);
+        V pab = Ops::exp((c.a + c.b) * log_p), qab = Ops::exp((c.a + c.b) * log_q);
+        *d = (c.a_frac * pab + c.b_frac * qab - pa * qb) * c.inv_ab;
+        *g = (qab - pa * qb) * c.inv_a;
+      } else if (c.has_a) {
+        V pa = Ops::exp(c.a * log_p), qa = Ops::exp(c.a * log_q);
+        *d = (Ops::select(Ops::is_zero(pa), zero, c.a * pa * diff) - pa + qa) * c.inv_a2;
+        *g = (qa - pa) * c.inv_a;
+      } else {
+        V qb = Ops::exp(c.b * log_q), pb = Ops::exp(c.b * log_p);
+        V term = Ops::select(Ops::is_zero(qb), zero, qb * (zero - diff));
+        *d = (c.b * term - qb + pb) * c.inv_b2;
+        *g = Ops::select(Ops::is_zero(q), zero, term);
+      }
+    }
   }
+}
+
+// Decoupled KD (Zhao et al., CVPR 2022) of one row from its sums over the classes: a = p_y, b = q_y, A and B
+// the teacher's and student's mass on the other classes (summed, not 1 - p_y), cross = sum_{j != y}
+// p_j (log p_j - log q_j); weights w_t (TCKD) and w_n (NCKD). Returns D = w_t TCKD + w_n NCKD,
+//   TCKD = a log(a / b) + A log(A / B),   NCKD = cross / A - log A + log B  (0 where A = 0),
+// and sets the factors of its gradient dD/du_j = w_t kappa ([j = y] - q_j) + w_n (q_j / B - p_j / A)[j != y]:
+// kappa = A b / B - a, inv_a = 1 / A and inv_b = 1 / B (0 where A = 0: no non-target distribution).
+template <typename T>
+FASTKD_INLINE T dkd_row(T a, T b, T A, T B, T cross, T w_t, T w_n, T* kappa, T* inv_a, T* inv_b) {
+  using S = ScalarOps<T>;
+  const T tckd = kl_term<S>(a, S::log(a), S::log(b)) + kl_term<S>(A, S::log(A), S::log(B));
+  const bool rest = A > T(0);
+  const T nckd = rest ? cross / A - S::log(A) + S::log(B) : T(0);
+  *kappa = (B > T(0) ? A * b / B : T(0)) - a;
+  *inv_a = rest ? T(1) / A : T(0);
+  *inv_b = rest ? T(1) / B : T(0);
+  return w_t * tckd + w_n * nckd;
 }
 
 // Tempered softmax backward, dL/du_j from g_j = dL/dy_j and p_j, with c = sum g p (softmax) or sum g (log).
