@@ -21,7 +21,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.kernels.reductions import online_argmax, row_inv_temperature, row_lse, safe_max
+from fastkd.kernels.reductions import (
+    LN2,
+    LOG2E,
+    lse_empty,
+    lse_finish,
+    lse_step,
+    online_argmax,
+    row_inv_temperature,
+    safe_max,
+)
 
 
 @triton.jit
@@ -66,8 +75,15 @@ def _kl_ensemble(
     m_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
     lse_k = tl.zeros([ROWS, K_BLOCK], tl.float32)
     member_ptr = t_ptr  # advanced by stride_tk per member: 64-bit pointers, no int32 product k * stride_tk
+    u2 = u[:, None] * LOG2E
     for k in range(n_teachers):
-        m, ln_d = row_lse(member_ptr, u, row_ok, cols, n_cols, ROWS, BLOCK)
+        m, d = lse_empty(ROWS, 1)
+        for start in range(0, n_cols, BLOCK):
+            mask = row_ok[:, None] & (start + cols < n_cols)
+            t = tl.load(member_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m, d = lse_step(m, d, t, u2, 1)
+        m, d = lse_finish(m, d, u2)
+        m, ln_d = tl.max(m, 1), tl.log2(tl.sum(d, 1)) * LN2
         m_k = tl.where(members[None, :] == k, safe_max(m)[:, None], m_k)
         lse_k = tl.where(members[None, :] == k, ln_d[:, None], lse_k)
         member_ptr += stride_tk
@@ -147,5 +163,3 @@ def fidelity_kernel(
         kl += tl.sum(tl.where(row_ok, row_kl, 0.0).to(tl.float64), 0)
     tl.store(AGREE + pid, agree)
     tl.store(KL + pid, kl)
-
-

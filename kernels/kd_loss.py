@@ -1,5 +1,6 @@
 """Triton kernel for the fused distillation loss: the loss of each row and its gradient wrt the student
-logits, in one kernel, in the forward pass.
+logits, in the forward pass (``PHASE`` FUSED), or split in two launches: the loss and a few row
+statistics in the forward (STATS), the gradient times dL/dloss in the backward (GRAD).
 
 For a row with student logits x (V), teacher logits t_k (K members, V each) and target y (math in fp32):
 
@@ -24,12 +25,41 @@ all the same because r_s, and so k_s, is large for a nearly constant row, where 
 rounding left in sum D'.
     dCE/dx_j = s_j - (1 - eps) [j = y] - eps / V
 The row's gradient alpha c dKD/dx + (1 - alpha) dCE/dx, times the reduction's scale (1/rows for
-"mean"), is written in the student's dtype after the -1 at the target is folded in, in fp32.
+"mean"; and dL/dloss in GRAD), is written in the student's dtype after the -1 at the target is folded
+in, in fp32.
 
-Memory traffic: a row up to ``MAX_ONE_BLOCK`` wide is read once (several rows per program when narrow)
-and its gradient written once. A wider row is read in column blocks: a pass for the row's log-sum-exps
-and a pass that writes the gradient, plus one pass for the row statistics with ``logit_norm`` and one
-for the row sum sum_k q_k h_k (reverse_kl, jsd) or sum_k D'_k c_k (``logit_norm``).
+**Row sums in one pass (one teacher).** With u_j = (x_j - M_s) k_s and v_j = (t_j - M_t) k_t relative
+to running maxima M_s, M_t (base 2 in the kernel: k holds log2 e), d_s = sum e^u, d_t = sum e^v:
+
+    KL(p || q) = E_f / d_t - ln d_t + ln d_s,     E_f = sum_j e^(v_j) (v_j - u_j)
+    KL(q || p) = E_r / d_s - ln d_s + ln d_t,     E_r = sum_j e^(u_j) (u_j - v_j)   (= sum q h, reverse KL)
+
+When a maximum grows, every earlier u (or v) shifts by the same amount and its weights rescale like
+the sum-exp: E_f <- r_t (E_f + (delta_t - delta_s) d_t) with delta = (M_old - M_new) k, r_t = e^delta_t
+(E_r alike), so the log-sum-exp pass also gives the loss of forward and reverse KL, and reverse KL's
+row sum sum_k q_k h_k = KL(q || p). An entry where the student is -inf and the teacher is not adds +inf
+to E_f (forward KL is infinite there), as does the converse to E_r; a term whose weight underflows to 0
+drops out, as in float64. With ``logit_norm`` the gradient's row sums need, with c = x - mean (the
+statistics pass first): sum q c = C_q / d_s, C_q = sum e^u c; sum p c = C_p / d_t; and for reverse
+KL sum q h c = (F - (ln d_s - ln d_t) C_q) / d_s, F = sum e^u (u - v) c, each rescaled like its weight.
+JSD's log m = log(beta p + (1 - beta) q) needs both rows' final normalizers: sum q h is not a function
+of finitely many running sums (it is sum_j e^(u_j) phi(rho e^(v_j - u_j)) with phi nonlinear in the
+ratio rho = d_s / d_t known only at the row's end), so JSD keeps a pass for it; so do ensembles, whose
+log p = log mean_k p_k needs every member's normalizer first.
+
+**Passes** over a row wider than ``MAX_ONE_BLOCK`` (read in column blocks; a narrower row is read once,
+several rows a program, and each pass runs on the registers): [``logit_norm``: the statistics of
+student and teacher] -> the log-sum-exps of student (at T and at 1), teacher or each member, with
+the online sums above -> [JSD, ensembles with reverse KL, JSD or ``logit_norm``: the row sums and the
+loss] -> the gradient (and the loss of an ensemble's forward KL). In bytes per entry, bf16 student and
+one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD 14, with ``logit_norm`` 4 more; the minimum
+(read both, write the gradient) is 6. The split moves the last pass to the backward, where dL/dloss
+is known: the same bytes, with no read-modify-write of the gradient when dL/dloss != 1.
+
+**Column blocks.** Each step of a pass reads a [ROWS, BLOCK] tile in 16-byte vectors and keeps its
+running values per slot, the VEC entries one thread holds (``reductions.slots``): the steps have no
+barrier, and the slots are merged once per row. A row whose start is not 16-byte aligned is read as an
+aligned body and an edge of at most 2 VEC - 2 entries (``reductions.row_body``).
 
 Entries: a -inf logit is a masked class (probability 0, excluded from the normalization's statistics;
 its KD gradient is 0). A row whose target is ``ignore_index`` gets loss 0 and gradient 0; a target
@@ -44,46 +74,87 @@ import functools
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_math import FORWARD_KL, REVERSE_KL, ce_grad, ce_loss, divergence_grad, divergence_tile, row_setup
-from fastkd.kernels.reductions import row_inv_temperature, row_lse, safe_max
+from fastkd.kernels.kd_math import (
+    FORWARD_KL,
+    JSD,
+    REVERSE_KL,
+    ce_grad,
+    ce_loss,
+    divergence_grad,
+    divergence_tile,
+    row_setup,
+)
+from fastkd.kernels.reductions import (
+    LN2,
+    LOG2E,
+    lse_empty,
+    lse_finish,
+    lse_step,
+    per_entry,
+    row_body,
+    row_edge,
+    row_inv_temperature,
+    safe_max,
+    slot_max,
+    slot_sum,
+    slot_total,
+    slots,
+)
 
 NORMS = {None: 0, "standardize": 1, "spherical": 2}  # the kernel's NORM
-
 NO_NORM, STANDARDIZE, SPHERICAL = (tl.constexpr(v) for v in NORMS.values())
 EPS = tl.constexpr(1e-7)  # fastkd.reference.NORM_EPS
+PHASES = {"fused": 0, "stats": 1, "grad": 2}  # the kernel's PHASE
+PHASE_FUSED, PHASE_STATS, PHASE_GRAD = (tl.constexpr(v) for v in PHASES.values())
+# The row statistics STATS writes and GRAD reads, fp32 each: student max, k_s, log2 d_s, log2 d_1;
+# teacher max, k_t, log2 d_t; sum q h (bits); mean x, W, mean_k (D'_k - c_k W) (logit_norm).
+N_STATS = 11
+STATS_WIDTH = tl.constexpr(N_STATS)  # the same, for the kernel
 
 MAX_ONE_BLOCK = 4096  # widest row held in registers by one program
-LOOP_BLOCK = 1024  # columns per step when a row is wider (4 warps: 8 per thread per tile)
-LOOP_MAX_REGISTERS = 128  # per thread, for the loop: without a budget ptxas spills 8 bytes at 80 in some variants
+LOOP_WARPS = 4
+LOOP_VECTORS = 2  # 16-byte vectors per thread per tensor in a step of the column loop
+# Registers per thread, for the loop: without a budget ptxas spills 8 bytes at 80 in some variants.
+LOOP_MAX_REGISTERS = 128
+# An ensemble with logit_norm at a width with an edge (rows not 16-byte aligned) spilled 24-40 bytes at 128
+# (V = 50257, K = 3) and 8 at 168 (JSD + spherical); with no budget (255) ptxas takes 200-207 registers and
+# spills nothing, at 2 blocks of 4 warps a SM (any budget over 170 gives 2). Rows read entry by entry
+# instead (ALIGN 0) spilled 232-304 bytes at 128 (tests/sm90_compile.py).
+LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE = 255
+
+
+# ---- logit_norm: the rows' statistics -----------------------------------------------------------------
 
 
 @triton.jit
-def _moments(x):
-    """(n, mean, M2) over the entries of each row of the tile that are not -inf; M2 = sum (x - mean)^2."""
-    live = x > float("-inf")
-    n = tl.sum(live.to(tl.float32), 1)
-    mean = tl.sum(tl.where(live, x, 0.0), 1) / tl.maximum(n, 1.0)
-    dev = tl.where(live, x - mean[:, None], 0.0)
-    return n, mean, tl.sum(dev * dev, 1)
+def _chan(n, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of (count, mean, M2) with a block's."""
+    n_new = n + n_b
+    delta = mean_b - mean
+    frac = n_b / tl.maximum(n_new, 1.0)
+    return n_new, mean + delta * frac, m2 + m2_b + delta * delta * n * frac
 
 
 @triton.jit
-def _row_moments(ptr, row_ok, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``_moments`` of whole rows read in column blocks, merged by Chan et al.'s update."""
-    n = tl.zeros([ROWS], tl.float32)
-    mean = tl.zeros([ROWS], tl.float32)
-    m2 = tl.zeros([ROWS], tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        mask = row_ok[:, None] & (start + cols < n_cols)
-        x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        n_b, mean_b, m2_b = _moments(x)
-        n_new = n + n_b
-        delta = mean_b - mean
-        frac = n_b / tl.maximum(n_new, 1.0)
-        mean += delta * frac
-        m2 += m2_b + delta * delta * n * frac
-        n = n_new
-    return n, mean, m2
+def _moments_step(n, mean, m2, x, SLOTS: tl.constexpr):
+    """(n, mean, M2) per slot of the entries that are not -inf, with the tile x added."""
+    x3 = slots(x, SLOTS)
+    live = x3 > float("-inf")
+    n_b = slot_total(live.to(tl.float32), SLOTS)
+    mean_b = slot_total(tl.where(live, x3, 0.0), SLOTS) / tl.maximum(n_b, 1.0)
+    dev = tl.where(live, x3 - per_entry(mean_b, SLOTS), 0.0)
+    return _chan(n, mean, m2, n_b, mean_b, slot_total(dev * dev, SLOTS))
+
+
+@triton.jit
+def _moments_finish(n, mean, m2, SLOTS: tl.constexpr):
+    """The rows' (n, mean, M2) from their slots': [ROWS, SLOTS] -> [ROWS, 1]."""
+    if SLOTS == 1:
+        return n, mean, m2
+    n_row = tl.sum(n, 1, keep_dims=True)
+    mean_row = tl.sum(n * mean, 1, keep_dims=True) / tl.maximum(n_row, 1.0)
+    dev = mean - mean_row
+    return n_row, mean_row, tl.sum(m2 + n * dev * dev, 1, keep_dims=True)
 
 
 @triton.jit
@@ -102,71 +173,188 @@ def _norm_factor(n, m2, norm_scale, NORM: tl.constexpr):
 
 
 @triton.jit
-def _log_softmax_tile(x, k):
-    """log_softmax(x k) of whole rows held in the tile, k one scale per row."""
-    u = (x - safe_max(tl.max(x, 1))[:, None]) * k[:, None]
-    return u - tl.log(tl.sum(tl.exp(u), 1))[:, None]
-
-
-@triton.jit
-def _member_log_prob_tile(t, inv_tt, norm_scale, NORM: tl.constexpr):
-    """log p of one teacher's rows held in the tile: its logits normalized (``logit_norm``) and tempered."""
-    r_t = tl.full(inv_tt.shape, 1.0, tl.float32)
+def _row_moments(body, cols, n_body, ok, tile, edge, n_cols, NORM: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, SLOTS: tl.constexpr, ONE_BLOCK: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+    """(n, mean, M2) of whole rows ([ROWS, 1]): the body (the tile held, or read in column blocks from
+    the pointers ``body``), then the edge."""
+    n = tl.zeros([ROWS, SLOTS], tl.float32)
+    mean = tl.zeros([ROWS, SLOTS], tl.float32)
+    m2 = tl.zeros([ROWS, SLOTS], tl.float32)
     if NORM != NO_NORM:
-        n_t, _, m2_t = _moments(t)
-        r_t, _ = _norm_factor(n_t, m2_t, norm_scale, NORM)
-    return _log_softmax_tile(t, r_t * inv_tt)
+        if ONE_BLOCK:
+            n, mean, m2 = _moments_step(n, mean, m2, tile, SLOTS)
+        else:
+            for start in range(0, n_cols, BLOCK):
+                x = tl.load(body + start + cols, mask=ok & (start + cols < n_body), other=float("-inf"))
+                n, mean, m2 = _moments_step(n, mean, m2, x.to(tl.float32), SLOTS)
+        n, mean, m2 = _moments_finish(n, mean, m2, SLOTS)
+        if EDGE:
+            n, mean, m2 = _moments_step(n, mean, m2, edge, 1)
+    return n, mean, m2
+
+
+# ---- the log-sum-exp pass, with the one-teacher row sums online ---------------------------------------
 
 
 @triton.jit
-def _mean_exp_update(mx, acc, w):
-    """Running log-mean-exp over ensemble members, elementwise: max mx and sum acc of e^(w - mx)."""
-    mx_new = tl.maximum(mx, w)
-    sub = safe_max(mx_new)
-    return mx_new, acc * tl.exp(mx - sub) + tl.exp(w - sub)
+def _pass_empty(ROWS: tl.constexpr, SLOTS: tl.constexpr):
+    """The running values of slots that have seen nothing: (M_s, d_s, d_1, sum x, M_t, d_t, E, sum c,
+    C_q, C_p, F) (module doc), maxima -inf, sums 0."""
+    m, d = lse_empty(ROWS, SLOTS)
+    return m, d, d, d, m, d, d, d, d, d, d
+
+
+@triton.jit
+def _pass_rescale(st, ms_to, mt_to, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
+                  HAS_CE: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+    """The running values of ``st`` rescaled to the larger maxima ms_to, mt_to (module doc)."""
+    ms, ds, d1, xs, mt, dt, e, cs, cq, cp, f = st
+    sub_s = safe_max(ms_to)
+    if HAS_CE:
+        d1 = d1 * tl.exp2((ms - sub_s) * LOG2E)
+    if HAS_KD:
+        r_s = tl.exp2((ms - sub_s) * ks2)
+        if PAIR:
+            sub_t = safe_max(mt_to)
+            r_t = tl.exp2((mt - sub_t) * kt2)
+            shift = (safe_max(mt) - sub_t) * kt2 - (safe_max(ms) - sub_s) * ks2  # delta_t - delta_s
+            if DIVERGENCE == FORWARD_KL:
+                e = tl.where(r_t != 0, r_t * (e + shift * dt), 0.0)
+                cp = cp * r_t
+            if DIVERGENCE == REVERSE_KL:
+                e = tl.where(r_s != 0, r_s * (e - shift * ds), 0.0)
+                f = tl.where(r_s != 0, r_s * (f - shift * cq), 0.0)
+            dt = dt * r_t
+        ds = ds * r_s
+        cq = cq * r_s
+    return ms_to, ds, d1, xs, mt_to, dt, e, cs, cq, cp, f
+
+
+@triton.jit
+def _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
+               HAS_CE: tl.constexpr, PAIR: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
+    """The running values ``st`` ([ROWS, SLOTS]) with the tile x (and the teacher's t, with PAIR) added:
+    one exp2 per entry for each of the student at T, at 1 and the teacher, one per slot to rescale."""
+    x3 = slots(x, SLOTS)
+    ms_new = tl.maximum(st[0], slot_max(x3, SLOTS))
+    mt_new = st[4]
+    if PAIR:
+        t3 = slots(t, SLOTS)
+        mt_new = tl.maximum(st[4], slot_max(t3, SLOTS))
+    ms, ds, d1, xs, mt, dt, e, cs, cq, cp, f = _pass_rescale(st, ms_new, mt_new, ks2, kt2, DIVERGENCE, NORM, HAS_KD,
+                                                              HAS_CE, PAIR)  # fmt: skip
+    x_rel = x3 - per_entry(safe_max(ms), SLOTS)
+    if HAS_CE:
+        d1 += slot_total(tl.exp2(x_rel * LOG2E), SLOTS)
+        xs += slot_total(tl.where(slots(mask, SLOTS), x3, 0.0), SLOTS)
+    if HAS_KD:
+        u = x_rel * per_entry(ks2, SLOTS)
+        eu = tl.exp2(u)
+        ds += slot_total(eu, SLOTS)
+        c = tl.zeros_like(u)
+        if NORM != NO_NORM:
+            c = tl.where(x3 > float("-inf"), x3 - per_entry(mu, SLOTS), 0.0)
+            cs += slot_total(c, SLOTS)
+            cq += slot_total(eu * c, SLOTS)
+        if PAIR:
+            v = (t3 - per_entry(safe_max(mt), SLOTS)) * per_entry(kt2, SLOTS)
+            ev = tl.exp2(v)
+            dt += slot_total(ev, SLOTS)
+            if DIVERGENCE == FORWARD_KL:
+                e += slot_total(tl.where(ev != 0, ev * (v - u), 0.0), SLOTS)
+                if NORM != NO_NORM:
+                    cp += slot_total(ev * c, SLOTS)
+            if DIVERGENCE == REVERSE_KL:
+                w = tl.where(eu != 0, eu * (u - v), 0.0)
+                e += slot_total(w, SLOTS)
+                if NORM != NO_NORM:
+                    f += slot_total(w * c, SLOTS)
+    return ms, ds, d1, xs, mt, dt, e, cs, cq, cp, f
+
+
+@triton.jit
+def _pass_finish(st, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
+                 HAS_CE: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+    """The rows' values from their slots': [ROWS, SLOTS] -> [ROWS, 1]."""
+    ms = tl.max(st[0], 1, keep_dims=True)
+    mt = tl.max(st[4], 1, keep_dims=True)
+    _, ds, d1, xs, _, dt, e, cs, cq, cp, f = _pass_rescale(st, ms, mt, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE,
+                                                           PAIR)  # fmt: skip
+    return (ms, tl.sum(ds, 1, keep_dims=True), tl.sum(d1, 1, keep_dims=True), tl.sum(xs, 1, keep_dims=True), mt,
+            tl.sum(dt, 1, keep_dims=True), tl.sum(e, 1, keep_dims=True), tl.sum(cs, 1, keep_dims=True),
+            tl.sum(cq, 1, keep_dims=True), tl.sum(cp, 1, keep_dims=True), tl.sum(f, 1, keep_dims=True))  # fmt: skip
+
+
+# ---- the teacher, and the terms after the log-sum-exps ---------------------------------------------
 
 
 @triton.jit
 def _pick(values, member, kk):
-    """values[:, member] of a [ROWS, K_BLOCK] tensor."""
-    return tl.sum(tl.where(kk[None, :] == member, values, 0.0), 1)
+    """values[:, member] of a [ROWS, K_BLOCK] tensor, as [ROWS, 1]."""
+    return tl.sum(tl.where(kk[None, :] == member, values, 0.0), 1, keep_dims=True)
 
 
 @triton.jit
-def _teacher_log_prob(t_ptr, offs, mask, k_t, m_t, lnd_t, kk, n_teachers, stride_tk, ENSEMBLE: tl.constexpr):
-    """log p of a [ROWS, BLOCK] tile, from each member's per-row scale, max and ln d ([ROWS, K_BLOCK])."""
-    if ENSEMBLE:
+def _teacher_log2_prob(t, t_ptr, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE: tl.constexpr):
+    """log2 p of a tile: from the loaded tile t of one teacher, or (ENSEMBLE) from each member read at
+    t_ptr, with each member's scale, max and log2 d ([ROWS, K_BLOCK]): log2 of the mean of 2^(w_k)."""
+    if not ENSEMBLE:
+        l2p = (t - safe_max(m_t)) * kt2 - l2d_t
+    else:
         mx = tl.full(mask.shape, float("-inf"), tl.float32)
         acc = tl.zeros(mask.shape, tl.float32)
         member_ptr = t_ptr  # advanced by stride_tk per member: 64-bit pointers, no int32 product
         for member in range(n_teachers):
-            t = tl.load(member_ptr + offs, mask=mask, other=float("-inf"))
+            t_k = tl.load(member_ptr, mask=mask, other=float("-inf")).to(tl.float32)
             member_ptr += stride_tk
-            k, m, lnd = _pick(k_t, member, kk), _pick(m_t, member, kk), _pick(lnd_t, member, kk)
-            w = (t.to(tl.float32) - safe_max(m)[:, None]) * k[:, None] - lnd[:, None]
-            mx, acc = _mean_exp_update(mx, acc, w)
-        return mx + tl.log(acc) - tl.log(n_teachers.to(tl.float32))
-    t = tl.load(t_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    k, m, lnd = tl.sum(k_t, 1), tl.sum(m_t, 1), tl.sum(lnd_t, 1)
-    return (t - safe_max(m)[:, None]) * k[:, None] - lnd[:, None]
+            w = (t_k - safe_max(_pick(m_t, member, kk))) * _pick(kt2, member, kk) - _pick(l2d_t, member, kk)
+            mx_new = tl.maximum(mx, w)
+            sub = safe_max(mx_new)
+            acc = acc * tl.exp2(mx - sub) + tl.exp2(w - sub)
+            mx = mx_new
+        l2p = mx + tl.log2(acc) - tl.log2(n_teachers.to(tl.float32))
+    return l2p
 
 
 @triton.jit
-def _row_sum_terms(x, q, p, h, mu, DIVERGENCE: tl.constexpr):
-    """Per-entry terms of the row sums the gradient needs, before D''s row constant is known:
-    (q h, D' c, q c, D' or q, c), with D' c and D' as q h c and q for reverse_kl and jsd."""
-    c = tl.where(x > float("-inf"), x - mu[:, None], 0.0)
-    if DIVERGENCE == FORWARD_KL:
-        return q * h, (q - p) * c, q * c, q - p, c
-    return q * h, q * h * c, q * c, q, c
+def _terms(acc, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr,
+           SLOTS: tl.constexpr):  # fmt: skip
+    """``acc`` ([ROWS, SLOTS] each) plus the row sums a tile adds once the log-sum-exps are known: the loss
+    terms and sum q h (in bits), and with ``logit_norm`` the row sums of ``_norm_terms`` (sum D' c,
+    sum q c, sum D', sum c, with D' c and D' as q h c and q for reverse_kl and jsd)."""
+    q, p, terms, h = divergence_tile((x - safe_max(m_s)) * ks2 - l2d_s, l2p, beta, DIVERGENCE)
+    qh = tl.where(mask, q * h, 0.0)
+    s_kd, s_qh, s_dc, s_qc, s_d, s_c = acc
+    s_kd += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
+    s_qh += slot_sum(qh, SLOTS)
+    if NORM != NO_NORM:
+        c = tl.where(x > float("-inf"), x - mu, 0.0)
+        s_qc += slot_sum(q * c, SLOTS)
+        s_c += slot_sum(c, SLOTS)
+        if DIVERGENCE == FORWARD_KL:
+            d = tl.where(mask, q - p, 0.0)
+            s_d += slot_sum(d, SLOTS)
+            s_dc += slot_sum(d * c, SLOTS)
+        else:
+            s_d += slot_sum(tl.where(mask, q, 0.0), SLOTS)
+            s_dc += slot_sum(qh * c, SLOTS)
+    return s_kd, s_qh, s_dc, s_qc, s_d, s_c
+
+
+@triton.jit
+def _row_sums(acc):
+    """The rows' sums of slot sums: [ROWS, SLOTS] -> [ROWS, 1] each."""
+    s_kd, s_qh, s_dc, s_qc, s_d, s_c = acc
+    return (tl.sum(s_kd, 1, keep_dims=True), tl.sum(s_qh, 1, keep_dims=True), tl.sum(s_dc, 1, keep_dims=True),
+            tl.sum(s_qc, 1, keep_dims=True), tl.sum(s_d, 1, keep_dims=True), tl.sum(s_c, 1, keep_dims=True))  # fmt: skip
 
 
 @triton.jit
 def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE: tl.constexpr):
-    """(W, mean_k (D'_k - c_k W)) of the module doc from the row sums of ``_row_sum_terms``; W = 0 for a
-    constant row (kappa = 0)."""
-    if DIVERGENCE != FORWARD_KL:  # D' = f q (h - sum q h), f = 1 or 1 - beta
-        f = 1.0 if DIVERGENCE == REVERSE_KL else 1.0 - beta
+    """(W, mean_k (D'_k - c_k W)) of the module doc from the row sums (sum q h in bits; sum D' c and
+    sum D' as sum q h c (bits) and sum q for reverse_kl and jsd); W = 0 for a constant row (kappa = 0)."""
+    if DIVERGENCE != FORWARD_KL:  # D' = f q (h - sum q h) ln 2, f = 1 or 1 - beta
+        f = LN2 if DIVERGENCE == REVERSE_KL else LN2 * (1.0 - beta)
         dc_sum = f * (dc_sum - qh_sum * qc_sum)
         d_sum = f * qh_sum * (1.0 - d_sum)
     w = tl.where(kappa > 0, r * dc_sum / kappa, 0.0)
@@ -174,23 +362,34 @@ def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGE
 
 
 @triton.jit
-def _kd_grad(x, q, p, h, qh_sum, mu, k_s, w, g_mean, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr):
-    """dKD/dx of a tile given the row sums (module doc)."""
-    g = divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
-    if NORM != NO_NORM:
-        live = x > float("-inf")
-        c = tl.where(live, x - mu[:, None], 0.0)
-        g = tl.where(live, g - c * w[:, None] - g_mean[:, None], 0.0)
-    return g * k_s[:, None]
+def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale, ce_scale, beta, ls_eps,
+          n_cols, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr):  # fmt: skip
+    """dL/dx of a tile given the row statistics ([ROWS, 1]), kd_scale = alpha c times the gradient's
+    scale, ce_scale = (1 - alpha) times it, and ``hit``, the entry of the target; and the tile's loss
+    terms (bits)."""
+    grad = tl.zeros_like(x)
+    terms = tl.zeros_like(x)
+    if HAS_KD:
+        q, p, terms, h = divergence_tile((x - safe_max(m_s)) * (k_s * LOG2E) - l2d_s, l2p, beta, DIVERGENCE)
+        g = divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
+        if NORM != NO_NORM:
+            live = x > float("-inf")
+            g = tl.where(live, g - (x - mu) * w_norm - g_mean, 0.0)
+        grad = (kd_scale * k_s) * g
+    if HAS_CE:
+        grad += ce_scale * ce_grad(x, hit, safe_max(m_s), l2d_1, ls_eps, n_cols)
+    return grad, terms
 
 
 @triton.jit
-def kd_loss_fwd_kernel(
+def kd_loss_kernel(
     X,  # (N, V) student logits, unit column stride
     TL,  # (K, N, V) teacher logits, unit column stride
     Y,  # (N,) int32/int64 targets, or None
-    LOSS,  # (N,) fp32 row losses, times the reduction's scale
-    G,  # (N, V) dL/dx in X's dtype (may be X itself), written when NEED_GRAD
+    LOSS,  # (N,) fp32 row losses, times the reduction's scale (FUSED, STATS)
+    G,  # (N, V) dL/dx in X's dtype (may be X itself), written when NEED_GRAD (FUSED, GRAD)
+    STATS,  # (N, N_STATS) fp32 row statistics: written by STATS, read by GRAD
+    GO,  # dL/dloss, one value (stride_go 0) or one per row (GRAD)
     T,  # (N,) student temperatures (stride_temp apart; 0 for one value), or None for inv_temp
     TT,  # (N,) teacher temperatures, or None for inv_temp_t
     SCALE,  # one fp32: the reduction's scale, or None for the float scale
@@ -211,6 +410,7 @@ def kd_loss_fwd_kernel(
     stride_g,
     stride_temp,
     stride_temp_t,
+    stride_go,
     DIVERGENCE: tl.constexpr,
     NORM: tl.constexpr,
     HAS_KD: tl.constexpr,  # alpha > 0
@@ -226,173 +426,279 @@ def kd_loss_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    SLOTS: tl.constexpr,  # running values per row: BLOCK / VEC in the column loop, 1 for one block
+    VEC: tl.constexpr,  # entries per 16-byte vector
+    ALIGN: tl.constexpr,  # reductions.row_body
+    EDGE: tl.constexpr,  # some rows have entries outside their aligned body
+    PHASE: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
+    ok = row_ok[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     kk = tl.arange(0, K_BLOCK)
-    x_ptr = X + rows64[:, None] * stride_x
-    t_ptr = TL + rows64[:, None] * stride_tn
-    g_ptr = G + rows64[:, None] * stride_g
+    PAIR: tl.constexpr = HAS_KD and not ENSEMBLE  # one teacher: its row sums online, with the student's
+    if ALIGN != 0 and ENSEMBLE:
+        stride_tk = tl.multiple_of(stride_tk, VEC)
+    x_off, head, n_body = row_body(rows64, stride_x, n_cols, VEC, ALIGN)
+    t_off, _t_head, _t_n = row_body(rows64, stride_tn, n_cols, VEC, ALIGN)  # the same head and body as x's
+    g_off, _g_head, _g_n = row_body(rows64, stride_g, n_cols, VEC, ALIGN)
+    x_body, t_body, g_body = X + x_off, TL + t_off, G + g_off
+    body_mask = ok & (cols < n_body)
+    edge, edge_mask = row_edge(head, n_body, n_cols, row_ok, VEC)
+    x_edge = X + rows64[:, None] * stride_x + edge
+    t_edge = TL + rows64[:, None] * stride_tn + edge
     inv_t = row_inv_temperature(T, inv_temp, rows, row_ok, stride_temp, HAS_T)
-    inv_tt = row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)
-
+    inv_tt = row_inv_temperature(TT, inv_temp_t, rows, row_ok, stride_temp_t, HAS_TT)[:, None]
     valid, y, x_y, kd_weight, ce_weight, scale, grad_scale = row_setup(
         X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x, HAS_TARGET, HAS_CE,
-        T_SQUARED, SCALE_GRAD,
+        T_SQUARED, SCALE_GRAD, PHASE != PHASE_GRAD,
     )  # fmt: skip
+    inv_t, valid, y, kd_weight, ce_weight = (
+        inv_t[:, None],
+        valid[:, None],
+        y[:, None],
+        kd_weight[:, None],
+        ce_weight[:, None],
+    )
 
-    kd = tl.zeros([ROWS], tl.float32)
-    ce = tl.zeros([ROWS], tl.float32)
+    # The tiles of a row held in registers (one block), and the edge; a row read in blocks loads its own.
+    x_b = tl.zeros([ROWS, BLOCK], tl.float32)
+    t_b = tl.zeros([ROWS, BLOCK], tl.float32)
     if ONE_BLOCK:
-        mask = row_ok[:, None] & (cols < n_cols)
-        x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        grad = tl.zeros([ROWS, BLOCK], tl.float32)
-        if HAS_KD:
-            n = tl.zeros([ROWS], tl.float32)
-            mu = tl.zeros([ROWS], tl.float32)
-            r_s = tl.full([ROWS], 1.0, tl.float32)
-            kappa = tl.zeros([ROWS], tl.float32)
-            if NORM != NO_NORM:
-                n, mu, m2 = _moments(x)
-                r_s, kappa = _norm_factor(n, m2, norm_scale, NORM)
-            k_s = r_s * inv_t
-            log_q = _log_softmax_tile(x, k_s)
-            if ENSEMBLE:
-                mx = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
-                acc = tl.zeros([ROWS, BLOCK], tl.float32)
-                member_ptr = t_ptr
-                for member in range(n_teachers):
-                    t = tl.load(member_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    member_ptr += stride_tk
-                    mx, acc = _mean_exp_update(mx, acc, _member_log_prob_tile(t, inv_tt, norm_scale, NORM))
-                log_p = mx + tl.log(acc) - tl.log(n_teachers.to(tl.float32))
-            else:
-                t = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                log_p = _member_log_prob_tile(t, inv_tt, norm_scale, NORM)
-            q, p, terms, h = divergence_tile(log_q, log_p, beta, DIVERGENCE)
-            qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
-            qh_sum = tl.sum(qh, 1)
-            w_norm = tl.zeros([ROWS], tl.float32)
-            g_mean = tl.zeros([ROWS], tl.float32)
-            if NORM != NO_NORM:
-                w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, tl.sum(dc, 1), tl.sum(qc, 1), tl.sum(d, 1),
-                                             tl.sum(c, 1), beta, DIVERGENCE)  # fmt: skip
-            kd = tl.sum(terms, 1)
-            grad = (kd_weight * grad_scale)[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, g_mean, beta,
-                                                                DIVERGENCE, NORM)  # fmt: skip
-        if HAS_CE:
-            m = safe_max(tl.max(x, 1))
-            lnd_1 = tl.log(tl.sum(tl.exp(x - m[:, None]), 1))
-            ce = ce_loss(m, lnd_1, x_y, tl.sum(tl.where(mask, x, 0.0), 1), ls_eps, n_cols)
-            grad += (ce_weight * grad_scale)[:, None] * ce_grad(x, cols, y, m, lnd_1, ls_eps, n_cols)
-        if NEED_GRAD:
-            tl.store(g_ptr + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
-    else:
-        # Pass 1 (logit_norm): the rows' statistics.
-        n = tl.zeros([ROWS], tl.float32)
-        mu = tl.zeros([ROWS], tl.float32)
-        r_s = tl.full([ROWS], 1.0, tl.float32)
-        kappa = tl.zeros([ROWS], tl.float32)
+        x_b = tl.load(x_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+        if PAIR:
+            t_b = tl.load(t_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+    x_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
+    t_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
+    if EDGE:
+        x_e = tl.load(x_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+        if PAIR:
+            t_e = tl.load(t_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+
+    # The row statistics: computed (FUSED, STATS) or read back (GRAD).
+    m_s = tl.zeros([ROWS, 1], tl.float32)
+    k_s = tl.zeros([ROWS, 1], tl.float32)
+    l2d_s = tl.zeros([ROWS, 1], tl.float32)
+    l2d_1 = tl.zeros([ROWS, 1], tl.float32)
+    m_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
+    kt2 = tl.zeros([ROWS, K_BLOCK], tl.float32)
+    l2d_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
+    qh_sum = tl.zeros([ROWS, 1], tl.float32)
+    mu = tl.zeros([ROWS, 1], tl.float32)
+    w_norm = tl.zeros([ROWS, 1], tl.float32)
+    g_mean = tl.zeros([ROWS, 1], tl.float32)
+    kd = tl.zeros([ROWS, 1], tl.float32)  # the KD term (bits until the end)
+    ce = tl.zeros([ROWS, 1], tl.float32)
+    if PHASE != PHASE_GRAD:
+        # Pass 1 (logit_norm): the statistics of the student and each teacher.
+        n = tl.zeros([ROWS, 1], tl.float32)
+        r_s = tl.full([ROWS, 1], 1.0, tl.float32)
+        kappa = tl.zeros([ROWS, 1], tl.float32)
         r_t = tl.full([ROWS, K_BLOCK], 1.0, tl.float32)
         if HAS_KD and NORM != NO_NORM:
-            n, mu, m2 = _row_moments(x_ptr, row_ok, cols, n_cols, ROWS, BLOCK)
+            n, mu, m2 = _row_moments(x_body, cols, n_body, ok, x_b, x_e, n_cols, NORM, ROWS, BLOCK, SLOTS, ONE_BLOCK,
+                                     EDGE)  # fmt: skip
             r_s, kappa = _norm_factor(n, m2, norm_scale, NORM)
-            member_ptr = t_ptr
+            member_body, member_edge = (
+                t_body,
+                t_edge,
+            )  # advanced by stride_tk: 64-bit pointers, no int32 product
             for member in range(n_teachers):
-                n_t, _, m2_t = _row_moments(member_ptr, row_ok, cols, n_cols, ROWS, BLOCK)
-                member_ptr += stride_tk
-                r, _ = _norm_factor(n_t, m2_t, norm_scale, NORM)
-                r_t = tl.where(kk[None, :] == member, r[:, None], r_t)
+                t_m = t_b
+                t_me = t_e
+                if ENSEMBLE and ONE_BLOCK:
+                    t_m = tl.load(member_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+                if ENSEMBLE and EDGE:
+                    t_me = tl.load(member_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+                n_t, _mean_t, m2_t = _row_moments(member_body, cols, n_body, ok, t_m, t_me, n_cols, NORM, ROWS, BLOCK, SLOTS,
+                                            ONE_BLOCK, EDGE)  # fmt: skip
+                member_body += stride_tk
+                member_edge += stride_tk
+                r, _kappa_t = _norm_factor(n_t, m2_t, norm_scale, NORM)
+                r_t = tl.where(kk[None, :] == member, r, r_t)
         k_s = r_s * inv_t
-        k_t = r_t * inv_tt[:, None]
+        ks2 = k_s * LOG2E
+        kt2 = r_t * (inv_tt * LOG2E)
 
-        # Pass 2: the log-sum-exps (student at T and at 1 share the max), and sum x for label smoothing.
-        m = tl.full([ROWS], float("-inf"), tl.float32)
-        d_s = tl.zeros([ROWS], tl.float32)
-        d_1 = tl.zeros([ROWS], tl.float32)
-        x_sum = tl.zeros([ROWS, BLOCK], tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_ok[:, None] & (start + cols < n_cols)
-            x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            m_sub = safe_max(m_new)
-            if HAS_KD:
-                d_s = d_s * tl.exp((m - m_sub) * k_s) + tl.sum(tl.exp((x - m_sub[:, None]) * k_s[:, None]), 1)
-            if HAS_CE:
-                d_1 = d_1 * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub[:, None]), 1)
-                x_sum += tl.where(mask, x, 0.0)
-            m = m_new
-        m_s = safe_max(m)
-        lnd_s = tl.log(d_s)
-        lnd_1 = tl.log(d_1)
-        m_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
-        lnd_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
-        if HAS_KD:
-            member_ptr = t_ptr
-            for member in range(n_teachers):
-                m_k, lnd_k = row_lse(member_ptr, _pick(k_t, member, kk), row_ok, cols, n_cols, ROWS, BLOCK)
-                member_ptr += stride_tk
-                m_t = tl.where(kk[None, :] == member, m_k[:, None], m_t)
-                lnd_t = tl.where(kk[None, :] == member, lnd_k[:, None], lnd_t)
-
-        # Pass 3 (reverse_kl, jsd, logit_norm): the row sums of ``_row_sum_terms``.
-        qh_sum = tl.zeros([ROWS], tl.float32)
-        w_norm = tl.zeros([ROWS], tl.float32)
-        g_mean = tl.zeros([ROWS], tl.float32)
-        if HAS_KD and (DIVERGENCE != FORWARD_KL or NORM != NO_NORM):
-            qh_acc = tl.zeros([ROWS, BLOCK], tl.float32)
-            dc_acc = tl.zeros([ROWS, BLOCK], tl.float32)
-            qc_acc = tl.zeros([ROWS, BLOCK], tl.float32)
-            d_acc = tl.zeros([ROWS, BLOCK], tl.float32)
-            c_acc = tl.zeros([ROWS, BLOCK], tl.float32)
+        # Pass 2: the log-sum-exps of the student (at T and at 1 share the max) and of one teacher, with
+        # the row sums of the module doc online; sum x for label smoothing.
+        st = _pass_empty(ROWS, SLOTS)
+        if ONE_BLOCK:
+            st = _pass_step(
+                st, x_b, t_b, body_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS
+            )
+        else:
             for start in range(0, n_cols, BLOCK):
-                mask = row_ok[:, None] & (start + cols < n_cols)
-                x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                log_q = (x - m_s[:, None]) * k_s[:, None] - lnd_s[:, None]
-                log_p = _teacher_log_prob(t_ptr, start + cols, mask, k_t, m_t, lnd_t, kk, n_teachers, stride_tk,
-                                          ENSEMBLE)  # fmt: skip
-                q, p, _, h = divergence_tile(log_q, log_p, beta, DIVERGENCE)
-                qh, dc, qc, d, c = _row_sum_terms(x, q, p, h, mu, DIVERGENCE)
-                qh_acc += qh
-                dc_acc += dc
-                qc_acc += qc
-                d_acc += d
-                c_acc += c
-            qh_sum = tl.sum(qh_acc, 1)
+                mask = ok & (start + cols < n_body)
+                x = tl.load(x_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                t = t_b
+                if PAIR:
+                    t = tl.load(t_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                st = _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS)
+        st = _pass_finish(st, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR)
+        if EDGE:
+            st = _pass_step(st, x_e, t_e, edge_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, 1)
+        m_s, d_s, d_1, x_sum, m_1, d_t, e, c_sum, c_q, c_p, f = st
+        l2d_s = tl.log2(d_s)
+        l2d_1 = tl.log2(d_1)
+        if PAIR:
+            m_t = m_1
+            l2d_t = tl.log2(d_t)
+            if DIVERGENCE == FORWARD_KL:
+                kd = e / d_t - l2d_t + l2d_s
+            if DIVERGENCE == REVERSE_KL:
+                kd = e / d_s - l2d_s + l2d_t
+                qh_sum = kd
             if NORM != NO_NORM:
-                w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, tl.sum(dc_acc, 1), tl.sum(qc_acc, 1),
-                                             tl.sum(d_acc, 1), tl.sum(c_acc, 1), beta, DIVERGENCE)  # fmt: skip
+                if DIVERGENCE == FORWARD_KL:
+                    w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, c_q / d_s - c_p / d_t, c_q / d_s,
+                                                 tl.zeros_like(c_q), c_sum, beta, DIVERGENCE)  # fmt: skip
+                if DIVERGENCE == REVERSE_KL:
+                    qhc = (f - (l2d_s - l2d_t) * c_q) / d_s
+                    w_norm, g_mean = _norm_terms(r_s, kappa, n, qh_sum, qhc, c_q / d_s, d_s / d_s, c_sum, beta,
+                                                 DIVERGENCE)  # fmt: skip
+        if HAS_KD and ENSEMBLE:  # each member's log-sum-exp
+            member_body, member_edge = t_body, t_edge
+            for member in range(n_teachers):
+                k_m = _pick(kt2, member, kk)
+                mm, dm = lse_empty(ROWS, SLOTS)
+                if ONE_BLOCK:
+                    t_m = tl.load(member_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+                    mm, dm = lse_step(mm, dm, t_m, k_m, SLOTS)
+                else:
+                    for start in range(0, n_cols, BLOCK):
+                        mask = ok & (start + cols < n_body)
+                        t_m = tl.load(member_body + start + cols, mask=mask, other=float("-inf"))
+                        mm, dm = lse_step(mm, dm, t_m.to(tl.float32), k_m, SLOTS)
+                mm, dm = lse_finish(mm, dm, k_m)
+                if EDGE:
+                    t_me = tl.load(member_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+                    mm, dm = lse_step(mm, dm, t_me, k_m, 1)
+                member_body += stride_tk
+                member_edge += stride_tk
+                m_t = tl.where(kk[None, :] == member, mm, m_t)
+                l2d_t = tl.where(kk[None, :] == member, tl.log2(dm), l2d_t)
 
-        # Last pass: the loss terms and the gradient.
-        kd_acc = tl.zeros([ROWS, BLOCK], tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            mask = row_ok[:, None] & (start + cols < n_cols)
-            x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            grad = tl.zeros([ROWS, BLOCK], tl.float32)
-            if HAS_KD:
-                log_q = (x - m_s[:, None]) * k_s[:, None] - lnd_s[:, None]
-                log_p = _teacher_log_prob(t_ptr, start + cols, mask, k_t, m_t, lnd_t, kk, n_teachers, stride_tk,
-                                          ENSEMBLE)  # fmt: skip
-                q, p, terms, h = divergence_tile(log_q, log_p, beta, DIVERGENCE)
-                kd_acc += terms
-                grad = (kd_weight * grad_scale)[:, None] * _kd_grad(x, q, p, h, qh_sum, mu, k_s, w_norm, g_mean, beta,
-                                                                    DIVERGENCE, NORM)  # fmt: skip
-            if HAS_CE:
-                grad += (ce_weight * grad_scale)[:, None] * ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
-            if NEED_GRAD:
-                tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty), mask=mask)
-        kd = tl.sum(kd_acc, 1)
+        # Pass 3 (jsd; an ensemble with reverse_kl or logit_norm): the row sums that need the log-sum-exps.
+        if HAS_KD and (DIVERGENCE == JSD or (ENSEMBLE and (DIVERGENCE != FORWARD_KL or NORM != NO_NORM))):
+            zero = tl.zeros([ROWS, SLOTS], tl.float32)
+            sums = (zero, zero, zero, zero, zero, zero)
+            if ONE_BLOCK:
+                l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
+                                         ENSEMBLE)  # fmt: skip
+                sums = _terms(sums, x_b, l2p, body_mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, SLOTS)
+            else:
+                for start in range(0, n_cols, BLOCK):
+                    mask = ok & (start + cols < n_body)
+                    x = tl.load(x_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    t = t_b
+                    if PAIR:
+                        t = tl.load(t_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers,
+                                             stride_tk, ENSEMBLE)  # fmt: skip
+                    sums = _terms(sums, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, SLOTS)
+            sums = _row_sums(sums)
+            if EDGE:
+                l2p_e = _teacher_log2_prob(
+                    t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE
+                )
+                sums = _terms(sums, x_e, l2p_e, edge_mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, 1)
+            kd, qh_sum, dc_sum, qc_sum, d_sum, c_sum = sums
+            if NORM != NO_NORM:
+                w_norm, g_mean = _norm_terms(
+                    r_s, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE
+                )
         if HAS_CE:
-            ce = ce_loss(m_s, lnd_1, x_y, tl.sum(x_sum, 1), ls_eps, n_cols)
+            ce = ce_loss(safe_max(m_s), l2d_1 * LN2, x_y[:, None], x_sum, ls_eps, n_cols)
+        if PHASE == PHASE_STATS:
+            stats = STATS + rows64[:, None] * STATS_WIDTH
+            tl.store(stats + 0, m_s, mask=ok)
+            tl.store(stats + 1, k_s, mask=ok)
+            tl.store(stats + 2, l2d_s, mask=ok)
+            tl.store(stats + 3, l2d_1, mask=ok)
+            tl.store(stats + 4, _pick(m_t, 0, kk), mask=ok)
+            tl.store(stats + 5, _pick(kt2, 0, kk), mask=ok)
+            tl.store(stats + 6, _pick(l2d_t, 0, kk), mask=ok)
+            tl.store(stats + 7, qh_sum, mask=ok)
+            tl.store(stats + 8, mu, mask=ok)
+            tl.store(stats + 9, w_norm, mask=ok)
+            tl.store(stats + 10, g_mean, mask=ok)
+    else:
+        stats = STATS + rows64[:, None] * STATS_WIDTH
+        m_s = tl.load(stats + 0, mask=ok, other=0.0)
+        k_s = tl.load(stats + 1, mask=ok, other=0.0)
+        l2d_s = tl.load(stats + 2, mask=ok, other=0.0)
+        l2d_1 = tl.load(stats + 3, mask=ok, other=0.0)
+        m_t = tl.load(stats + 4 + kk[None, :] * 0, mask=ok, other=0.0)
+        kt2 = tl.load(stats + 5 + kk[None, :] * 0, mask=ok, other=0.0)
+        l2d_t = tl.load(stats + 6 + kk[None, :] * 0, mask=ok, other=0.0)
+        qh_sum = tl.load(stats + 7, mask=ok, other=0.0)
+        mu = tl.load(stats + 8, mask=ok, other=0.0)
+        w_norm = tl.load(stats + 9, mask=ok, other=0.0)
+        g_mean = tl.load(stats + 10, mask=ok, other=0.0)
+        go = tl.load(GO + rows64 * stride_go, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        grad_scale = scale * go
 
-    loss = tl.zeros([ROWS], tl.float32)
-    if HAS_KD:
-        loss += kd_weight * kd
-    if HAS_CE:
-        loss += ce_weight * ce
-    tl.store(LOSS + rows, tl.where(valid, loss * scale, 0.0), mask=row_ok)
+    # Last pass: the gradient (and the loss terms not known yet: an ensemble's forward KL).
+    if PHASE != PHASE_STATS and (
+        NEED_GRAD or (HAS_KD and ENSEMBLE and DIVERGENCE == FORWARD_KL and NORM == NO_NORM)
+    ):
+        kd_scale = tl.where(valid, kd_weight * grad_scale, 0.0)
+        ce_scale = tl.where(valid, ce_weight * grad_scale, 0.0)
+        kd_acc = tl.zeros([ROWS, SLOTS], tl.float32)
+        y_body = tl.where((y >= head) & (y < head + n_body), y - head, -1).to(
+            tl.int32
+        )  # the target in the body
+        if ONE_BLOCK:
+            l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
+                                     ENSEMBLE)  # fmt: skip
+            grad, terms = _grad(x_b, l2p, cols == y_body, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
+                                ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
+            kd_acc += slot_sum(tl.where(body_mask, terms, 0.0), SLOTS)
+            if NEED_GRAD:
+                tl.store(g_body + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=body_mask)
+        else:
+            for start in range(0, n_cols, BLOCK):
+                mask = ok & (start + cols < n_body)
+                x = tl.load(x_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                t = t_b
+                if PAIR:
+                    t = tl.load(t_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
+                                         ENSEMBLE)  # fmt: skip
+                grad, terms = _grad(x, l2p, cols == y_body - start, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean,
+                                    kd_scale, ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
+                kd_acc += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
+                if NEED_GRAD:
+                    tl.store(
+                        g_body + start + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=mask
+                    )
+        kd_row = tl.sum(kd_acc, 1, keep_dims=True)
+        if EDGE:
+            l2p_e = _teacher_log2_prob(
+                t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE
+            )
+            grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
+                                ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
+            kd_row += tl.sum(tl.where(edge_mask, terms, 0.0), 1, keep_dims=True)
+            if NEED_GRAD:
+                tl.store(
+                    G + rows64[:, None] * stride_g + edge,
+                    tl.where(valid, grad, 0.0).to(G.dtype.element_ty),
+                    mask=edge_mask,
+                )
+        if HAS_KD and ENSEMBLE and DIVERGENCE == FORWARD_KL and NORM == NO_NORM:
+            kd = kd_row
+
+    if PHASE != PHASE_GRAD:
+        loss = tl.zeros([ROWS, 1], tl.float32)
+        if HAS_KD:
+            loss += kd_weight * (kd * LN2)
+        if HAS_CE:
+            loss += ce_weight * ce
+        tl.store(LOSS + rows[:, None], tl.where(valid, loss * scale, 0.0), mask=ok)
 
 
 @triton.jit
@@ -403,25 +709,43 @@ def scale_grad_kernel(
     stride_g,
     stride_go,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGN: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
-    """G[row] *= GO[row], skipped (no memory traffic) where GO[row] is 1. Grid (rows, column blocks)."""
+    """G[row] *= GO[row], skipped (no memory traffic) where GO[row] is 1. Grid (rows, column blocks of
+    the aligned body); the first block also scales the row's edge."""
     row = tl.program_id(0).to(tl.int64)
     go = tl.load(GO + row * stride_go).to(tl.float32)
     if go != 1.0:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(G + row * stride_g + cols, (g * go).to(G.dtype.element_ty), mask=mask)
+        rows = tl.full([1], 0, tl.int64) + row
+        start, head, n_body = row_body(rows, stride_g, n_cols, VEC, ALIGN)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = cols < n_body
+        g = tl.load(G + start + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(G + start + cols, (g * go).to(G.dtype.element_ty), mask=mask)
+        if EDGE:  # noqa: SIM102 (a constexpr: the edge's code only where rows have an edge)
+            if tl.program_id(1) == 0:
+                edge, edge_mask = row_edge(head, n_body, n_cols, rows >= 0, VEC)
+                ptr = G + row * stride_g + edge
+                g_e = tl.load(ptr, mask=edge_mask, other=0.0).to(tl.float32)
+                tl.store(ptr, (g_e * go).to(G.dtype.element_ty), mask=edge_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def launch_config(n_cols: int) -> tuple[int, int, bool, int]:
-    """(rows per program, BLOCK, ONE_BLOCK, num_warps) for rows of ``n_cols`` columns."""
+@functools.cache
+def launch_config(n_cols: int, vec: int) -> tuple[int, int, bool, int, int]:
+    """(rows per program, BLOCK, ONE_BLOCK, SLOTS, num_warps) for rows of ``n_cols`` columns read in
+    vectors of ``vec`` entries."""
     block = triton.next_power_of_2(n_cols)
     if block > MAX_ONE_BLOCK:
-        return 1, LOOP_BLOCK, False, 4
+        block = LOOP_WARPS * 32 * vec * LOOP_VECTORS
+        return 1, block, False, block // vec, LOOP_WARPS
     rows = min(max(1, 1024 // block), 32)
     tile = rows * block
-    return rows, block, True, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
+    return rows, block, True, 1, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
 
 
+def loop_max_registers(n_teachers: int, logit_norm: str | None, edge: bool) -> int:
+    """The register budget (``maxnreg``) of the column loop's launch (``edge``: the kernel's EDGE)."""
+    ensemble_norm_edge = n_teachers > 1 and logit_norm is not None and edge
+    return LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE if ensemble_norm_edge else LOOP_MAX_REGISTERS

@@ -33,10 +33,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_loss import LOOP_BLOCK, MAX_ONE_BLOCK
-from fastkd.kernels.kd_math import FORWARD_KL, JSD, REVERSE_KL, ce_grad, ce_loss, divergence_grad, divergence_tile, row_setup
-from fastkd.kernels.reductions import row_inv_temperature, safe_max
+from fastkd.kernels.kd_loss import MAX_ONE_BLOCK
+from fastkd.kernels.kd_math import (
+    FORWARD_KL,
+    JSD,
+    REVERSE_KL,
+    ce_grad,
+    ce_loss,
+    divergence_grad,
+    divergence_tile,
+    row_setup,
+)
+from fastkd.kernels.reductions import LN2, LOG2E, row_inv_temperature, safe_max
 
+LOOP_BLOCK = 1024  # columns per step when a row is wider than MAX_ONE_BLOCK
 MAX_K_BLOCK = 1024  # teacher entries per step of the loops over the k entries
 BITS_PER_WORD = 32  # of the membership bitmap
 WORD = tl.constexpr(BITS_PER_WORD)
@@ -54,7 +64,9 @@ def _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, 
     """One step of k entries: (indices, stored values (-inf past k), lanes in use, index in [0, V))."""
     kmask = valid[:, None] & (kstart + kk < k)
     idx = tl.load(IDX + rows64[:, None] * stride_idx + kstart + kk, mask=kmask, other=0).to(tl.int64)
-    v = tl.load(VAL + rows64[:, None] * stride_val + kstart + kk, mask=kmask, other=float("-inf")).to(tl.float32)
+    v = tl.load(VAL + rows64[:, None] * stride_val + kstart + kk, mask=kmask, other=float("-inf")).to(
+        tl.float32
+    )
     return idx, v, kmask, (idx >= 0) & (idx < n_cols)
 
 
@@ -138,8 +150,8 @@ def kd_loss_topk_fwd_kernel(
             x_sum += tl.sum(tl.where(mask, x, 0.0), 1)
         m = m_new
     m_s = safe_max(m)
-    lnd_s = tl.log(d_s)
-    lnd_1 = tl.log(d_1)
+    l2d_s = tl.log2(d_s)
+    l2d_1 = tl.log2(d_1)
 
     # The teacher's normalizer over its k entries (and the bucket), lse_t = logsumexp(v / T_t); then the
     # loss over I and the bucket R, and the row sum S = sum_c q_c h_c.
@@ -154,7 +166,9 @@ def kd_loss_topk_fwd_kernel(
         mass = tl.zeros([ROWS], tl.float32)
         bad_index = tl.zeros([ROWS], tl.int32)
         for kstart in range(0, k, K_BLOCK):
-            _, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
+            _, v, kmask, ok = _topk_block(
+                IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols
+            )
             bad_index = tl.maximum(bad_index, tl.max((kmask & ~ok).to(tl.int32), 1))
             a = v * inv_tt[:, None]
             a_new = tl.maximum(a_max, tl.max(a, 1))
@@ -172,14 +186,20 @@ def kd_loss_topk_fwd_kernel(
             log_p_rest = a_rest - lse_t
         kd_weight = tl.where(bad_index > 0, float("nan"), kd_weight)  # an index outside [0, V): NaN row
         for kstart in range(0, k, K_BLOCK):
-            idx, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
+            idx, v, kmask, ok = _topk_block(
+                IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols
+            )
             x_top = tl.load(x_ptr + idx, mask=kmask & ok, other=float("-inf")).to(tl.float32)
-            log_q = (x_top - m_s[:, None]) * inv_t[:, None] - lnd_s[:, None]
-            q, p, terms, h = divergence_tile(log_q, v * inv_tt[:, None] - lse_t[:, None], beta, DIVERGENCE)
+            l2q = (x_top - m_s[:, None]) * (inv_t * LOG2E)[:, None] - l2d_s[:, None]
+            q, p, terms, h = divergence_tile(
+                l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE
+            )
             kd += tl.sum(terms, 1)
             qh_sum += tl.sum(q * h, 1)
-        log_q_rest = tl.log(r_s) - lnd_s  # -inf when the bucket holds no student mass (or is not summed)
-        q_r, p_r, terms_r, h_r = divergence_tile(log_q_rest[:, None], log_p_rest[:, None], beta, DIVERGENCE)
+        l2q_rest = tl.log2(r_s) - l2d_s  # -inf when the bucket holds no student mass (or is not summed)
+        q_r, p_r, terms_r, h_r = divergence_tile(
+            l2q_rest[:, None], (log_p_rest * LOG2E)[:, None], beta, DIVERGENCE
+        )
         kd += tl.sum(terms_r, 1)
         qh_sum += tl.sum(q_r * h_r, 1)
         p_rest = tl.sum(p_r, 1)
@@ -190,23 +210,29 @@ def kd_loss_topk_fwd_kernel(
         ce_scale = ce_weight * grad_scale
         # The k columns of I, from the gather.
         for kstart in range(0, k, K_BLOCK):
-            idx, v, kmask, ok = _topk_block(IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols)
+            idx, v, kmask, ok = _topk_block(
+                IDX, VAL, rows64, stride_idx, stride_val, kstart, kk, k, valid, n_cols
+            )
             x_top = tl.load(x_ptr + idx, mask=kmask & ok, other=float("-inf")).to(tl.float32)
             grad = tl.zeros([ROWS, K_BLOCK], tl.float32)
             if HAS_KD:
-                log_q = (x_top - m_s[:, None]) * inv_t[:, None] - lnd_s[:, None]
-                q, p, _, h = divergence_tile(log_q, v * inv_tt[:, None] - lse_t[:, None], beta, DIVERGENCE)
-                grad = kd_scale[:, None] * divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
+                l2q = (x_top - m_s[:, None]) * (inv_t * LOG2E)[:, None] - l2d_s[:, None]
+                q, p, _, h = divergence_tile(
+                    l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE
+                )
+                grad = kd_scale[:, None] * divergence_grad(q, p, h, qh_sum[:, None], beta, DIVERGENCE)
             if HAS_CE:
-                grad += ce_scale[:, None] * ce_grad(x_top, idx, y, m_s, lnd_1, ls_eps, n_cols)
+                grad += ce_scale[:, None] * ce_grad(
+                    x_top, idx == y[:, None], m_s[:, None], l2d_1[:, None], ls_eps, n_cols
+                )
             tl.store(g_ptr + idx, grad.to(G.dtype.element_ty), mask=kmask & ok)
         # The other columns: q_l times a row constant rho; forward KL with the bucket also subtracts
         # p_R q_l / q_R, with q_l / q_R formed per entry as e_l / r_s <= 1 (no ratio overflows).
         rho = tl.full([ROWS], 1.0, tl.float32)
         if DIVERGENCE == REVERSE_KL:
-            rho = h_rest - qh_sum
+            rho = LN2 * (h_rest - qh_sum)
         if DIVERGENCE == JSD:
-            rho = (1.0 - beta) * (h_rest - qh_sum)
+            rho = (LN2 * (1.0 - beta)) * (h_rest - qh_sum)
         rho_d = rho / d_s
         for start in range(0, n_cols, BLOCK):
             mask = row_ok[:, None] & (start + cols < n_cols)
@@ -220,16 +246,17 @@ def kd_loss_topk_fwd_kernel(
                     g -= tl.where(r_s > 0, p_rest, 0.0)[:, None] * (e / tl.where(r_s > 0, r_s, 1.0)[:, None])
                 grad = kd_scale[:, None] * g
             if HAS_CE:
-                grad += ce_scale[:, None] * ce_grad(x, start + cols, y, m_s, lnd_1, ls_eps, n_cols)
+                grad += ce_scale[:, None] * ce_grad(x, start + cols == y[:, None], m_s[:, None], l2d_1[:, None], ls_eps,
+                                                    n_cols)  # fmt: skip
             tl.store(g_ptr + start + cols, tl.where(valid[:, None], grad, 0.0).to(G.dtype.element_ty),
                      mask=mask & ~(top & valid[:, None]))  # fmt: skip
 
     ce = tl.zeros([ROWS], tl.float32)
     if HAS_CE:
-        ce = ce_loss(m_s, lnd_1, x_y, x_sum, ls_eps, n_cols)
+        ce = ce_loss(m_s, l2d_1 * LN2, x_y, x_sum, ls_eps, n_cols)
     loss = tl.zeros([ROWS], tl.float32)
     if HAS_KD:
-        loss += kd_weight * kd
+        loss += kd_weight * (kd * LN2)
     if HAS_CE:
         loss += ce_weight * ce
     tl.store(LOSS + rows, tl.where(valid, loss * scale, 0.0), mask=row_ok)
@@ -246,5 +273,3 @@ def launch_config(n_cols: int, k: int) -> tuple[int, int, int, int]:
     rows = min(max(1, 1024 // max(block, k_block)), 32)
     tile = rows * max(block, k_block)
     return rows, block, k_block, 4 if tile <= 1024 else 8
-
-

@@ -1,4 +1,5 @@
-"""Every Triton kernel launch config compiles for Hopper (sm_90) without spilling registers.
+"""Every Triton kernel launch config compiles for Hopper (sm_90) without spilling registers, and the
+distillation loss reads and writes its rows in 128-bit vectors at every width of issue 20.
 
 The interpreter runs the kernels' arithmetic in CI; this test runs the GPU compiler on them, in a
 subprocess where TRITON_INTERPRET is unset (see sm90_compile.py).
@@ -13,21 +14,76 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+ISSUE_CASES = {
+    f"{w} {d}" for w in (1000, 4097, 32001, 50257, 131072, 262144) for d in ("bfloat16", "float32")
+}
+VECTOR_KERNELS = ("kd_loss_kernel", "scale_grad_kernel")  # the kernels that read rows in aligned vectors
+
+
+def _at_issue_width(launch: dict) -> bool:
+    return launch["kernel"] in VECTOR_KERNELS and launch["case"] in ISSUE_CASES
+
+
+def vector_violations(launch: dict) -> list[str]:
+    """What breaks "the row's global loads and stores are 128-bit" in a launch at an issue width: a
+    launch that did not take the aligned path; a column loop with a narrower load or store, or none of
+    128 bits; a row held in registers (no loop) read or written without 128-bit accesses."""
+    out = []
+    if launch["ALIGN"] == 0:
+        out.append("ALIGN 0: rows read entry by entry")
+    loops, total = launch["sass"]["loops"], launch["sass"]["total"]
+    for i, loop in enumerate(loops):
+        for kind in ("ldg", "stg"):
+            narrow = {bits: n for bits, n in loop[kind].items() if bits != "128"}
+            if narrow:
+                out.append(f"loop {i}: {kind} {narrow}")
+        if not loop["ldg"].get("128"):
+            out.append(f"loop {i}: no 128-bit load")
+    if not loops:  # one block (V = 1000) or scale_grad_kernel: the row's tiles are the 128-bit accesses
+        if not total["ldg"].get("128"):
+            out.append("no 128-bit load")
+        writes = launch["kernel"] == "scale_grad_kernel" or (
+            launch.get("NEED_GRAD") and launch.get("PHASE") != 1
+        )
+        if writes and not total["stg"].get("128"):
+            out.append("no 128-bit store")
+    return out
+
 
 def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("sm90_compile.py")
-    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
     launches = [json.loads(line) for line in out.stdout.splitlines()]
     assert Counter(launch["kernel"] for launch in launches) == {
-        "tempered_softmax_fwd_kernel": 84,  # 15 configs in bf16 + 3 in fp16 and fp32, x (softmax, log) x 2 launches
-        "tempered_softmax_bwd_kernel": 126,  # the same x 3 launches
-        "kd_loss_fwd_kernel": 68,  # 14 configs + 3 widths x 3 divergences x 3 normalizations x (1, 3) teachers
-        "scale_grad_kernel": 3,
-        "kd_loss_topk_fwd_kernel": 38,  # 8 configs with k = 64 + 3 widths x (k = 1, 1024) x 5 modes
-        "calibration_kernel": 33,  # 12 configs + 1024 bins at 3 widths + 3 widths x 6 variants
-        "fidelity_kernel": 17,  # 12 configs + an ensemble of 3 at 3 widths + ensembles of 2 and 8
+        # 15 configs in bf16 + 3 in fp16 and fp32, x (softmax, log) x 2 launches; 12 issue cases x 2
+        "tempered_softmax_fwd_kernel": 108,
+        "tempered_softmax_bwd_kernel": 150,  # the same x 3 launches; 12 issue cases x 3
+        # 14 configs + 4 widths x 3 divergences x 3 normalizations x (1, 3) teachers; 12 issue cases x
+        # (fused, stats, grad)
+        "kd_loss_kernel": 122,
+        "scale_grad_kernel": 5,
+        "kd_loss_topk_fwd_kernel": 50,  # 8 configs with k = 64 + 3 widths x (k = 1, 1024) x 5 modes + 12
+        "calibration_kernel": 45,  # 12 configs + 1024 bins at 3 widths + 3 widths x 6 variants + 12
+        "fidelity_kernel": 29,  # 12 configs + an ensemble of 3 at 3 widths + ensembles of 2 and 8 + 12
     }
     spilled = [launch for launch in launches if launch["spill_bytes"]]
     assert not spilled, spilled
+    checked = [launch for launch in launches if _at_issue_width(launch)]
+    # kd_loss_kernel: 12 issue cases x (fused, stats, grad) and the 131072 bf16 config; scale_grad_kernel:
+    # 1000, 50257 and 131072 bf16
+    assert len(checked) == 12 * 3 + 1 + 3
+    narrow = {f"{launch['kernel']} {launch['case']} PHASE={launch.get('PHASE')}": vector_violations(launch)
+              for launch in checked}  # fmt: skip
+    assert not any(narrow.values()), {k: v for k, v in narrow.items() if v}
+
+
+def test_vector_check_sees_scalar_loads():
+    """The 128-bit check fails a loop that loads 16 bits at a time and a launch without aligned rows."""
+    loop = {"ldg": {"16": 16}, "stg": {"128": 1}}
+    launch = {"kernel": "kd_loss_kernel", "case": "4097 bfloat16", "ALIGN": 2, "NEED_GRAD": True, "PHASE": 0}
+    launch["sass"] = {"loops": [loop], "total": loop}
+    assert vector_violations(launch) == ["loop 0: ldg {'16': 16}", "loop 0: no 128-bit load"]
+    launch.update(ALIGN=0, sass={"loops": [], "total": {"ldg": {"128": 2}, "stg": {"16": 8}}})
+    assert vector_violations(launch) == ["ALIGN 0: rows read entry by entry", "no 128-bit store"]

@@ -21,8 +21,7 @@ from fastkd.kernels import calibration as calibration_kernels
 from fastkd.kernels import fidelity as fidelity_kernels
 from fastkd.kernels import kd_loss as kd_kernels
 from fastkd.kernels import kd_loss_topk as topk_kernels
-from fastkd.kernels import kd_math
-from fastkd.kernels import reductions
+from fastkd.kernels import kd_math, reductions
 from fastkd.kernels import softmax as softmax_kernels
 
 NAME = "triton"
@@ -64,32 +63,48 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
         )  # fmt: skip
 
 
+def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions, out: KDOutputs,
+               phase: str, stats: Tensor | None = None, grad: Tensor | None = None,
+               grad_output: Tensor | None = None) -> None:  # fmt: skip
+    """Launch ``kd_loss_kernel`` in ``phase``: "fused" writes out.rows and out.grad, "stats" out.rows and
+    ``stats``, "grad" ``grad`` from ``stats`` times ``grad_output`` (kernels/kd_loss.py)."""
+    n_rows, n_cols = student.shape
+    grad = out.grad if grad is None else grad
+    need_grad = grad.shape[0] > 0 and phase != "stats"
+    t, tt = temperature_arg(options.temperature), temperature_arg(options.teacher_temperature)
+    n_teachers = teacher.shape[0]
+    vec = reductions.vector_width(student, teacher)
+    rows, block, one_block, slots, num_warps = kd_kernels.launch_config(n_cols, vec)
+    tensors = [student, teacher] + ([grad] if need_grad else [])
+    align, edge = reductions.row_alignment(
+        n_cols, vec, [x.stride(0) for x in (student, grad) if x.shape[0]] + [teacher.stride(1)],
+        [teacher.stride(0)] if n_teachers > 1 else [], [x.data_ptr() for x in tensors],
+    )  # fmt: skip
+    with on_device(student):
+        kd_kernels.kd_loss_kernel[(triton.cdiv(n_rows, rows),)](
+            student, teacher, target, out.rows, grad if need_grad else student, stats, grad_output, t.tensor,
+            tt.tensor, out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha, options.beta,
+            options.label_smoothing, options.norm_scale, options.ignore_index, n_rows, n_cols, n_teachers,
+            student.stride(0), teacher.stride(0), teacher.stride(1), grad.stride(0) if need_grad else 0, t.stride,
+            tt.stride, grad_output.stride(0) if grad_output is not None and grad_output.dim() else 0,
+            DIVERGENCE=kd_math.DIVERGENCES[options.divergence], NORM=kd_kernels.NORMS[options.logit_norm],
+            HAS_KD=options.alpha > 0, HAS_CE=target is not None and options.alpha < 1, HAS_TARGET=target is not None,
+            NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad or phase == "grad", T_SQUARED=options.temperature_squared,
+            HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None, ENSEMBLE=n_teachers > 1,
+            K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, SLOTS=slots,
+            VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], num_warps=num_warps,
+            **({} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge)}),
+        )  # fmt: skip
+
+
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
     if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:  # the kernels do not write the parts yet
         return torch_backend.kd_loss_forward(student, teacher, target, options, out)
-    n_rows, n_cols = student.shape
     if student.numel() == 0:
         out.rows.zero_()
         return
-    need_grad = out.grad.shape[0] > 0
-    t, tt = temperature_arg(options.temperature), temperature_arg(options.teacher_temperature)
-    n_teachers = teacher.shape[0]
-    rows, block, one_block, num_warps = kd_kernels.launch_config(n_cols)
-    with on_device(student):
-        kd_kernels.kd_loss_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            student, teacher, target, out.rows, out.grad if need_grad else student, t.tensor, tt.tensor,
-            out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha, options.beta,
-            options.label_smoothing, options.norm_scale, options.ignore_index, n_rows, n_cols, n_teachers,
-            student.stride(0), teacher.stride(0), teacher.stride(1), out.grad.stride(0) if need_grad else 0,
-            t.stride, tt.stride, DIVERGENCE=kd_math.DIVERGENCES[options.divergence],
-            NORM=kd_kernels.NORMS[options.logit_norm], HAS_KD=options.alpha > 0,
-            HAS_CE=target is not None and options.alpha < 1, HAS_TARGET=target is not None, NEED_GRAD=need_grad,
-            SCALE_GRAD=out.scale_grad, T_SQUARED=options.temperature_squared, HAS_T=t.tensor is not None,
-            HAS_TT=tt.tensor is not None, ENSEMBLE=n_teachers > 1, K_BLOCK=triton.next_power_of_2(n_teachers),
-            ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
-            **({} if one_block else {"maxnreg": kd_kernels.LOOP_MAX_REGISTERS}),
-        )  # fmt: skip
+    _kd_launch(student, teacher, target, options, out, "fused")
 
 
 def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
@@ -141,12 +156,15 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     n_rows, n_cols = grad.shape
     if grad.numel() == 0:
         return
+    vec = reductions.vector_width(grad)
+    align, edge = reductions.row_alignment(n_cols, vec, [grad.stride(0)], pointers=[grad.data_ptr()])
     block = min(triton.next_power_of_2(n_cols), 4096)
     stride_go = grad_output.stride(0) if grad_output.dim() else 0
     with on_device(grad):
         kd_kernels.scale_grad_kernel[(n_rows, triton.cdiv(n_cols, block))](
-            grad, grad_output, n_cols, grad.stride(0), stride_go, BLOCK=block, num_warps=4 if block <= 1024 else 8
-        )
+            grad, grad_output, n_cols, grad.stride(0), stride_go, BLOCK=block, VEC=vec, ALIGN=align, EDGE=edge,
+            num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
 
 
 def _programs(x: Tensor, tiles: int) -> int:
