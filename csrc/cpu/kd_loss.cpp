@@ -3,14 +3,17 @@
 //
 // Per row, in acc_t (float32; float64 for float64 logits):
 //   pass 1  max x, max t_k; sum x (label smoothing); the live entries' moments (logit_norm, two reads)
-//   pass 2  e^(u_s), e^(u_tk) and, for CE at T != 1, e^(x - max x): the only exps (1 + K + [CE, T != 1]
-//           per entry), kept in per-thread row buffers for the passes below
-//   pass 3  the divergence's terms from the buffers (row_math.h's divergence_term: forward and reverse KL
-//           and TVD no exp, JSD a log per entry, skew KL and skew reverse KL a log and an exp, the
-//           alpha-beta divergence 2 to 4 exps; an ensemble one log more): the row sum D and
-//           g = dD/d(log q) into a buffer
+//   pass 2  e^(u_s) and e^(u_tk), kept in per-thread row buffers for the passes below, and CE's
+//           e^(x - max x): at an integer T <= 8 without logit_norm the power (e^(u_s))^T (a few multiplies),
+//           else its own exp. Exps per entry: 1 + K, + 1 for CE at any other T. Forward KL of one teacher
+//           (no logit_norm) also sums E_f = sum e^(u_t) (u_t - u_s) here: KL = E_f / d_t - ln d_t + ln d_s
+//           (kernels/kd_loss.py's module doc), and skips pass 3.
+//   pass 3  the divergence's terms from the buffers (row_math.h's divergence_term: reverse KL and TVD no
+//           exp, JSD a log per entry, skew KL and skew reverse KL a log and an exp, the alpha-beta
+//           divergence 2 to 4 exps; an ensemble one log more): the row sum D and g = dD/d(log q) into a
+//           buffer
 //   pass 4  dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), written
-//           once in the student's dtype after the -(1 - alpha)(1 - eps) at the target is folded in.
+//           once in the student's dtype, then the -(1 - alpha)(1 - eps) at the target.
 // With soft-capping, each row is first capped into a buffer (a tanh per entry of student and teachers) and
 // the gradient multiplied by the cap's derivative at the end.
 // The buffers are per thread, a few rows of V each: nothing N x V is allocated beyond the gradient.
@@ -85,11 +88,12 @@ inline T sum_except(const T* v, int64_t V, int64_t skip) {
   return hsum(s);
 }
 
-// Decoupled KD's row sum D, from q (es), p (gb) and p (log p - log q) (cross) of every class; writes into
-// gb its g with dD/du = g - q G (G returned in *G), as every divergence's: w_n (q_j / B - p_j / A) off the
-// target, w_t kappa at it (row_math.h's dkd_row). An unchecked target outside [0, V): NaN.
+// Decoupled KD's row sum D, from e^(u_s) (es; q = es / d_s, inv_ds = 1 / d_s), p (gb) and p (log p -
+// log q) (cross) of every class; writes into gb its g with dD/du = g - q G (G returned in *G), as every
+// divergence's: w_n (q_j / B - p_j / A) off the target, w_t kappa at it (row_math.h's dkd_row). An
+// unchecked target outside [0, V): NaN.
 template <typename T>
-T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T* gb, const T* cross, T* G) {
+T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T inv_ds, T* gb, const T* cross, T* G) {
   using V_ = Vec<T>;
   const int64_t V = P.V;
   if (y < 0 || y >= V) {
@@ -98,15 +102,42 @@ T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T* gb, const T* cross,
     return nan_of<T>();
   }
   T kappa, inv_a, inv_b;
-  const T D = dkd_row(gb[y], es[y], sum_except(gb, V, y), sum_except(es, V, y), sum_except(cross, V, y),
-                      P.dkd_alpha, P.dkd_beta, &kappa, &inv_a, &inv_b);
-  const V_ wa(P.dkd_beta * inv_a), wb(P.dkd_beta * inv_b);
+  const T D = dkd_row(gb[y], es[y] * inv_ds, sum_except(gb, V, y), sum_except(es, V, y) * inv_ds,
+                      sum_except(cross, V, y), P.dkd_alpha, P.dkd_beta, &kappa, &inv_a, &inv_b);
+  const V_ wa(P.dkd_beta * inv_a), wb(P.dkd_beta * inv_b * inv_ds);
   for_each_vec<T>(V, [&](int64_t j, int64_t n) {
     store(V_::loadu(es + j, n) * wb - V_::loadu(gb + j, n) * wa, gb + j, n);
   });
   gb[y] = P.dkd_alpha * kappa;
   *G = P.dkd_alpha * kappa;
   return D;
+}
+
+// CE's exps e^(x - max x) as powers of the student's e^(u_s), u_s = (x - max x) / T, when T is an integer
+// in [1, 8] and there is no logit_norm: (e^(u_s))^T, a few multiplies instead of an exp per entry (a
+// relative error of about T ulp; an entry below the smallest normal float flushes to 0, as vexp's). 0
+// where CE needs its own exps.
+template <typename T>
+inline int ce_power(T temperature, int64_t norm) {
+  const T p = std::round(temperature);
+  return norm == NO_NORM && p == temperature && p >= T(1) && p <= T(8) ? int(p) : 0;
+}
+
+// e^p by squaring, p >= 1.
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> vpow(Vec<T> e, int p) {
+  Vec<T> r = (p & 1) ? e : Vec<T>(T(1));
+  for (p >>= 1; p; p >>= 1) {
+    e = e * e;
+    if (p & 1) r = r * e;
+  }
+  return r;
+}
+
+// g = kd(j) + ce(j) over the row, a vector at a time: the row's gradient written once.
+template <typename T, typename KD, typename CE>
+inline void write_grad(T* g, int64_t V, const KD& kd, const CE& ce) {
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) { store(kd(j, n) + ce(j, n), g + j, n); });
 }
 
 // One valid row: its KD part c D and CE part (unscaled; 0 where not computed), and its gradient (scaled
@@ -118,8 +149,8 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   using Ops = VecOps<T>;
   const int64_t V = P.V, K = P.K;
   const V_ zero(T(0));
-  T* es = work;          // e^(u_s), then q
-  T* e1 = work + V;      // e^(x - max x) for CE at T != 1
+  T* es = work;          // e^(u_s)
+  T* e1 = work + V;      // e^(x - max x) for CE, where not a power of es (ce_power)
   T* gb = work + 2 * V;  // g = dD/d(log q)
   T* tb = work + 3 * V;  // teacher k's e^(u_tk) at tb + k V; p of an ensemble at tb
 
@@ -128,7 +159,8 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   const V_ vmx(mx);
   *kd_part = T(0);
   *ce_part = T(0);
-  const bool kd_grad = P.need_grad && P.alpha > T(0);
+  const bool kd_grad = P.need_grad && P.alpha > T(0) && P.has_kd;
+  const bool ce_grad = P.need_grad && P.alpha < T(1) && P.has_ce;
 
   // CE's statistics: its weight (NaN for an unchecked target outside [0, V)), sum x.
   T w_ce = T(0), sum_x = T(0);
@@ -140,11 +172,17 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
       sum_x = hsum(s);
     }
   }
+  // CE's exps: powers of es (ce_pow > 0), or their own in e1.
+  const int ce_pow = P.has_ce && P.has_kd ? ce_power(temperature, P.norm) : 0;
+  const bool ce_exps = P.has_ce && ce_pow == 0;
+  // Forward KL of one teacher without logit_norm: its row sum from the exps' pass (the Triton kernel's
+  // E_f: KL(p || q) = E_f / d_t - ln d_t + ln d_s, E_f = sum e^v (v - u)) and its g = -p from the
+  // buffers: no divergence pass.
+  const bool online = P.divergence == FORWARD_KL && K == 1 && P.norm == NO_NORM;
 
   T k_s = inv_t, r_s = T(1), kappa = T(0), live_n = T(0), mean_y = T(0);
-  T ds = T(0), d1 = T(0);
-  std::vector<T> mt(K), kt(K), dt(K);
-  bool share = false;  // CE's exps are the student's (k_s == 1)
+  T ds = T(1), d1 = T(0), D = T(0), G = T(0);
+  c10::SmallVector<T, 4> mt(K), kt(K), dt(K);
   if (P.has_kd) {
     if (P.norm != NO_NORM) {
       Moments<T> mo = live_moments(x, V, mx);
@@ -162,110 +200,91 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
       }
       kt[k] = r_t * inv_tt;
     }
-    share = P.has_ce && k_s == T(1);
-    // pass 2: the exps
-    const V_ vks(k_s);
-    V_ s_sum(T(0)), s1_sum(T(0));
-    const bool ce_exps = P.has_ce && !share;
+    // pass 2: the exps (the student's, CE's, and with ``online`` the teacher's and E_f)
+    const V_ vks(k_s), vmt(mt[0]), vkt(kt[0]);
+    V_ s_sum(T(0)), s1_sum(T(0)), t_sum(T(0)), ef(T(0));
     for_each_vec<T>(V, [&](int64_t j, int64_t n) {
       V_ z = load(x + j, n) - vmx;
-      V_ e = vexp(z * vks);
+      V_ u = z * vks;
+      V_ e = vexp(u);
       store(e, es + j, n);
       s_sum += e;
-      if (ce_exps) {
+      if (ce_pow > 1) {
+        s1_sum += vpow(e, ce_pow);
+      } else if (ce_exps) {
         V_ e_1 = vexp(z);
         store(e_1, e1 + j, n);
         s1_sum += e_1;
       }
+      if (online) {
+        V_ v = (load(t[0] + j, n) - vmt) * vkt;
+        V_ f = vexp(v);
+        store(f, tb + j, n);
+        t_sum += f;
+        ef += Ops::select(Ops::is_zero(f), zero, f * (v - u));
+      }
     });
     ds = hsum(s_sum);
-    d1 = share ? ds : hsum(s1_sum);
-    for (int64_t k = 0; k < K; ++k) {
-      const V_ vmt(mt[k]), vkt(kt[k]);
-      T* tk = tb + k * V;
-      V_ t_sum(T(0));
-      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-        V_ e = vexp((load(t[k] + j, n) - vmt) * vkt);
-        store(e, tk + j, n);
-        t_sum += e;
-      });
-      dt[k] = hsum(t_sum);
-    }
-    // pass 3: the divergence's terms
-    const T ln_ds = std::log(ds);
-    const V_ inv_ds(T(1) / ds), vln_ds(ln_ds);
-    const auto dc = divergence_constants<V_, T>(P.divergence, P.beta, P.skew, P.ab_alpha, P.ab_beta,
-                                                std::numeric_limits<T>::min());
-    V_ d_sum(T(0)), g_sum(T(0));
-    const bool dkd = P.divergence == DKD;  // p into gb, its cross terms into tb, for dkd_terms below
-    if (K == 1) {
-      const V_ inv_dt(T(1) / dt[0]), vmt(mt[0]), vkt(kt[0]);
-      const T ln_dt = std::log(dt[0]);
-      const V_ vln_dt(ln_dt), c(ln_dt - ln_ds);
-      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-        V_ us = (load(x + j, n) - vmx) * vks, ut = (load(t[0] + j, n) - vmt) * vkt;
-        V_ q = V_::loadu(es + j, n) * inv_ds, p = V_::loadu(tb + j, n) * inv_dt;
-        V_ d, gj;
-        divergence_term<Ops>(dc, p, q, ut - vln_dt, us - vln_ds, (ut - us) - c, &d, &gj);
-        d_sum += d;
-        g_sum += gj;
-        store(gj, gb + j, n);
-        store(q, es + j, n);
-        if (dkd) store(d, tb + j, n);
-      });
+    d1 = ce_pow == 1 ? ds : hsum(s1_sum);
+    if (online) {
+      dt[0] = hsum(t_sum);
+      D = hsum(ef) / dt[0] - std::log(dt[0]) + std::log(ds);
+      G = T(-1);
     } else {
-      std::vector<T> inv_dt(K);
-      for (int64_t k = 0; k < K; ++k) inv_dt[k] = T(1) / (dt[k] * T(K));
-      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-        V_ p(T(0));
-        for (int64_t k = 0; k < K; ++k) p += V_::loadu(tb + k * V + j, n) * V_(inv_dt[k]);
-        V_ us = (load(x + j, n) - vmx) * vks;
-        V_ q = V_::loadu(es + j, n) * inv_ds;
-        V_ lp = vlog(p), lq = us - vln_ds;
-        V_ d, gj;
-        divergence_term<Ops>(dc, p, q, lp, lq, lp - lq, &d, &gj);
-        d_sum += d;
-        g_sum += gj;
-        store(gj, gb + j, n);
-        store(q, es + j, n);
-        if (dkd) store(d, tb + j, n);  // the teachers' exps at j are read above
-      });
-    }
-    T D = hsum(d_sum), G = hsum(g_sum);
-    if (dkd) D = dkd_terms(P, y, es, gb, tb, &G);
-    *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
-    if (!kd_grad && P.need_grad) std::fill(g, g + V, T(0));
-    if (kd_grad) {
-      const T gscale = P.scale_grad ? P.scale : T(1);
-      const V_ vG(G), w(kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale);
-      if (P.norm == NO_NORM) {
+      for (int64_t k = 0; k < K; ++k) {
+        const V_ vmtk(mt[k]), vktk(kt[k]);
+        T* tk = tb + k * V;
+        V_ tk_sum(T(0));
         for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-          store(w * (V_::loadu(gb + j, n) - V_::loadu(es + j, n) * vG), g + j, n);
+          V_ f = vexp((load(t[k] + j, n) - vmtk) * vktk);
+          store(f, tk + j, n);
+          tk_sum += f;
         });
-      } else {  // through the normalization: e - c W - mean(e - c W), 0 at -inf entries
-        const V_ vmean(mean_y);
-        V_ e_sum(T(0)), ec_sum(T(0)), c_sum(T(0));
+        dt[k] = hsum(tk_sum);
+      }
+      // pass 3: the divergence's terms, g into gb
+      const T ln_ds = std::log(ds);
+      const V_ inv_ds(T(1) / ds), vln_ds(ln_ds);
+      const auto dc = divergence_constants<V_, T>(P.divergence, P.beta, P.skew, P.ab_alpha, P.ab_beta,
+                                                  std::numeric_limits<T>::min());
+      V_ d_sum(T(0)), g_sum(T(0));
+      const bool dkd = P.divergence == DKD;  // p into gb, its cross terms into tb, for dkd_terms below
+      if (K == 1) {
+        const V_ inv_dt(T(1) / dt[0]);
+        const T ln_dt = std::log(dt[0]);
+        const V_ vln_dt(ln_dt), c(ln_dt - ln_ds);
         for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-          V_ xj = load(x + j, n);
-          V_ dead = Ops::is_neg_inf(xj);
-          V_ c = Ops::select(dead, zero, xj - vmx - vmean);
-          V_ e = Ops::select(dead, zero, V_::loadu(gb + j, n) - V_::loadu(es + j, n) * vG);
-          store(e, gb + j, n);
-          e_sum += e;
-          ec_sum += e * c;
-          c_sum += c;
+          V_ us = (load(x + j, n) - vmx) * vks, ut = (load(t[0] + j, n) - vmt) * vkt;
+          V_ q = V_::loadu(es + j, n) * inv_ds, p = V_::loadu(tb + j, n) * inv_dt;
+          V_ d, gj;
+          divergence_term<Ops>(dc, p, q, ut - vln_dt, us - vln_ds, (ut - us) - c, &d, &gj);
+          d_sum += d;
+          g_sum += gj;
+          store(gj, gb + j, n);
+          if (dkd) store(d, tb + j, n);
         });
-        const T W = kappa > T(0) ? r_s * hsum(ec_sum) / kappa : T(0);
-        const T e_mean = (hsum(e_sum) - hsum(c_sum) * W) / std::max(live_n, T(1));
-        const V_ vW(W), vem(e_mean);
+      } else {
+        c10::SmallVector<T, 4> inv_dtk(K);
+        for (int64_t k = 0; k < K; ++k) inv_dtk[k] = T(1) / (dt[k] * T(K));
         for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-          V_ xj = load(x + j, n);
-          V_ dead = Ops::is_neg_inf(xj);
-          V_ c = xj - vmx - vmean;
-          store(Ops::select(dead, zero, w * (V_::loadu(gb + j, n) - c * vW - vem)), g + j, n);
+          V_ p(T(0));
+          for (int64_t k = 0; k < K; ++k) p += V_::loadu(tb + k * V + j, n) * V_(inv_dtk[k]);
+          V_ us = (load(x + j, n) - vmx) * vks;
+          V_ q = V_::loadu(es + j, n) * inv_ds;
+          V_ lp = vlog(p), lq = us - vln_ds;
+          V_ d, gj;
+          divergence_term<Ops>(dc, p, q, lp, lq, lp - lq, &d, &gj);
+          d_sum += d;
+          g_sum += gj;
+          store(gj, gb + j, n);
+          if (dkd) store(d, tb + j, n);  // the teachers' exps at j are read above
         });
       }
+      D = hsum(d_sum);
+      G = hsum(g_sum);
+      if (dkd) D = dkd_terms(P, y, es, T(1) / ds, gb, tb, &G);
     }
+    *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
   } else if (P.has_ce) {
     V_ s1_sum(T(0));
     for_each_vec<T>(V, [&](int64_t j, int64_t n) {
@@ -274,25 +293,58 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
       s1_sum += e;
     });
     d1 = hsum(s1_sum);
-    if (P.need_grad) std::fill(g, g + V, T(0));
-  } else if (P.need_grad) {
-    std::fill(g, g + V, T(0));
   }
+  if (P.has_ce) *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, std::log(d1), sum_x);
+  if (!P.need_grad) return;
 
-  if (P.has_ce) {
-    const T ln_d1 = std::log(d1);
-    *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
-    if (P.need_grad && P.alpha < T(1)) {
-      const T gscale = P.scale_grad ? P.scale : T(1);
-      const T wc = w_ce * (T(1) - P.alpha) * gscale;
-      const T* src = share ? work : e1;  // share: es was overwritten by q = e^(u_s) / d_s = s
-      const V_ vw(wc), inv(share ? T(1) : T(1) / d1), off(P.eps / T(V));
-      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-        store(V_::loadu(g + j, n) + vw * (V_::loadu(src + j, n) * inv - off), g + j, n);
+  // pass 4: dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), one write
+  const T gscale = P.scale_grad ? P.scale : T(1);
+  const T wc = w_ce * (T(1) - P.alpha) * gscale;
+  const V_ vwc(wc), inv_d1(T(1) / d1), off(P.eps / T(V));
+  auto with_ce = [&](const auto& kd) {
+    if (!ce_grad) {
+      write_grad(g, V, kd, [&](int64_t, int64_t) { return zero; });
+    } else if (ce_pow > 0) {
+      write_grad(g, V, kd, [&](int64_t j, int64_t n) {
+        return vwc * (vpow(V_::loadu(es + j, n), ce_pow) * inv_d1 - off);
       });
-      if (y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
+    } else {
+      write_grad(g, V, kd, [&](int64_t j, int64_t n) { return vwc * (V_::loadu(e1 + j, n) * inv_d1 - off); });
     }
+  };
+  const V_ w(kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale), inv_ds(T(1) / ds);
+  if (!kd_grad) {
+    with_ce([&](int64_t, int64_t) { return zero; });
+  } else if (online) {
+    const V_ inv_dt(T(1) / dt[0]);
+    with_ce([&](int64_t j, int64_t n) {
+      return w * (V_::loadu(es + j, n) * inv_ds - V_::loadu(tb + j, n) * inv_dt);
+    });
+  } else if (P.norm == NO_NORM) {
+    const V_ qG(G / ds);
+    with_ce([&](int64_t j, int64_t n) { return w * (V_::loadu(gb + j, n) - V_::loadu(es + j, n) * qG); });
+  } else {  // through the normalization: e - c W - mean(e - c W), 0 at -inf entries
+    const V_ vmean(mean_y), qG(G / ds);
+    V_ e_sum(T(0)), ec_sum(T(0)), c_sum(T(0));
+    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+      V_ xj = load(x + j, n);
+      V_ dead = Ops::is_neg_inf(xj);
+      V_ c = Ops::select(dead, zero, xj - vmx - vmean);
+      V_ e = Ops::select(dead, zero, V_::loadu(gb + j, n) - V_::loadu(es + j, n) * qG);
+      store(e, gb + j, n);
+      e_sum += e;
+      ec_sum += e * c;
+      c_sum += c;
+    });
+    const T W = kappa > T(0) ? r_s * hsum(ec_sum) / kappa : T(0);
+    const T e_mean = (hsum(e_sum) - hsum(c_sum) * W) / std::max(live_n, T(1));
+    const V_ vW(W), vem(e_mean);
+    with_ce([&](int64_t j, int64_t n) {
+      V_ xj = load(x + j, n);
+      return Ops::select(Ops::is_neg_inf(xj), zero, w * (V_::loadu(gb + j, n) - (xj - vmx - vmean) * vW - vem));
+    });
   }
+  if (ce_grad && y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
 }
 
 template <typename scalar_t, typename acc_t>
