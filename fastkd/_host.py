@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastkd import _memory
 from fastkd._options import KDOptions
 
 
@@ -74,7 +75,7 @@ def kd_outputs(student: Tensor, target: Tensor | None, options: KDOptions, inpla
     elif inplace_grad:
         grad = student
     else:
-        grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
+        grad = _memory.empty((n_rows, n_cols), student.dtype, student.device)
     parts = torch.empty((2 if options.return_parts else 0, n_rows), dtype=compute, device=student.device)
     scale_tensor, scale = None, 1.0
     if isinstance(options.normalizer, Tensor):  # a count from the caller replaces the reduction's divisor

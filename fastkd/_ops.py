@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from fastkd import _memory
 from fastkd._backend import implementation
 from fastkd._host import KDOutputs, kd_outputs, unit_column_stride
 from fastkd._options import KDOptions
@@ -31,7 +32,7 @@ def softmax_forward(impl: ModuleType, x: Tensor, temperature: float | Tensor, lo
     ``store_stats``, else (0, 2)) of x (N, V) with a unit column stride."""
     if torch.compiler.is_compiling():
         return _softmax_fwd_op(x, *_split(temperature), log, store_stats, impl.NAME)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = _memory.empty(x.shape, x.dtype, x.device)
     stats = torch.empty((x.shape[0] if store_stats else 0, 2), dtype=torch.float32, device=x.device)
     impl.tempered_softmax_forward(x, temperature, log, y, stats)
     return y, stats
@@ -45,7 +46,7 @@ def softmax_backward(impl: ModuleType, grad: Tensor, saved: Tensor, temperature:
         dx, dt = _softmax_bwd_op(grad, saved, *_split(temperature), stats, log, need_dx, need_dt, impl.NAME)
         return (dx if need_dx else None), (dt if need_dt else None)
     grad = unit_column_stride(grad)
-    dx = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device) if need_dx else None
+    dx = _memory.empty(saved.shape, saved.dtype, saved.device) if need_dx else None
     dt = torch.empty(saved.shape[0], dtype=torch.float32, device=saved.device) if need_dt else None
     impl.tempered_softmax_backward(grad, saved, temperature, stats, log, dx, dt)
     return dx, dt
