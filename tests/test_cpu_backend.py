@@ -212,3 +212,27 @@ def test_objectives_run_in_the_kernels(monkeypatch, options):
     loss = fastkd.kd_loss(x, torch.randn(4, 33), torch.tensor([0, 5, -100, 32]), backend="cpu", **options)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("options", [
+    {"divergence": "skew_kl", "skew": 0.1}, {"divergence": "skew_reverse_kl", "skew": 0.3}, {"divergence": "tvd"},
+    {"divergence": "ab", "ab_alpha": 0.8, "ab_beta": 0.4}, {"divergence": "ab", "ab_alpha": 0.0, "ab_beta": 0.7},
+    {"divergence": "jsd", "softcap": 5.0}, {"divergence": "tvd", "softcap": 5.0},
+], ids=str)  # fmt: skip
+def test_sparse_teacher_objectives_run_in_the_kernel(monkeypatch, options):
+    """Issue 18's objectives (all but DKD, which needs a dense teacher) and soft-capping on a sparse top-k
+    teacher run in the C++ kernel, not the PyTorch closed form (their numbers: tests/test_objectives.py)."""
+    from fastkd.backends import torch as torch_backend
+
+    def closed_form(*args):
+        raise AssertionError("the cpu backend ran the PyTorch closed form")
+
+    monkeypatch.setattr(torch_backend, "kd_loss_topk_forward", closed_form)
+    x = torch.randn(4, 33, requires_grad=True)
+    indices = torch.randperm(33)[:5].repeat(4, 1)
+    values = torch.log_softmax(torch.randn(4, 6), -1)[:, :5]
+    loss = fastkd.kd_loss(x, None, torch.tensor([0, 5, -100, 32]), teacher_topk=(indices, values), tail="bucket",
+                          backend="cpu", **options)  # fmt: skip
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

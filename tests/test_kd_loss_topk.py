@@ -115,7 +115,7 @@ def test_wide_rows_and_one_row(backend, width):
     check(logits(1, width), (indices, values), None, backend, alpha=1.0, tail="bucket")
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "ab"])
 def test_student_tail_below_float32_resolution(backend, divergence):
     """The student puts all but ~3e-10 of its mass on the k entries, the teacher 1% outside them: q_R
     summed outside I stays ~3e-10 (1 - sum_I q would round to 0 or to ~6e-8 in float32)."""

@@ -74,6 +74,71 @@ def test_objectives_against_a_sparse_teacher(backend, objective):
     assert_close(sparse[1], dense[1], torch.float32, scale=dense[1].abs().max().item())
 
 
+SPARSE_OBJECTIVES = [name for name in OBJECTIVES if name != "dkd"]  # DKD needs a dense teacher
+REVERSE_LIKE = ("ab_alpha_0",)  # infinite with tail="none" (refused) or a teacher probability of 0 at I
+
+
+@pytest.mark.parametrize("objective", SPARSE_OBJECTIVES)
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("width", [37, 4097])
+def test_sparse_objectives_match_float64(backend, objective, tail, width):
+    """Each objective over a sparse teacher's k + 1 classes at odd widths, both tails, two temperatures,
+    label smoothing and ignored rows (whose indices and values may be anything)."""
+    if tail == "none" and objective in REVERSE_LIKE:
+        pytest.skip("refused: infinite wherever the student has mass outside I")
+    student, target = logits(6, width), targets(6, width, ignored=(1, 4))
+    indices, values, _ = sparse_teacher((6,), width, 16)
+    indices[1, 0], values[4, 2] = -7, float("nan")
+    check(student, None, target, backend, teacher_topk=(indices, values), tail=tail, temperature=2.0,
+          teacher_temperature=1.5, alpha=0.7, label_smoothing=0.1, **OBJECTIVES[objective])  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", SPARSE_OBJECTIVES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_objectives_by_dtype(backend, objective, dtype):
+    indices, values, _ = sparse_teacher((8,), 301, 20, dtype=dtype)
+    check(logits(8, 301, dtype=dtype), None, targets(8, 301), backend, teacher_topk=(indices, values), tail="bucket",
+          temperature=3.0, **OBJECTIVES[objective])  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", SPARSE_OBJECTIVES)
+def test_sparse_objectives_with_masked_classes(backend, objective):
+    """-inf student logits outside I (probability 0, no gradient there), a teacher log-probability of -inf
+    at I (but for the divergences that weigh log(q / p) by q alone, infinite there), per-row
+    temperatures, a student tail below float32's resolution in a row."""
+    indices, values, _ = sparse_teacher((4,), 300, 10)
+    if objective not in REVERSE_LIKE:
+        values[:, 0] = -math.inf
+    student = logits(4, 300)
+    outside = torch.ones_like(student, dtype=torch.bool).scatter(-1, indices, False)
+    student = torch.where(outside & (torch.arange(300, device=DEVICE) % 3 == 0), -math.inf, student)
+    student[2] = torch.where(outside[2], -30.0, student[2])  # q_R ~ 1e-11
+    target = indices[:, 3]  # a class that is not masked
+    t = torch.rand(4, device=DEVICE) + 1.0
+    for tail in ("none", "bucket") if objective not in REVERSE_LIKE else ("bucket",):
+        loss, grad = check(student, None, target, backend, teacher_topk=(indices, values), tail=tail, temperature=t,
+                           teacher_temperature=t.flip(0), **OBJECTIVES[objective])  # fmt: skip
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[torch.isneginf(student)].any()
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl", "tvd", "ab"])
+def test_soft_capping_with_a_sparse_teacher(backend, objective):
+    """softcap caps the student's logits (CE included), not the teacher's stored values (log-probabilities,
+    not logits), with the gradient through the tanh; -inf stays masked."""
+    options = OBJECTIVES.get(objective, dict(divergence=objective))
+    student, target = logits(6, 501, scale=20.0), targets(6, 501, ignored=(2,))
+    indices, values, _ = sparse_teacher((6,), 501, 12)
+    outside = torch.ones_like(student, dtype=torch.bool).scatter(-1, indices, False)
+    student = torch.where(outside & (torch.arange(501, device=DEVICE) == 3), -math.inf, student)
+    loss, grad = check(student, None, target, backend, teacher_topk=(indices, values), tail="bucket", softcap=15.0,
+                       temperature=2.0, alpha=0.8, **options)  # fmt: skip
+    capped = torch.where(torch.isneginf(student), student, 15.0 * torch.tanh(student / 15.0)).double()
+    by_hand = reference.kd_loss(capped, None, target, teacher_topk=(indices, values.double()), tail="bucket",
+                                temperature=2.0, alpha=0.8, **options)  # fmt: skip
+    assert_close(loss, by_hand, torch.float32)
+    assert not grad[torch.isneginf(student)].any()
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_kl", "dkd"])
 def test_soft_capping(backend, divergence):
     """softcap=c caps student and teacher logits at c tanh(z / c) (Gemma 2) inside the loss, CE included,

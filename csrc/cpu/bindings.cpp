@@ -29,8 +29,8 @@ TORCH_LIBRARY(fastkd_cpu, m) {
         "bool temperature_squared, bool return_parts, Tensor(a!) rows, Tensor(b!) grad, Tensor(c!) parts) -> ()");
   m.def("kd_loss_topk_fwd(Tensor student, Tensor indices, Tensor values, Tensor? target, Tensor? t, float t_value, "
         "Tensor? tt, float tt_value, Tensor? scale_tensor, float scale, bool scale_grad, float alpha, float beta, "
-        "float label_smoothing, int ignore_index, int divergence, bool bucket, bool temperature_squared, "
-        "bool return_parts, Tensor(a!) rows, Tensor(b!) grad, Tensor(c!) parts) -> ()");
+        "float skew, float ab_alpha, float ab_beta, float softcap, float label_smoothing, int ignore_index, "
+        "int divergence, bool bucket, bool temperature_squared, bool return_parts, Tensor(a!) rows, Tensor(b!) grad, Tensor(c!) parts) -> ()");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   m.def("calibration(Tensor logits, Tensor target, int mode, Tensor? t, float t_value, bool probs, bool log_input, "
         "int ignore_index, int n_bins, Tensor(a!) sums, Tensor(b!) bin_count, Tensor(c!) bin_correct, "
@@ -60,8 +60,9 @@ TORCH_LIBRARY_IMPL(fastkd_cpu, Meta, m) {
                            at::Tensor) {});
   m.impl("kd_loss_topk_fwd", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                 const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
-                                const c10::optional<at::Tensor>&, double, bool, double, double, double, int64_t, int64_t,
-                                bool, bool, bool, at::Tensor, at::Tensor, at::Tensor) {});
+                                const c10::optional<at::Tensor>&, double, bool, double, double, double, double, double,
+                                double, double, int64_t, int64_t, bool, bool, bool, at::Tensor, at::Tensor,
+                                at::Tensor) {});
   m.impl("scale_grad_", [](at::Tensor, const at::Tensor&) {});
   m.impl("calibration", [](const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&, double, bool, bool,
                            int64_t, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor) {});

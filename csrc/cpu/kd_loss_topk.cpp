@@ -5,8 +5,14 @@
 //           kept in row buffers; the student's mass outside I is summed over those columns (the k entries
 //           zeroed in the buffer for one sum, then put back), never taken as 1 - sum_I q
 //   k + 1   the teacher's log-probabilities over I (and the bucket), the divergence over the k + 1 classes
-//   pass 3  dL/dx by the formula of the columns outside I, then the k columns of I set by their own.
+//           by row_math.h's divergence_term (every divergence but DKD, which needs a dense teacher): its
+//           D_c and g_c = dD/d(log q_c), G = sum_c g_c
+//   pass 3  dL/dx by the formula of the columns outside I, q_l (g_R / q_R - G), then the k columns of I
+//           set by their own, g_c - q_c G.
+// With soft-capping (soft_cap.h), the student's row is first capped into a buffer (a tanh per entry; the
+// teacher's stored values are not capped) and the gradient multiplied by the cap's derivative at the end.
 #include "ops.h"
+#include "soft_cap.h"
 
 namespace fastkd {
 namespace cpu {
@@ -15,7 +21,8 @@ template <typename T>
 struct TopkParams {
   int64_t V = 0, k = 0, divergence = FORWARD_KL, ignore_index = -100;
   bool bucket = false, has_kd = false, has_ce = false, need_grad = false, scale_grad = true, t_squared = true;
-  T alpha = 0, beta = 0.5, eps = 0, scale = 1;
+  T alpha = 0, beta = 0.5, skew = 0.1, ab_alpha = 1, ab_beta = 0, eps = 0, scale = 1;
+  T softcap = 0;  // > 0: the student's logits soft-capped to cap tanh(z / cap) before everything (CE included)
 };
 
 // One valid row: its KD part c D and CE part (unscaled; 0 where not computed) and its gradient in g.
@@ -30,7 +37,7 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
   T* saved = small;              // k: es at I while zeroed
   T* lq = small + k;             // k + 1: log q over I and R
   T* lp = small + 2 * k + 1;     // k + 1: log p
-  T* h = small + 3 * k + 2;      // k + 1: the divergence's h (or, for forward KL, unused)
+  T* gk = small + 3 * k + 2;     // k + 1: g_c = dD/d(log q_c)
   const T mx = row_max(x, V);
   const T x_y = (y >= 0 && y < V) ? x[y] : T(0);  // read first: g may be x itself (inplace_grad)
   const V_ vmx(mx);
@@ -106,37 +113,25 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
     if (inv_tt != inv_tt) {  // an unchecked bad teacher temperature: NaN
       for (int64_t c = 0; c <= k; ++c) lp[c] = nan_of<T>();
     }
-    // the divergence over the k + 1 classes; h_c = dD/d(log q_c) / (f q_c) for reverse KL and JSD
-    const T beta1 = T(1) - P.beta;
-    const auto dc = divergence_constants<T, T>(P.divergence, P.beta, T(0), T(1), T(0), std::numeric_limits<T>::min());
-    T D = T(0), S_sum = T(0);
+    // the divergence over the k + 1 classes: D and g_c = dD/d(log q_c) (row_math.h), G = sum_c g_c
+    const auto dc = divergence_constants<T, T>(P.divergence, P.beta, P.skew, P.ab_alpha, P.ab_beta,
+                                               std::numeric_limits<T>::min());
+    T D = T(0), G = T(0);
     for (int64_t c = 0; c <= k; ++c) {
       const T p = std::exp(lp[c]), q = std::exp(lq[c]);
-      T d, gc;
-      divergence_term<S>(dc, p, q, lp[c], lq[c], lp[c] - lq[c], &d, &gc);
+      T d;
+      divergence_term<S>(dc, p, q, lp[c], lq[c], lp[c] - lq[c], &d, &gk[c]);
       D += d;
-      if (P.divergence != FORWARD_KL) {
-        const T f = P.divergence == REVERSE_KL ? T(1) : beta1;
-        h[c] = q != T(0) ? gc / (f * q) : T(0);
-        S_sum += q * h[c];
-      }
+      G += gk[c];
     }
     *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
     if (kd_grad) {
+      // dD/du_l = g_c(l) (q_l / q_R for l outside I) - q_l G: outside I q_l (g_R / q_R - G), at I g_c - q_c G
       const T w = kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale;
-      const V_ inv_ds(T(1) / ds);
-      if (P.divergence == FORWARD_KL) {  // outside I: q_l (1 - p_R / q_R); at I: q_l - p_l
-        const T p_rest = std::exp(lp[k]);
-        const T ratio = lq[k] > neg_inf<T>() ? p_rest * std::exp(-lq[k]) : T(0);
-        const V_ vf(w * (T(1) - ratio));
-        for_each_vec<T>(V, [&](int64_t j, int64_t n) { store(vf * V_::loadu(es + j, n) * inv_ds, g + j, n); });
-        for (int64_t c = 0; c < k; ++c) g[idx[c]] = w * (es[idx[c]] / ds - std::exp(lp[c]));
-      } else {  // f q_l (h_c(l) - S)
-        const T f = P.divergence == REVERSE_KL ? T(1) : beta1;
-        const V_ vf(w * f * (h[k] - S_sum));
-        for_each_vec<T>(V, [&](int64_t j, int64_t n) { store(vf * V_::loadu(es + j, n) * inv_ds, g + j, n); });
-        for (int64_t c = 0; c < k; ++c) g[idx[c]] = w * f * (es[idx[c]] / ds) * (h[c] - S_sum);
-      }
+      const T ratio = lq[k] > neg_inf<T>() ? gk[k] * std::exp(-lq[k]) : T(0);
+      const V_ vf(w * (ratio - G)), inv_ds(T(1) / ds);
+      for_each_vec<T>(V, [&](int64_t j, int64_t n) { store(vf * V_::loadu(es + j, n) * inv_ds, g + j, n); });
+      for (int64_t c = 0; c < k; ++c) g[idx[c]] = w * (gk[c] - (es[idx[c]] / ds) * G);
     }
   }
   if (P.need_grad && !kd_grad) std::fill(g, g + V, T(0));  // after the last read of x (g may be x)
@@ -173,13 +168,14 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
     using value_t = scalar_t;
     const value_t* vp = values.data_ptr<value_t>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> work(2 * V), xbuf(same ? 0 : V), gbuf(same ? 0 : V), small(4 * k + 3), vbuf(k);
+      const bool cap = P.softcap > acc_t(0);  // the capped row lives in xbuf
+      std::vector<acc_t> work(2 * V), xbuf(same && !cap ? 0 : V), gbuf(same ? 0 : V), small(4 * k + 3), vbuf(k);
       std::vector<int64_t> ibuf(k);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t y = target.present() ? target[i] : -1;
         if (target.present() && y == P.ignore_index) {
           rp[i] = acc_t(0);
-        if (pp) pp[i] = pp[N + i] = acc_t(0);
+          if (pp) pp[i] = pp[N + i] = acc_t(0);
           if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, x_t(0));
           continue;
         }
@@ -190,6 +186,11 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
         }
         auto* grow = P.need_grad ? gp + i * sg : nullptr;
         const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
+        if (cap) {
+          if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
+          soft_cap_row(xbuf.data(), V, P.softcap);
+          x = xbuf.data();
+        }
         acc_t* g = P.need_grad ? acc_out(grow, gbuf.data()) : nullptr;
         acc_t kd, ce;
         topk_row(P, x, ibuf.data(), vbuf.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), g, work.data(),
@@ -199,7 +200,10 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
           pp[i] = kd * P.scale;
           pp[N + i] = ce * P.scale;
         }
-        if (P.need_grad) finish_out(g, grow, V);
+        if (P.need_grad) {
+          if (cap) soft_cap_row_grad(g, x, V, P.softcap);
+          finish_out(g, grow, V);
+        }
       }
     });
   });
@@ -208,8 +212,10 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
 void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& values,
                       const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& t, double t_value,
                       const c10::optional<at::Tensor>& tt, double tt_value, const c10::optional<at::Tensor>& scale_tensor,
-                      double scale, bool scale_grad, double alpha, double beta, double label_smoothing, int64_t ignore_index,
-                      int64_t divergence, bool bucket, bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
+                      double scale, bool scale_grad, double alpha, double beta, double skew, double ab_alpha,
+                      double ab_beta, double softcap, double label_smoothing, int64_t ignore_index, int64_t divergence,
+                      bool bucket, bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad,
+                      at::Tensor parts) {
   check_rows(student, "student");
   const int64_t N = student.size(0), V = student.size(1);
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == N && values.sizes() == indices.sizes(),
@@ -218,7 +224,9 @@ void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, cons
               "fastkd_cpu: indices must be int64 or int32, got ", indices.scalar_type());
   TORCH_CHECK(indices.device().is_cpu() && values.device().is_cpu(), "fastkd_cpu: indices and values must be CPU tensors");
   check_target(target, N);
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "fastkd_cpu: divergence must be 0, 1 or 2, got ", divergence);
+  TORCH_CHECK(divergence >= FORWARD_KL && divergence <= AB, "fastkd_cpu: divergence must be in [0, 6] (DKD needs a "
+              "dense teacher), got ", divergence);
+  TORCH_CHECK(divergence != AB || ab_alpha > 0 || ab_beta > 0, "fastkd_cpu: ab_alpha and ab_beta must not both be 0");
   const bool need_grad = grad.size(0) > 0;
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(rows.dim() == 1 && rows.size(0) == N && rows.is_contiguous() && rows.scalar_type() == acc_type,
@@ -252,6 +260,10 @@ void kd_loss_topk_fwd(const at::Tensor& student, const at::Tensor& indices, cons
     P.t_squared = temperature_squared;
     P.alpha = acc_t(alpha);
     P.beta = acc_t(beta);
+    P.skew = acc_t(skew);
+    P.ab_alpha = acc_t(ab_alpha);
+    P.ab_beta = acc_t(ab_beta);
+    P.softcap = acc_t(softcap);
     P.eps = acc_t(label_smoothing);
     P.scale = (scale_tensor.has_value() && scale_tensor->defined()) ? acc_t(scale_tensor->item<double>()) : acc_t(scale);
     Temperature<acc_t> temp(t, t_value, N), ttemp(tt, tt_value, N);

@@ -16,8 +16,8 @@ void kd_loss_fwd(const at::Tensor&, const at::Tensor&, const c10::optional<at::T
                  bool, bool, at::Tensor, at::Tensor, at::Tensor);
 void kd_loss_topk_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                       const c10::optional<at::Tensor>&, double, const c10::optional<at::Tensor>&, double,
-                      const c10::optional<at::Tensor>&, double, bool, double, double, double, int64_t, int64_t, bool, bool,
-                      bool, at::Tensor, at::Tensor, at::Tensor);
+                      const c10::optional<at::Tensor>&, double, bool, double, double, double, double, double, double,
+                      double, int64_t, int64_t, bool, bool, bool, at::Tensor, at::Tensor, at::Tensor);
 void scale_grad_(at::Tensor, const at::Tensor&);
 void calibration(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&, double, bool, bool, int64_t,
                  int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor);

@@ -23,7 +23,7 @@ NAME = "cpu"
 WORKSPACE_BYTES_PER_ENTRY = 0  # per-thread row buffers only: nothing per logit entry beyond the gradient
 
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6, "dkd": 7}
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # the sparse teacher's kernel
+TOPK_DIVERGENCES = tuple(d for d in DIVERGENCES if d != "dkd")  # the sparse teacher's kernel (DKD: dense only)
 NORMS = {None: 0, "standardize": 1, "spherical": 2}
 MODES = {"bins": 0, "rows": 1, "newton": 2}
 
@@ -64,13 +64,14 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options, TOPK_DIVERGENCES):
+    if not kernels_cover(options, TOPK_DIVERGENCES, softcap=True):
         return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     _ops.kd_loss_topk_fwd(
         student, indices, values, target, *_split(options.temperature), *_split(options.teacher_temperature),
-        out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.label_smoothing,
-        options.ignore_index, DIVERGENCES[options.divergence], options.tail == "bucket",
-        options.temperature_squared, options.return_parts, out.rows, out.grad, out.parts,
+        out.scale_tensor, out.scale, out.scale_grad, options.alpha, options.beta, options.skew, options.ab_alpha,
+        options.ab_beta, options.softcap or 0.0, options.label_smoothing, options.ignore_index,
+        DIVERGENCES[options.divergence], options.tail == "bucket", options.temperature_squared, options.return_parts,
+        out.rows, out.grad, out.parts,
     )  # fmt: skip
 
 
