@@ -226,6 +226,27 @@ struct Temperature {
   T inverse(int64_t row) const { return inverse_temperature(value(row)); }
 };
 
+// CE's exps e^(x - max x) as powers of the student's e^(u_s), u_s = (x - max x) / T, when T is an integer
+// in [1, 8] and there is no logit_norm: (e^(u_s))^T, a few multiplies instead of an exp per entry (a
+// relative error of about T ulp; an entry below the smallest normal float flushes to 0, as vexp's). 0
+// where CE needs its own exps.
+template <typename T>
+inline int ce_power(T temperature, int64_t norm) {
+  const T p = std::round(temperature);
+  return norm == NO_NORM && p == temperature && p >= T(1) && p <= T(8) ? int(p) : 0;
+}
+
+// e^p by squaring, p >= 1.
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> vpow(Vec<T> e, int p) {
+  Vec<T> r = (p & 1) ? e : Vec<T>(T(1));
+  for (p >>= 1; p; p >>= 1) {
+    e = e * e;
+    if (p & 1) r = r * e;
+  }
+  return r;
+}
+
 // Rows per task of at::parallel_for: about 32k entries, at least one row.
 inline int64_t grain(int64_t V, int64_t per_entry = 1) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(V * per_entry, 1));

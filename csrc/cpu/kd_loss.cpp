@@ -14,10 +14,11 @@
 //           buffer
 //   pass 4  dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), written
 //           once in the student's dtype, then the -(1 - alpha)(1 - eps) at the target.
-// With soft-capping, each row is first capped into a buffer (a tanh per entry of student and teachers) and
-// the gradient multiplied by the cap's derivative at the end.
+// With soft-capping (soft_cap.h), each row is first capped into a buffer (a tanh per entry of student and
+// teachers) and the gradient multiplied by the cap's derivative at the end.
 // The buffers are per thread, a few rows of V each: nothing N x V is allocated beyond the gradient.
 #include "ops.h"
+#include "soft_cap.h"
 
 namespace fastkd {
 namespace cpu {
@@ -30,29 +31,6 @@ struct KDParams {
   T dkd_alpha = 1, dkd_beta = 8;  // DKD's weights of TCKD and NCKD
   T softcap = 0;  // > 0: logits soft-capped to cap tanh(z / cap) before everything (CE included)
 };
-
-// z -> cap tanh(z / cap) in place (-inf kept: a masked class stays masked; NaN stays NaN).
-template <typename T>
-inline void soft_cap(T* z, int64_t V, T cap) {
-  using V_ = Vec<T>;
-  const V_ vcap(cap), inv(T(1) / cap);
-  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-    V_ zj = V_::loadu(z + j, n);
-    store(VecOps<T>::select(VecOps<T>::is_neg_inf(zj), zj, vcap * (zj * inv).tanh()), z + j, n);
-  });
-}
-
-// dL/dz = dL/dz' (1 - (z' / cap)^2) from the capped row z', in place in g (0 at a masked class).
-template <typename T>
-inline void soft_cap_grad(T* g, const T* capped, int64_t V, T cap) {
-  using V_ = Vec<T>;
-  const V_ inv(T(1) / cap), one(T(1)), zero(T(0));
-  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-    V_ c = V_::loadu(capped + j, n);
-    V_ r = c * inv;
-    store(VecOps<T>::select(VecOps<T>::is_neg_inf(c), zero, V_::loadu(g + j, n) * (one - r * r)), g + j, n);
-  });
-}
 
 // (n, mean, M2) of a row's live (not -inf) entries, of x - shift (two reads: the mean, then M2).
 template <typename T>
@@ -111,27 +89,6 @@ T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T inv_ds, T* gb, const
   gb[y] = P.dkd_alpha * kappa;
   *G = P.dkd_alpha * kappa;
   return D;
-}
-
-// CE's exps e^(x - max x) as powers of the student's e^(u_s), u_s = (x - max x) / T, when T is an integer
-// in [1, 8] and there is no logit_norm: (e^(u_s))^T, a few multiplies instead of an exp per entry (a
-// relative error of about T ulp; an entry below the smallest normal float flushes to 0, as vexp's). 0
-// where CE needs its own exps.
-template <typename T>
-inline int ce_power(T temperature, int64_t norm) {
-  const T p = std::round(temperature);
-  return norm == NO_NORM && p == temperature && p >= T(1) && p <= T(8) ? int(p) : 0;
-}
-
-// e^p by squaring, p >= 1.
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> vpow(Vec<T> e, int p) {
-  Vec<T> r = (p & 1) ? e : Vec<T>(T(1));
-  for (p >>= 1; p; p >>= 1) {
-    e = e * e;
-    if (p & 1) r = r * e;
-  }
-  return r;
 }
 
 // g = kd(j) + ce(j) over the row, a vector at a time: the row's gradient written once.
@@ -376,7 +333,7 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
       const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
       if (cap) {
         if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
-        soft_cap(xbuf.data(), V, P.softcap);
+        soft_cap_row(xbuf.data(), V, P.softcap);
         x = xbuf.data();
       }
       if (P.has_kd) {
@@ -385,7 +342,7 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
           trows[k] = as_acc(tp + k * st0 + i * st1, V, buf);
           if (cap) {
             if (trows[k] != buf) std::copy(trows[k], trows[k] + V, buf);
-            soft_cap(buf, V, P.softcap);
+            soft_cap_row(buf, V, P.softcap);
             trows[k] = buf;
           }
         }
@@ -400,7 +357,7 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
         pp[N + i] = ce * P.scale;
       }
       if (P.need_grad) {
-        if (cap) soft_cap_grad(g, x, V, P.softcap);
+        if (cap) soft_cap_row_grad(g, x, V, P.softcap);
         finish_out(g, gp + i * sg, V);
       }
     }

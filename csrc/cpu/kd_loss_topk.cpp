@@ -1,9 +1,10 @@
 // The distillation loss from a sparse teacher given at k entries per row (kernels/kd_loss_topk.py's module
 // doc): each row's loss and dL/dx in the forward. Per row, in acc_t:
 //   pass 1  max x (and sum x for label smoothing)
-//   pass 2  e^(u_s), and e^(x - max x) for CE at T != 1: the only exps over the row (1 or 2 per entry),
-//           kept in row buffers; the student's mass outside I is summed over those columns (the k entries
-//           zeroed in the buffer for one sum, then put back), never taken as 1 - sum_I q
+//   pass 2  e^(u_s), and CE's e^(x - max x) (powers of e^(u_s) at an integer T <= 8, common.h's ce_power;
+//           else an exp): the only exps over the row (1 or 2 per entry), kept in row buffers; the
+//           student's mass outside I is summed over those columns (the k entries zeroed in the buffer for
+//           one sum, then put back), never taken as 1 - sum_I q
 //   k + 1   the teacher's log-probabilities over I (and the bucket), the divergence over the k + 1 classes
 //           by row_math.h's divergence_term (every divergence but DKD, which needs a dense teacher): its
 //           D_c and g_c = dD/d(log q_c), G = sum_c g_c
@@ -56,18 +57,19 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
   bool in_range = true;
   for (int64_t c = 0; c < k; ++c) in_range = in_range && idx[c] >= 0 && idx[c] < V;
   const T k_s = inv_t;
-  const bool share = P.has_kd && P.has_ce && k_s == T(1);
+  const int ce_pow = P.has_kd && P.has_ce ? ce_power(temperature, NO_NORM) : 0;  // CE's exps: powers of es
   T ds = T(0), d1 = T(0);
   {
     const V_ vks(k_s);
     V_ s_sum(T(0)), s1_sum(T(0));
-    const bool kd_exps = P.has_kd, ce_exps = P.has_ce && !share;
+    const bool kd_exps = P.has_kd, ce_exps = P.has_ce && ce_pow == 0;
     for_each_vec<T>(V, [&](int64_t j, int64_t n) {
       V_ z = load(x + j, n) - vmx;
       if (kd_exps) {
         V_ e = vexp(z * vks);
         store(e, es + j, n);
         s_sum += e;
+        if (ce_pow > 1) s1_sum += vpow(e, ce_pow);
       }
       if (ce_exps) {
         V_ e = vexp(z);
@@ -76,7 +78,7 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
       }
     });
     ds = hsum(s_sum);
-    d1 = share ? ds : hsum(s1_sum);
+    d1 = ce_pow == 1 ? ds : hsum(s1_sum);
   }
   const T gscale = P.scale_grad ? P.scale : T(1);
   if (P.has_kd && !in_range) {  // an unchecked index outside [0, V): a NaN row
@@ -140,10 +142,10 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
     *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, ln_d1, sum_x);
     if (P.need_grad && P.alpha < T(1)) {
       const T wc = w_ce * (T(1) - P.alpha) * gscale;
-      const T* src = share ? es : e1;
       const V_ vw(wc), inv(T(1) / d1), off(P.eps / T(V));
       for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-        store(V_::loadu(g + j, n) + vw * (V_::loadu(src + j, n) * inv - off), g + j, n);
+        V_ e = ce_pow > 0 ? vpow(V_::loadu(es + j, n), ce_pow) : V_::loadu(e1 + j, n);
+        store(V_::loadu(g + j, n) + vw * (e * inv - off), g + j, n);
       });
       if (y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
     }

@@ -1,7 +1,6 @@
 // Logit soft-capping z -> cap tanh(z / cap) (Gemma 2's final_logit_softcapping) over a row, and its
-// gradient: the sparse teacher's kernel (kd_loss_topk.cpp) caps the student's row with these. The dense
-// kernel (kd_loss.cpp) has its own copies, soft_cap and soft_cap_grad, of the same two loops: it can
-// include this header in their place.
+// gradient, for the dense kernel (kd_loss.cpp: student and teachers) and the sparse teacher's (kd_loss_topk.cpp:
+// the student).
 #pragma once
 
 #include "common.h"
