@@ -99,27 +99,21 @@ def unavailable_reason() -> str:
     return ""
 
 
+def _attempt() -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    try:
+        importlib.import_module("fastkd._C_cuda")
+        _state["how"] = "ahead-of-time build fastkd._C_cuda"
+    except ImportError:
+        _load_jit()
+
+
 def load() -> bool:
-    """Whether the ops are registered (loading or building them on the first call; cached)."""
-    if "ok" in _state:
-        return bool(_state["ok"])
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        try:
-            reason = unavailable_reason()
-            if reason:
-                raise RuntimeError(reason)
-            try:
-                importlib.import_module("fastkd._C_cuda")
-                _state["how"] = "ahead-of-time build fastkd._C_cuda"
-            except ImportError:
-                _load_jit()
-            _state["ok"] = True
-        except Exception as error:  # noqa: BLE001  (any failure to build or load is reported by the backend's check)
-            reason = " ".join(str(error).split())
-            _state["ok"], _state["error"] = False, f"{type(error).__name__}: {reason[-600:]}"
-    return bool(_state["ok"])
+    """Whether the ops are registered (loading or building them on the first call; cached); a failure is
+    reported by the backend's check."""
+    return _ext.load_once(_state, _lock, _attempt)
 
 
 def error() -> str:

@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,26 +125,43 @@ def _load_jit() -> None:
     _state["how"], _state["path"] = f"JIT build in {folder} (compiled now)", str(library)
 
 
-def load() -> bool:
-    """Whether the ops are registered (loading or building them on the first call; cached)."""
-    if "ok" in _state:
-        return bool(_state["ok"])
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
+def load_once(state: dict, lock: threading.Lock, attempt: Callable[[], None],
+              on_error: Callable[[], None] | None = None) -> bool:  # fmt: skip
+    """Whether ``attempt()`` returned (it raises on failure), running it once per ``state`` under
+    ``lock``: the outcome is kept in state["ok"], a failure's type and message in state["error"] (then
+    ``on_error()`` runs, once). The CUDA kernels' loader (``fastkd._cuda_ext``) shares it."""
+    if "ok" in state:
+        return bool(state["ok"])
+    with lock:
+        if "ok" in state:
+            return bool(state["ok"])
         try:
-            if os.environ.get("FASTKD_CPU_EXT", "1") == "0":
-                raise RuntimeError("FASTKD_CPU_EXT=0 in the environment")
-            if not _load_aot():
-                _load_jit()
-            _state["ok"] = True
+            attempt()
+            state["ok"] = True
         except Exception as error:  # noqa: BLE001  (any failure to build or load is a fallback, said once)
             reason = " ".join(str(error).split())
-            _state["ok"], _state["error"] = False, f"{type(error).__name__}: {reason[-600:]}"
-            if os.environ.get("FASTKD_CPU_EXT", "1") != "0":
-                warnings.warn(f"fastkd: the C++ CPU kernels are not available ({_state['error']}); CPU tensors run "
-                              "the PyTorch backend", RuntimeWarning, stacklevel=3)  # fmt: skip
-    return bool(_state["ok"])
+            state["ok"], state["error"] = False, f"{type(error).__name__}: {reason[-600:]}"
+            if on_error is not None:
+                on_error()
+    return bool(state["ok"])
+
+
+def _attempt() -> None:
+    if os.environ.get("FASTKD_CPU_EXT", "1") == "0":
+        raise RuntimeError("FASTKD_CPU_EXT=0 in the environment")
+    if not _load_aot():
+        _load_jit()
+
+
+def _warn() -> None:
+    if os.environ.get("FASTKD_CPU_EXT", "1") != "0":
+        warnings.warn(f"fastkd: the C++ CPU kernels are not available ({_state['error']}); CPU tensors run "
+                      "the PyTorch backend", RuntimeWarning, stacklevel=5)  # fmt: skip
+
+
+def load() -> bool:
+    """Whether the ops are registered (loading or building them on the first call; cached)."""
+    return load_once(_state, _lock, _attempt, _warn)
 
 
 def error() -> str:
