@@ -107,6 +107,43 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
     _kd_launch(student, teacher, target, options, out, "fused")
 
 
+# ---- the loss split in two launches: STATS in the forward, GRAD in the backward (optional contract) ----
+
+KD_STATS = kd_kernels.N_STATS  # fp32 statistics per row that STATS writes for GRAD
+
+
+def kd_loss_split(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions) -> bool:
+    """Whether the loss over these rows runs split (the rule of issue 20, a prediction from the sm_90
+    cubins' byte counts until a GPU run measures it; benchmarks/README.md): rows wider than
+    ``MAX_ONE_BLOCK``, which the fused kernel reads in at least two passes. There STATS moves the
+    passes before the gradient's (bf16: 4 B/elem for the default loss) and GRAD the last one (6), the
+    fused kernel's 10 whatever dL/dloss is, where the fused kernel needs 4 more (``scale_grad_``'s
+    read-modify-write of the gradient) when dL/dloss != 1. A narrower row is read once fused
+    (6 B/elem; 10 with the scale): split, it would be read twice (4 + 6) even when dL/dloss is 1, so it
+    stays fused. One teacher only (the statistics hold one teacher's), options the kernel covers, no
+    ``return_parts``. Shapes and options only: no tensor is read (torch.compile traces it)."""
+    return (
+        teacher.shape[0] == 1
+        and student.shape[1] > kd_kernels.MAX_ONE_BLOCK
+        and student.shape[0] > 0
+        and not options.return_parts
+        and kernels_cover(options, kd_math.DIVERGENCES)
+    )
+
+
+def kd_loss_stats_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
+                          out: KDOutputs, stats: Tensor) -> None:  # fmt: skip
+    """The forward of the split: out.rows, and ``stats`` (N, KD_STATS) float32 for the backward."""
+    _kd_launch(student, teacher, target, options, out, "stats", stats)
+
+
+def kd_loss_grad_backward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
+                          out: KDOutputs, stats: Tensor, grad_output: Tensor, grad: Tensor) -> None:  # fmt: skip
+    """The backward of the split: ``grad`` (N, V) = dL/dx times the reduction's scale (out.scale_tensor
+    or out.scale, whatever out.scale_grad says) times ``grad_output`` (0-d, or (N,) one per row)."""
+    _kd_launch(student, teacher, target, options, out, "grad", stats, grad, grad_output)
+
+
 def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
     """(N, ceil(V / 32)) int32 words whose bit j % 32 of word j // 32 marks column j as one of the row's
     indices (N, k). Indices must be distinct within a row (their bits are added); one outside [0, V) sets
