@@ -37,11 +37,14 @@ def tempered_softmax_forward(x: Tensor, temperature: float | Tensor, log: bool, 
     t = temperature_arg(temperature)
     rows, block, one_block, num_warps = softmax_kernels.launch_config(n_cols)
     store_stats = stats.shape[0] == n_rows and n_rows > 0
+    vec = reductions.vector_width(x, y)
+    align, edge = reductions.row_alignment(n_cols, vec, [x.stride(0), y.stride(0)],
+                                           pointers=[x.data_ptr(), y.data_ptr()])  # fmt: skip
     with on_device(x):
         softmax_kernels.tempered_softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
             x, y, t.tensor, stats if store_stats else None, t.inverse, n_rows, n_cols, x.stride(0), y.stride(0),
             t.stride, HAS_T=t.tensor is not None, LOG=log, STORE_STATS=store_stats, ROWS=rows, BLOCK=block,
-            ONE_BLOCK=one_block, num_warps=num_warps,
+            ONE_BLOCK=one_block, VEC=vec, ALIGN=align, EDGE=edge, num_warps=num_warps,
         )  # fmt: skip
 
 
@@ -54,12 +57,18 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
         return
     t = temperature_arg(temperature)
     rows, block, one_block, num_warps = softmax_kernels.launch_config(n_cols)
+    rows_read = [grad, saved] + ([dx] if dx is not None else [])
+    vec = reductions.vector_width(*rows_read)
+    align, edge = reductions.row_alignment(n_cols, vec, [r.stride(0) for r in rows_read],
+                                           pointers=[r.data_ptr() for r in rows_read])  # fmt: skip
     with on_device(saved):
         softmax_kernels.tempered_softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
             grad, saved, dx, t.tensor, stats if dt is not None else None, dt, t.inverse, n_rows, n_cols,
             grad.stride(0), saved.stride(0), dx.stride(0) if dx is not None else 0, t.stride,
             HAS_T=t.tensor is not None, LOG=log, NEED_DX=dx is not None, NEED_DT=dt is not None, ROWS=rows,
-            BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+            BLOCK=block, ONE_BLOCK=one_block, VEC=vec, ALIGN=align, EDGE=edge, num_warps=num_warps,
+            # the loop with 128-bit loads took 167 registers (NEED_DT, 50257 bf16): 128, as before, spills nothing
+            **({} if one_block else {"maxnreg": reductions.REDUCTION_MAX_REGISTERS}),
         )  # fmt: skip
 
 
