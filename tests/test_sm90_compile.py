@@ -18,7 +18,8 @@ ISSUE_CASES = {
     f"{w} {d}" for w in (1000, 4097, 32001, 50257, 131072, 262144) for d in ("bfloat16", "float32")
 }
 # the kernels that read rows in aligned vectors (reductions.row_body, row_edge)
-VECTOR_KERNELS = ("kd_loss_kernel", "scale_grad_kernel", "tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel")
+VECTOR_KERNELS = ("kd_loss_kernel", "scale_grad_kernel", "tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel",
+                  "fidelity_kernel")
 
 
 def _writes_rows(launch: dict) -> bool:
@@ -28,11 +29,14 @@ def _writes_rows(launch: dict) -> bool:
         return bool(launch.get("NEED_GRAD")) and launch.get("PHASE") != 1
     if kernel == "tempered_softmax_bwd_kernel":
         return bool(launch.get("NEED_DX"))
-    return True
+    return kernel != "fidelity_kernel"  # a reduction: per-program sums only
 
 
 def _at_issue_width(launch: dict) -> bool:
-    return launch["kernel"] in VECTOR_KERNELS and launch["case"] in ISSUE_CASES
+    case = launch["case"]
+    if launch["kernel"] == "fidelity_kernel":  # every variant at the issue's widths
+        case = " ".join(case.split()[:2])
+    return launch["kernel"] in VECTOR_KERNELS and case in ISSUE_CASES
 
 
 def vector_violations(launch: dict) -> list[str]:
@@ -81,8 +85,9 @@ def test_kernels_compile_for_sm90_without_spills():
     checked = [launch for launch in launches if _at_issue_width(launch)]
     # kd_loss_kernel: 12 issue cases x (fused, stats, grad) and the 131072 bf16 config; scale_grad_kernel:
     # 1000, 50257 and 131072 bf16; softmax: 12 issue cases x (2 forward + 2 backward launches) and the
-    # 131072 bf16 and fp32 configs x (softmax, log) x (2 forward + 3 backward)
-    assert len(checked) == 12 * 3 + 1 + 3 + 12 * 4 + 2 * 2 * 5
+    # 131072 bf16 and fp32 configs x (softmax, log) x (2 forward + 3 backward); fidelity: 12 issue
+    # cases, the 131072 bf16 config, an ensemble of 3 at 1000 and 131072
+    assert len(checked) == 12 * 3 + 1 + 3 + 12 * 4 + 2 * 2 * 5 + (12 + 1 + 2)
     narrow = {f"{launch['kernel']} {launch['case']} PHASE={launch.get('PHASE')}": vector_violations(launch)
               for launch in checked}  # fmt: skip
     assert not any(narrow.values()), {k: v for k, v in narrow.items() if v}

@@ -273,12 +273,17 @@ def fidelity_pass(student: Tensor, teacher: Tensor, temperature: float | Tensor)
     agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
     kl = torch.zeros(programs, dtype=torch.float64, device=student.device)
     t = temperature_arg(temperature)
+    vec = reductions.vector_width(student, teacher)
+    align, edge = reductions.row_alignment(
+        n_cols, vec, [student.stride(0), teacher.stride(1)], [teacher.stride(0)] if n_teachers > 1 else [],
+        [student.data_ptr(), teacher.data_ptr()],
+    )  # fmt: skip
     if n_rows:
         with on_device(student):
             fidelity_kernels.fidelity_kernel[(programs,)](
                 student, teacher, t.tensor, agree, kl, t.inverse, n_rows, n_cols, n_teachers, student.stride(0),
                 teacher.stride(0), teacher.stride(1), t.stride, HAS_T=t.tensor is not None, ENSEMBLE=n_teachers > 1,
-                K_BLOCK=k_block, ROWS=rows, BLOCK=block, num_warps=num_warps,
+                K_BLOCK=k_block, ROWS=rows, BLOCK=block, VEC=vec, ALIGN=align, EDGE=edge, num_warps=num_warps,
                 maxnreg=reductions.REDUCTION_MAX_REGISTERS,
             )  # fmt: skip
     return agree.sum(dtype=torch.int64), kl.sum()
