@@ -19,7 +19,7 @@ ISSUE_CASES = {
 }
 # the kernels that read rows in aligned vectors (reductions.row_body, row_edge)
 VECTOR_KERNELS = ("kd_loss_kernel", "scale_grad_kernel", "tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel",
-                  "fidelity_kernel")
+                  "fidelity_kernel", "calibration_kernel")
 
 
 def _writes_rows(launch: dict) -> bool:
@@ -29,12 +29,12 @@ def _writes_rows(launch: dict) -> bool:
         return bool(launch.get("NEED_GRAD")) and launch.get("PHASE") != 1
     if kernel == "tempered_softmax_bwd_kernel":
         return bool(launch.get("NEED_DX"))
-    return kernel != "fidelity_kernel"  # a reduction: per-program sums only
+    return kernel not in ("fidelity_kernel", "calibration_kernel")  # reductions: per-program sums only
 
 
 def _at_issue_width(launch: dict) -> bool:
     case = launch["case"]
-    if launch["kernel"] == "fidelity_kernel":  # every variant at the issue's widths
+    if launch["kernel"] in ("fidelity_kernel", "calibration_kernel"):  # every variant at the issue's widths
         case = " ".join(case.split()[:2])
     return launch["kernel"] in VECTOR_KERNELS and case in ISSUE_CASES
 
@@ -86,8 +86,9 @@ def test_kernels_compile_for_sm90_without_spills():
     # kd_loss_kernel: 12 issue cases x (fused, stats, grad) and the 131072 bf16 config; scale_grad_kernel:
     # 1000, 50257 and 131072 bf16; softmax: 12 issue cases x (2 forward + 2 backward launches) and the
     # 131072 bf16 and fp32 configs x (softmax, log) x (2 forward + 3 backward); fidelity: 12 issue
-    # cases, the 131072 bf16 config, an ensemble of 3 at 1000 and 131072
-    assert len(checked) == 12 * 3 + 1 + 3 + 12 * 4 + 2 * 2 * 5 + (12 + 1 + 2)
+    # cases, the 131072 bf16 config, an ensemble of 3 at 1000 and 131072; calibration: 12 issue cases,
+    # the 131072 bf16 config, 1024 bins and 6 variants at 1000 and 131072
+    assert len(checked) == 12 * 3 + 1 + 3 + 12 * 4 + 2 * 2 * 5 + (12 + 1 + 2) + (12 + 1 + 2 * 7)
     narrow = {f"{launch['kernel']} {launch['case']} PHASE={launch.get('PHASE')}": vector_violations(launch)
               for launch in checked}  # fmt: skip
     assert not any(narrow.values()), {k: v for k, v in narrow.items() if v}

@@ -244,12 +244,15 @@ def calibration_pass(logits: Tensor, target: Tensor, mode: str, temperature: flo
     correct = torch.empty(n, dtype=torch.int8, device=device)
     t = temperature_arg(temperature)
     log = probs and (mode == "newton" or t.tensor is not None or temperature != 1)
+    vec = reductions.vector_width(logits)
+    align, edge = reductions.row_alignment(n_cols, vec, [logits.stride(0)], pointers=[logits.data_ptr()])
     if n_rows:
         with on_device(logits):
             calibration_kernels.calibration_kernel[(programs,)](
                 logits, target, t.tensor, partial, bin_n, bin_conf, conf, correct, t.inverse, ignore_index, n_rows,
                 n_cols, n_bins, logits.stride(0), t.stride, HAS_T=t.tensor is not None, PROBS=probs and not log,
-                LOG=log, MODE=calibration_kernels.MODES[mode], ROWS=rows, BLOCK=block, BINS=bins,
+                LOG=log, MODE=calibration_kernels.MODES[mode], ROWS=rows, BLOCK=block, BINS=bins, VEC=vec, ALIGN=align,
+                EDGE=edge,
                 num_warps=num_warps, maxnreg=reductions.REDUCTION_MAX_REGISTERS,
             )  # fmt: skip
     sums = partial.sum(0)
