@@ -138,3 +138,75 @@ def _kd_fake(student, *args):
 _kd_fwd_op.register_fake(_kd_fake)
 _kd_topk_fwd_op.register_fake(_kd_fake)
 
+
+# ---- the loss split in two (an optional part of the contract: ``kd_loss_split``) --------------------
+
+
+def kd_split(impl: ModuleType, student: Tensor, teacher: Tensor | tuple[Tensor, Tensor], target: Tensor | None,
+             options: KDOptions, inplace_grad: bool, need_grad: bool) -> bool:  # fmt: skip
+    """Whether the loss runs split: the forward writes the row losses and row statistics, the backward
+    the gradient times dL/dloss (``kd_split_forward``, ``kd_split_backward``). Only where autograd
+    wants the gradient, not into the student (``inplace_grad``: the split reads the student again in
+    the backward), with a dense teacher, and where the backend has ``kd_loss_split`` and it says so."""
+    rule = getattr(impl, "kd_loss_split", None)
+    return (need_grad and not inplace_grad and rule is not None and not isinstance(teacher, tuple)
+            and rule(student, teacher, target, options))  # fmt: skip
+
+
+def kd_split_forward(impl: ModuleType, student: Tensor, teacher: Tensor, target: Tensor | None,
+                     options: KDOptions) -> tuple[Tensor, Tensor, Tensor | float, Tensor, Tensor]:  # fmt: skip
+    """The split's forward over rows (``kd_forward``'s arguments): (the row losses times the reduction's
+    scale, the row statistics (N, impl.KD_STATS) float32, the reduction's scale (a 0-d tensor or a
+    float), and the student and teacher as the kernels read them: what the backward takes)."""
+    if torch.compiler.is_compiling():
+        rows, stats, scale = _kd_stats_fwd_op(student, teacher, target, *options.to_op(), impl.NAME)
+        return rows, stats, scale, student, teacher
+    student, teacher = unit_column_stride(student), unit_column_stride(teacher)
+    out = kd_outputs(student, target, options, False, False)
+    stats = torch.empty((student.shape[0], impl.KD_STATS), dtype=torch.float32, device=student.device)
+    impl.kd_loss_stats_forward(student, teacher, target, options, out, stats)
+    return out.rows, stats, (out.scale if out.scale_tensor is None else out.scale_tensor), student, teacher
+
+
+def kd_split_backward(impl: ModuleType, student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
+                      stats: Tensor, scale: Tensor | float, grad_output: Tensor) -> Tensor:  # fmt: skip
+    """The split's backward: dL/dx (N, V) in the student's dtype, times the reduction's ``scale`` and
+    ``grad_output`` (0-d, or (N,) one per row), from ``kd_split_forward``'s outputs."""
+    if torch.compiler.is_compiling():
+        scale = scale if isinstance(scale, Tensor) else torch.full((), scale, device=student.device)
+        return _kd_grad_bwd_op(student, teacher, target, stats, scale, grad_output, *options.to_op(), impl.NAME)
+    n_rows, n_cols = student.shape
+    grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
+    rows = stats.new_empty(n_rows)  # not written by the backward's launch
+    scale_tensor, scale_value = (scale, 1.0) if isinstance(scale, Tensor) else (None, scale)
+    out = KDOutputs(rows, grad[:0], scale_tensor, scale_value, True, None, rows.new_empty(0, n_rows))
+    impl.kd_loss_grad_backward(student, teacher, target, options, out, stats, grad_output, grad)
+    return grad
+
+
+@torch.library.custom_op("fastkd::kd_loss_stats_fwd", mutates_args=())
+def _kd_stats_fwd_op(student: Tensor, teacher: Tensor, target: Tensor | None, tensors: list[Tensor | None],
+                     options: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    rows, stats, scale, _, _ = kd_split_forward(implementation(backend), student, teacher, target,
+                                                KDOptions.from_op(tensors, options))  # fmt: skip
+    scale = scale if isinstance(scale, Tensor) else torch.full((), scale, dtype=rows.dtype, device=rows.device)
+    return rows, stats, scale.to(rows.dtype).clone()  # an op's outputs alias none of its inputs
+
+
+@_kd_stats_fwd_op.register_fake
+def _(student, teacher, target, tensors, options, backend):
+    rows = student.new_empty(student.shape[0], dtype=torch.float32)
+    stats = rows.new_empty((student.shape[0], implementation(backend).KD_STATS))
+    return rows, stats, rows.new_empty(())
+
+
+@torch.library.custom_op("fastkd::kd_loss_grad_bwd", mutates_args=())
+def _kd_grad_bwd_op(student: Tensor, teacher: Tensor, target: Tensor | None, stats: Tensor, scale: Tensor,
+                    grad_output: Tensor, tensors: list[Tensor | None], options: str, backend: str) -> Tensor:  # fmt: skip
+    return kd_split_backward(implementation(backend), student, teacher, target, KDOptions.from_op(tensors, options),
+                             stats, scale, grad_output)  # fmt: skip
+
+
+@_kd_grad_bwd_op.register_fake
+def _(student, teacher, target, stats, scale, grad_output, tensors, options, backend):
+    return student.new_empty(student.shape)

@@ -5,7 +5,10 @@ The path of one call: the arguments are checked (``fastkd._validate``) into one 
 viewed as rows (N, V) and ``KDLossFunction`` has the implementation write the row losses and the
 gradient wrt the student logits in the forward pass (``fastkd._ops.kd_forward``: outputs allocated
 once, for every backend); the backward only scales that gradient by dL/dloss. A sparse teacher
-(``teacher_topk``) takes the same path through the implementation's ``kd_loss_topk_forward``.
+(``teacher_topk``) takes the same path through the implementation's ``kd_loss_topk_forward``. Where
+the backend's ``kd_loss_split`` says so (Triton: rows wider than one block, one teacher), the forward
+writes the row losses and a few statistics per row, and the backward the gradient times dL/dloss
+(``fastkd._ops.kd_split_forward``, ``kd_split_backward``): the same autograd contract.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from torch import Tensor
 
 from fastkd._autograd import first_order
 from fastkd._backend import check_backend_name, resolve_backend
-from fastkd._ops import kd_forward
+from fastkd._ops import kd_forward, kd_split, kd_split_backward, kd_split_forward
 from fastkd._options import KDKeywords, KDOptions, check_sparse_options, dense_teacher_only, takes_kd_keywords
 from fastkd._validate import check_logits, check_not_probs, check_teacher, check_topk, should_check_values
 
+ONCE = ("kd_loss's backward can run once per forward, on every backend (it scales its saved gradient in place: a "
+        "second backward(retain_graph=True) would scale it twice)")  # fmt: skip
 PROBS_FIX = "kd_loss takes logits (log-probabilities are logits too: pass p.log())"
 
 
@@ -35,6 +40,15 @@ class KDLossFunction(torch.autograd.Function):
     ``options.return_parts``, and keeps the gradient the implementation wrote; backward scales it in
     place by dL/dloss (free when that is 1), so it runs once per forward. The teacher, target and
     temperatures get no gradient.
+
+    Split (``fastkd._ops.kd_split``: the backend's rule, a gradient wanted, not ``inplace``): forward
+    writes the row losses and (N, impl.KD_STATS) float32 statistics, and saves the student and the
+    teacher (as the kernels read them: a copy only where a row's classes were not contiguous) for the
+    backward, which writes the gradient once, times dL/dloss, where the fused path re-reads and
+    re-writes it. Memory held from forward to backward: the fused path holds the gradient (N x V in the
+    student's dtype), the split holds the student and the teacher (2 x N x V, of which the student is
+    often held by autograd anyway, and the teacher often not) and the statistics (44 bytes a row). The
+    contract is the same: one backward per forward, no second derivative.
     """
 
     @staticmethod
@@ -42,6 +56,14 @@ class KDLossFunction(torch.autograd.Function):
                 options: KDOptions, impl: ModuleType, inplace: bool,
                 need_grad: bool) -> Tensor | tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         inplace = inplace and need_grad and not torch.compiler.is_compiling()
+        ctx.per_row = options.reduction == "none"
+        ctx.used = False
+        ctx.split = kd_split(impl, student, teacher, target, options, inplace, need_grad)
+        if ctx.split:  # the gradient written in the backward, times dL/dloss (``kd_split_forward``)
+            rows, stats, scale, student, teacher = kd_split_forward(impl, student, teacher, target, options)
+            ctx.save_for_backward(student, teacher, target, stats, scale if isinstance(scale, Tensor) else None)
+            ctx.impl, ctx.options, ctx.scale = impl, options, scale if not isinstance(scale, Tensor) else None
+            return rows if ctx.per_row else rows.sum()
         out = kd_forward(impl, student, teacher, target, options, inplace, need_grad)
         if inplace:  # the logits now hold the gradient: fail any backward that saved them
             ctx.grad = out.grad
@@ -49,8 +71,6 @@ class KDLossFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(out.grad)
         ctx.impl, ctx.later = impl, out.later  # the reduction's scale, when left to the backward (float16)
-        ctx.per_row = options.reduction == "none"
-        ctx.used = False
         loss = out.rows if ctx.per_row else out.rows.sum()
         if not options.return_parts:
             return loss
@@ -61,14 +81,21 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     @first_order("kd_loss")
     def backward(ctx, grad_output: Tensor, *_parts: Tensor):
+        if ctx.split:  # the saved tensors are read, not written: only the contract limits it to one backward
+            if ctx.used:
+                raise RuntimeError(ONCE)
+            ctx.used = not torch.compiler.is_compiling()
+            student, teacher, target, stats, scale = ctx.saved_tensors
+            scale = ctx.scale if scale is None else scale
+            return kd_split_backward(ctx.impl, student, teacher, target, ctx.options, stats, scale,
+                                     grad_output), *[None] * 6  # fmt: skip
         grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
         if ctx.later is not None:
             grad_output = grad_output * ctx.later
         if torch.compiler.is_compiling():
             return (grad * (grad_output[:, None] if ctx.per_row else grad_output)).to(grad.dtype), *[None] * 6
         if ctx.used:
-            raise RuntimeError("kd_loss's backward scales its saved gradient in place and can run once per forward "
-                               "(a second backward(retain_graph=True) would scale it twice)")  # fmt: skip
+            raise RuntimeError(ONCE)
         ctx.used = True
         ctx.impl.scale_grad_(grad, grad_output)
         return grad, *[None] * 6

@@ -24,7 +24,9 @@ it writes one set of partial sums (``MODE``):
             plus the NLL and Brier sums;
     NEWTON  the sums of NLL, NLL' and NLL'' at u.
 The launcher adds the programs' partial sums: a fixed grid gives the same answer bit for bit on every
-run (no float atomics). A row of all -inf logits has no distribution: its NLL and confidence are NaN.
+run (no float atomics). Rows are read in 16-byte vectors at any row stride: an aligned body, then an
+edge of at most 2 VEC - 2 entries (``reductions.row_body``, ``row_edge``; the argmax merged by column
+index, ``online_argmax_at``). A row of all -inf logits has no distribution: its NLL and confidence are NaN.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.kernels.reductions import row_inv_temperature, safe_max
+from fastkd.kernels.reductions import online_argmax_at, row_body, row_edge, row_inv_temperature, safe_max
 
 MODES = {"bins": 0, "rows": 1, "newton": 2}  # the kernel's MODE
 BINS_MODE, ROWS_MODE, NEWTON_MODE = (tl.constexpr(v) for v in MODES.values())
@@ -44,63 +46,77 @@ PROGRAMS_PER_SM = 8
 
 
 @triton.jit
-def _top_label_pass(
-    ptr, row_ok, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, LOG: tl.constexpr
-):
-    """One online pass over rows of logits read in column blocks (with ``LOG``, probabilities read as
-    their logs): (m, d, d2, argmax, mean, M2), with mean and M2 the p-weighted mean of x - m and sum of
-    squared deviations (``NEWTON_MODE`` only)."""
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    d = tl.zeros([ROWS], tl.float32)
-    d2 = tl.zeros([ROWS], tl.float32)
-    mean = tl.zeros([ROWS], tl.float32)
-    m2 = tl.zeros([ROWS], tl.float32)
-    arg = tl.zeros([ROWS], tl.int32)
+def _top_label_step(st, x, mask, idx, u, MODE: tl.constexpr, LOG: tl.constexpr):
+    """The running (m, d, d2, mean, M2, argmax) of ``_top_label_pass`` with the tile x (columns ``idx``)
+    added."""
+    m, d, d2, mean, m2, arg = st
+    if LOG:
+        x = tl.where(mask, tl.log(x), float("-inf"))
+    m_new, arg = online_argmax_at(x, m, arg, idx)  # the first index of the max wins
+    m_sub = safe_max(m_new)
+    r = tl.exp((m - m_sub) * u)  # 0 while the row has been all -inf
+    w = tl.exp((x - m_sub[:, None]) * u[:, None])
+    w_sum = tl.sum(w, 1)
+    if MODE == NEWTON_MODE:
+        # Chan et al.'s merge of (weight, mean, M2) of the values x - m_sub under weights w.
+        c = tl.where(w > 0, x - m_sub[:, None], 0.0)
+        block_mean = tl.sum(w * c, 1) / tl.maximum(w_sum, 1e-30)
+        dev = tl.where(w > 0, c - block_mean[:, None], 0.0)
+        block_m2 = tl.sum(w * dev * dev, 1)
+        old = d * r
+        total = tl.maximum(old + w_sum, 1e-30)
+        delta = block_mean - (mean - (m_sub - safe_max(tl.where(m == float("-inf"), m_new, m))))
+        mean = block_mean - delta * old / total
+        m2 = m2 * r + block_m2 + delta * delta * old * w_sum / total
+    else:
+        d2 = d2 * r * r + tl.sum(w * w, 1)
+    d = d * r + w_sum
+    return m_new, d, d2, mean, m2, arg
+
+
+@triton.jit
+def _top_label_pass(body, row, valid, n_body, head, u, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    MODE: tl.constexpr, LOG: tl.constexpr, VEC: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+    """One online pass over rows of logits (with ``LOG``, probabilities read as their logs): their
+    aligned bodies (at ``body``) in column blocks, then their edges (``row`` + the edge's columns):
+    (m, d, d2, argmax, mean, M2), with mean and M2 the p-weighted mean of x - m and sum of squared
+    deviations (``NEWTON_MODE`` only)."""
+    zero = tl.zeros([ROWS], tl.float32)
+    st = (tl.full([ROWS], float("-inf"), tl.float32), zero, zero, zero, zero, tl.zeros([ROWS], tl.int32))
     for start in range(0, n_cols, BLOCK):
-        mask = row_ok[:, None] & (start + cols < n_cols)
-        x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        if LOG:
-            x = tl.where(mask, tl.log(x), float("-inf"))
-        block_max = tl.max(x, 1)
-        block_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + start
-        arg = tl.where(block_max > m, block_arg, arg)  # strictly greater: the first index wins
-        m_new = tl.maximum(m, block_max)
-        m_sub = safe_max(m_new)
-        r = tl.exp((m - m_sub) * u)  # 0 while the row has been all -inf
-        w = tl.exp((x - m_sub[:, None]) * u[:, None])
-        w_sum = tl.sum(w, 1)
-        if MODE == NEWTON_MODE:
-            # Chan et al.'s merge of (weight, mean, M2) of the values x - m_sub under weights w.
-            c = tl.where(w > 0, x - m_sub[:, None], 0.0)
-            block_mean = tl.sum(w * c, 1) / tl.maximum(w_sum, 1e-30)
-            dev = tl.where(w > 0, c - block_mean[:, None], 0.0)
-            block_m2 = tl.sum(w * dev * dev, 1)
-            old = d * r
-            total = tl.maximum(old + w_sum, 1e-30)
-            delta = block_mean - (mean - (m_sub - safe_max(tl.where(m == float("-inf"), m_new, m))))
-            mean = block_mean - delta * old / total
-            m2 = m2 * r + block_m2 + delta * delta * old * w_sum / total
-        else:
-            d2 = d2 * r * r + tl.sum(w * w, 1)
-        d = d * r + w_sum
-        m = m_new
+        mask = valid[:, None] & (start + cols < n_body)
+        x = tl.load(body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        st = _top_label_step(st, x, mask, (head + start + cols).to(tl.int32), u, MODE, LOG)
+    if EDGE:  # the edge's columns formed after the loop: they hold no registers through it
+        edge, edge_mask = row_edge(head, n_body, n_cols, valid, VEC)
+        x_e = tl.load(row + edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+        st = _top_label_step(st, x_e, edge_mask, edge.to(tl.int32), u, MODE, LOG)
+    m, d, d2, mean, m2, arg = st
     return safe_max(m), d, d2, arg, mean, m2
 
 
 @triton.jit
-def _probs_pass(ptr, row_ok, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(max p, sum p^2, argmax p) of rows of probabilities read in column blocks."""
-    m = tl.full([ROWS], -1.0, tl.float32)
-    sq = tl.zeros([ROWS], tl.float32)
-    arg = tl.zeros([ROWS], tl.int32)
+def _probs_step(st, p, mask, idx):
+    """The running (max p, sum p^2, argmax p) with the tile p (columns ``idx``) added."""
+    m, sq, arg = st
+    m, arg = online_argmax_at(p, m, arg, idx)
+    return m, sq + tl.sum(tl.where(mask, p * p, 0.0), 1), arg
+
+
+@triton.jit
+def _probs_pass(body, row, valid, n_body, head, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                VEC: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+    """(max p, sum p^2, argmax p) of rows of probabilities read in column blocks (bodies, then edges)."""
+    st = (tl.full([ROWS], -1.0, tl.float32), tl.zeros([ROWS], tl.float32), tl.zeros([ROWS], tl.int32))
     for start in range(0, n_cols, BLOCK):
-        mask = row_ok[:, None] & (start + cols < n_cols)
-        p = tl.load(ptr + start + cols, mask=mask, other=-1.0).to(tl.float32)
-        block_max = tl.max(p, 1)
-        arg = tl.where(block_max > m, tl.argmax(p, 1, tie_break_left=True).to(tl.int32) + start, arg)
-        m = tl.maximum(m, block_max)
-        sq += tl.sum(tl.where(mask, p * p, 0.0), 1)
-    return m, sq, arg
+        mask = valid[:, None] & (start + cols < n_body)
+        p = tl.load(body + start + cols, mask=mask, other=-1.0).to(tl.float32)
+        st = _probs_step(st, p, mask, (head + start + cols).to(tl.int32))
+    if EDGE:
+        edge, edge_mask = row_edge(head, n_body, n_cols, valid, VEC)
+        p_e = tl.load(row + edge, mask=edge_mask, other=-1.0).to(tl.float32)
+        st = _probs_step(st, p_e, edge_mask, edge.to(tl.int32))
+    return st
 
 
 @triton.jit
@@ -127,6 +143,9 @@ def calibration_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     BINS: tl.constexpr,  # n_bins rounded up to a power of 2 (BINS mode; else 1)
+    VEC: tl.constexpr,  # entries per 16-byte vector
+    ALIGN: tl.constexpr,  # reductions.row_body
+    EDGE: tl.constexpr,  # some rows have entries outside their aligned body
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)[None, :]
@@ -144,17 +163,20 @@ def calibration_kernel(
         y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
         valid = row_ok & (y != ignore_index)
         in_range = (y >= 0) & (y < n_cols)
-        ptr = X + rows64[:, None] * stride_x
+        body_off, head, n_body = row_body(rows64, stride_x, n_cols, VEC, ALIGN)
+        body = X + body_off
+        row = X + rows64[:, None] * stride_x
         x_y = tl.load(X + rows64 * stride_x + y, mask=valid & in_range, other=float("nan")).to(tl.float32)
         if LOG:
             x_y = tl.log(x_y)
         if PROBS:
-            conf, sq, arg = _probs_pass(ptr, valid, cols, n_cols, ROWS, BLOCK)
+            conf, sq, arg = _probs_pass(body, row, valid, n_body, head, cols, n_cols, ROWS, BLOCK, VEC, EDGE)
             nll = -tl.log(x_y)
             score = sq - 2.0 * x_y + 1.0
         else:
             u = row_inv_temperature(T, inv_temp, rows, valid, stride_t, HAS_T)
-            m, d, d2, arg, mean, m2 = _top_label_pass(ptr, valid, u, cols, n_cols, ROWS, BLOCK, MODE, LOG)
+            m, d, d2, arg, mean, m2 = _top_label_pass(body, row, valid, n_body, head, u, cols, n_cols, ROWS, BLOCK,
+                                                      MODE, LOG, VEC, EDGE)  # fmt: skip
             nll = (m - x_y) * u + tl.log(d)
             conf = tl.math.div_rn(1.0, d)  # correctly rounded, as the reference's 1 / d
             conf = tl.where(d > 0, conf, float("nan"))  # an all -inf row has no distribution (d = 0)

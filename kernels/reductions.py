@@ -180,6 +180,17 @@ def online_argmax(x, m, arg, start):
     return tl.maximum(m, block_max), arg
 
 
+@triton.jit
+def online_argmax_at(x, m, arg, idx):
+    """``online_argmax`` for a tile x whose entries are the columns ``idx`` (int32, x's shape), merged in
+    any order: the first index of the max wins, also when a later tile holds it (a row's edge, whose
+    head comes before its body)."""
+    block_max = tl.max(x, 1)
+    block_arg = tl.min(tl.where(x == block_max[:, None], idx, 2147483647), 1)
+    take = (block_max > m) | ((block_max == m) & (block_arg < arg))
+    return tl.maximum(m, block_max), tl.where(take, block_arg, arg)
+
+
 def vector_width(*tensors) -> int:
     """Entries per 16-byte vector of the narrowest dtype among ``tensors``."""
     return VECTOR_BYTES // min(t.element_size() for t in tensors)

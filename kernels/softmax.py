@@ -29,7 +29,9 @@ Writing u_j = log p_j + ln d, and using sum_j p_j = 1 (exact math, so no roundin
 with A and B over the entries whose logit is not -inf.
 
 A row narrower than ``MAX_ONE_BLOCK`` is held in registers and read once per kernel (several rows per
-program for small widths); a wider row is read twice. A row whose logits are all -inf has no
+program for small widths); a wider row is read twice. Rows are read and written in 16-byte vectors at
+any row stride: an aligned body and a masked edge of at most 2 VEC - 2 entries (``reductions.row_body``,
+``row_edge``; ALIGN and EDGE as there), the edge's terms merged after the body's. A row whose logits are all -inf has no
 distribution: its outputs and gradients are NaN, as with ``torch.softmax``. So are the rows of a
 temperature that is not finite and > 0 (such values reach a kernel only unchecked).
 """
@@ -41,7 +43,7 @@ import functools
 import triton
 import triton.language as tl
 
-from fastkd.kernels.reductions import row_inv_temperature, safe_max
+from fastkd.kernels.reductions import row_body, row_edge, row_inv_temperature, safe_max
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -77,35 +79,59 @@ def tempered_softmax_fwd_kernel(
     ROWS: tl.constexpr,  # rows per program
     BLOCK: tl.constexpr,  # columns per step (the whole row when ONE_BLOCK)
     ONE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr,  # entries per 16-byte vector
+    ALIGN: tl.constexpr,  # reductions.row_body
+    EDGE: tl.constexpr,  # some rows have entries outside their aligned body
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
     k = row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T) * LOG2E
-    x_ptr = X + rows.to(tl.int64)[:, None] * stride_x
-    y_ptr = Y + rows.to(tl.int64)[:, None] * stride_y
+    x_off, head, n_body = row_body(rows64, stride_x, n_cols, VEC, ALIGN)
+    y_off, _y_head, _y_n = row_body(rows64, stride_y, n_cols, VEC, ALIGN)  # the same head and body as x's
+    x_ptr = X + x_off
+    y_ptr = Y + y_off
+    ok = row_ok[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
+    edge, edge_mask = row_edge(head, n_body, n_cols, row_ok, VEC)
+    x_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
+    if EDGE:
+        x_e = tl.load(X + rows64[:, None] * stride_x + edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
 
     if ONE_BLOCK:
-        mask = row_ok[:, None] & (cols < n_cols)
+        mask = ok & (cols < n_body)
         x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m = tl.max(x, 1)
-        log2_d = tl.log2(tl.sum(tl.exp2((x - safe_max(m)[:, None]) * k[:, None]), 1))
+        if EDGE:
+            m = tl.maximum(m, tl.max(x_e, 1))
+        d = tl.sum(tl.exp2((x - safe_max(m)[:, None]) * k[:, None]), 1)
+        if EDGE:
+            d += tl.sum(tl.exp2((x_e - safe_max(m)[:, None]) * k[:, None]), 1)
+        log2_d = tl.log2(d)
         tl.store(y_ptr + cols, _softmax_out(x, m, log2_d, k, LOG).to(Y.dtype.element_ty), mask=mask)
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         d = tl.zeros([ROWS], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            mask = row_ok[:, None] & (start + cols < n_cols)
+            mask = ok & (start + cols < n_body)
             x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 1))
             m_sub = safe_max(m_new)
             d = d * tl.exp2((m - m_sub) * k) + tl.sum(tl.exp2((x - m_sub[:, None]) * k[:, None]), 1)
             m = m_new
+        if EDGE:
+            m_new = tl.maximum(m, tl.max(x_e, 1))
+            m_sub = safe_max(m_new)
+            d = d * tl.exp2((m - m_sub) * k) + tl.sum(tl.exp2((x_e - m_sub[:, None]) * k[:, None]), 1)
+            m = m_new
         log2_d = tl.log2(d)
         for start in range(0, n_cols, BLOCK):
-            mask = row_ok[:, None] & (start + cols < n_cols)
+            mask = ok & (start + cols < n_body)
             x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
             tl.store(y_ptr + start + cols, _softmax_out(x, m, log2_d, k, LOG).to(Y.dtype.element_ty), mask=mask)
+    if EDGE:
+        y_e = _softmax_out(x_e, m, log2_d, k, LOG).to(Y.dtype.element_ty)
+        tl.store(Y + rows64[:, None] * stride_y + edge, y_e, mask=edge_mask)
 
     if STORE_STATS:
         tl.store(STATS + rows.to(tl.int64) * 2, m, mask=row_ok)
@@ -172,30 +198,42 @@ def tempered_softmax_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGN: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     inv_t = row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T)
-    g_ptr = G + rows.to(tl.int64)[:, None] * stride_g
-    s_ptr = S + rows.to(tl.int64)[:, None] * stride_s
+    rows64 = rows.to(tl.int64)
+    g_off, head, n_body = row_body(rows64, stride_g, n_cols, VEC, ALIGN)
+    s_off, _s_head, _s_n = row_body(rows64, stride_s, n_cols, VEC, ALIGN)  # the same head and body as g's
+    g_ptr = G + g_off
+    s_ptr = S + s_off
     if NEED_DX:
-        dx_ptr = DX + rows.to(tl.int64)[:, None] * stride_dx
+        dx_off, _dx_head, _dx_n = row_body(rows64, stride_dx, n_cols, VEC, ALIGN)
+        dx_ptr = DX + dx_off
+    ok = row_ok[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     s_other = 0.0 if (not LOG and not NEED_DT) else float("-inf")  # p = 0 past the row's end
     m_sub = tl.zeros([ROWS], tl.float32)
     ln_d = tl.zeros([ROWS], tl.float32)
     if NEED_DT:
-        m_sub = safe_max(tl.load(STATS + rows.to(tl.int64) * 2, mask=row_ok, other=0.0))
-        ln_d = tl.load(STATS + rows.to(tl.int64) * 2 + 1, mask=row_ok, other=0.0)
+        m_sub = safe_max(tl.load(STATS + rows64 * 2, mask=row_ok, other=0.0))
+        ln_d = tl.load(STATS + rows64 * 2 + 1, mask=row_ok, other=0.0)
+    edge, edge_mask = row_edge(head, n_body, n_cols, row_ok, VEC)
+    g_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
+    s_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
+    if EDGE:
+        g_e = tl.load(G + rows64[:, None] * stride_g + edge, mask=edge_mask, other=0.0).to(tl.float32)
+        s_e = tl.load(S + rows64[:, None] * stride_s + edge, mask=edge_mask, other=s_other).to(tl.float32)
 
     if ONE_BLOCK:
-        mask = row_ok[:, None] & (cols < n_cols)
+        mask = ok & (cols < n_body)
         g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + cols, mask=mask, other=s_other).to(tl.float32)
         p, c, a, b, z = _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG, NEED_DT)
         c, a, b, z = tl.sum(c, 1), tl.sum(a, 1), tl.sum(b, 1), tl.sum(z, 1)
-        if NEED_DX:
-            tl.store(dx_ptr + cols, _bwd_dx(g, p, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
     else:
         # Accumulate the terms lane by lane and reduce once, after the loop.
         c = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -203,22 +241,32 @@ def tempered_softmax_bwd_kernel(
         b = tl.zeros([ROWS, BLOCK], tl.float32)
         z = tl.zeros([ROWS, BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            mask = row_ok[:, None] & (start + cols < n_cols)
-            g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + start + cols, mask=mask, other=s_other).to(tl.float32)
-            _, c_i, a_i, b_i, z_i = _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG, NEED_DT)
+            mask = ok & (start + cols < n_body)
+            g_i = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            s_i = tl.load(s_ptr + start + cols, mask=mask, other=s_other).to(tl.float32)
+            _, c_i, a_i, b_i, z_i = _bwd_tile(g_i, s_i, m_sub, ln_d, inv_t, LOG, NEED_DT)
             c += c_i
             a += a_i
             b += b_i
             z += z_i
         c, a, b, z = tl.sum(c, 1), tl.sum(a, 1), tl.sum(b, 1), tl.sum(z, 1)
-        if NEED_DX:
+    p_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
+    if EDGE:
+        p_e, c_e, a_e, b_e, z_e = _bwd_tile(g_e, s_e, m_sub, ln_d, inv_t, LOG, NEED_DT)
+        c, a, b, z = c + tl.sum(c_e, 1), a + tl.sum(a_e, 1), b + tl.sum(b_e, 1), z + tl.sum(z_e, 1)
+    if NEED_DX:
+        if ONE_BLOCK:
+            tl.store(dx_ptr + cols, _bwd_dx(g, p, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
+        else:
             for start in range(0, n_cols, BLOCK):
-                mask = row_ok[:, None] & (start + cols < n_cols)
-                g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-                s = tl.load(s_ptr + start + cols, mask=mask, other=s_other).to(tl.float32)
-                p, _, _, _, _ = _bwd_tile(g, s, m_sub, ln_d, inv_t, LOG, NEED_DT)
-                tl.store(dx_ptr + start + cols, _bwd_dx(g, p, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
+                mask = ok & (start + cols < n_body)
+                g_i = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                s_i = tl.load(s_ptr + start + cols, mask=mask, other=s_other).to(tl.float32)
+                p_i, _c, _a, _b, _z = _bwd_tile(g_i, s_i, m_sub, ln_d, inv_t, LOG, NEED_DT)
+                tl.store(dx_ptr + start + cols, _bwd_dx(g_i, p_i, c, inv_t, LOG).to(DX.dtype.element_ty), mask=mask)
+        if EDGE:
+            dx_e = _bwd_dx(g_e, p_e, c, inv_t, LOG).to(DX.dtype.element_ty)
+            tl.store(DX + rows64[:, None] * stride_dx + edge, dx_e, mask=edge_mask)
 
     if NEED_DT:
         dt = a - c * b

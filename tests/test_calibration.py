@@ -13,7 +13,8 @@ from torchmetrics.functional.classification import binary_calibration_error, mul
 import fastkd
 from fastkd import reference
 
-SHAPES = [(1, 1), (1, 10), (37, 10), (33, 2), (16, 1000), (5, 2500), (3, 32000)]
+# 2500 (bf16, fp16) and 4097 (every dtype): rows read as an aligned body and an edge
+SHAPES = [(1, 1), (1, 10), (37, 10), (33, 2), (16, 1000), (5, 2500), (6, 4097), (3, 32000)]
 
 
 def _case(n, c, dtype=torch.float32, scale=3.0, seed=0, ignore_every=0):
@@ -51,6 +52,27 @@ def test_stats_match_float64(backend, shape, dtype):
     got = fastkd.calibration_stats(logits, target, backend=backend)
     _assert_stats(got, _expected(logits, target))
     assert got.count == int((target != -100).sum())
+
+
+@pytest.mark.parametrize("input", ["logits", "probs"])
+def test_top1_ties_across_a_rows_edge(backend, input):
+    """The first index of a row's max is its prediction when the tie spans the row's edge and its
+    aligned body (head before body, body before tail); rows of 4097 start at every offset mod 8."""
+    n, width = 8, 4097
+    logits, _ = _case(n, width, dtype=torch.bfloat16)
+    first, second = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    for r in range(n):
+        head = (-r * width) % 8  # columns before row r's aligned body (bf16: 8 entries a vector)
+        first[r], second[r] = (max(head - 1, 0), 100) if r % 2 else (50, width - 1)
+    rows = torch.arange(n)
+    logits[rows, first], logits[rows, second] = 20.0, 20.0
+    x = logits if input == "logits" else torch.softmax(logits.double(), -1).to(torch.bfloat16)
+    x[rows, second] = x[rows, first]  # the tie, exact in the input's dtype
+    for target, correct in ((first, n), (second, 0)):  # the first of the tie is the prediction
+        target = target.to(DEVICE)
+        got = fastkd.calibration_stats(x, target, input=input, backend=backend, validate_args=False)
+        assert int(got.bin_correct.sum()) == correct
+        _assert_stats(got, _expected(x, target, probs=input == "probs"))
 
 
 @pytest.mark.parametrize("n_bins", [1, 2, 10, 15, 100, 1500])

@@ -12,7 +12,7 @@ from conftest import DEVICE, DTYPES
 import fastkd
 from fastkd import reference
 
-WIDTHS = [1, 2, 10, 1000, 2500]
+WIDTHS = [1, 2, 10, 1000, 2500]  # 2500: rows read as an aligned body and an edge (bf16, fp16)
 
 
 def _pair(n, c, k=1, dtype=torch.float32, seed=0, scale=3.0):
@@ -44,6 +44,39 @@ def test_matches_float64(backend, width, members, dtype):
     for temperature in (1.0, 4.0):
         got = fastkd.fidelity(student, teacher_arg, temperature, backend=backend)
         _check(got, _expected(student, teacher_arg, temperature), 19)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_with_an_edge(backend, dtype):
+    """4097 columns: every row has an edge (at 16-byte vectors, in every dtype), at every offset."""
+    student, teacher = _pair(9, 4097, 1, dtype, seed=5)
+    for temperature in (1.0, 4.0):
+        got = fastkd.fidelity(student, teacher[0], temperature, backend=backend)
+        _check(got, _expected(student, teacher[0], temperature), 9)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_top1_ties_across_a_rows_edge(backend, members):
+    """The first index of a row's max wins when the tie spans the row's edge and its aligned body: the
+    head (columns before the body, which start at a 16-byte boundary) before the body, the body before
+    the tail. Rows of 4097 bf16 entries start at every offset mod 8."""
+    n, width = 8, 4097
+    student, teacher = _pair(n, width, members, torch.bfloat16)
+    first, second = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    for r in range(n):
+        head = (-r * width) % 8  # columns before row r's aligned body
+        first[r], second[r] = (max(head - 1, 0), 100) if r % 2 else (50, width - 1)  # head/body or body/tail
+    rows = torch.arange(n)
+    student[rows, first], student[rows, second] = 100.0, 100.0
+    agree = teacher.clone()
+    agree[:, rows, first] = 100.0  # the teachers' top class is the first of the student's tie
+    disagree = teacher.clone()
+    disagree[:, rows, second] = 100.0
+    for members_teacher, want in ((agree, 1.0), (disagree, 0.0)):
+        arg = members_teacher[0] if members == 1 else members_teacher
+        got = fastkd.fidelity(student, arg, backend=backend)
+        assert got.top1_agreement == want
+        _check(got, _expected(student, arg), n)
 
 
 def test_row_temperatures_and_batched_shapes(backend):

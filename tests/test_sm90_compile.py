@@ -17,11 +17,26 @@ from pathlib import Path
 ISSUE_CASES = {
     f"{w} {d}" for w in (1000, 4097, 32001, 50257, 131072, 262144) for d in ("bfloat16", "float32")
 }
-VECTOR_KERNELS = ("kd_loss_kernel", "scale_grad_kernel")  # the kernels that read rows in aligned vectors
+# the kernels that read rows in aligned vectors (reductions.row_body, row_edge)
+VECTOR_KERNELS = ("kd_loss_kernel", "scale_grad_kernel", "tempered_softmax_fwd_kernel", "tempered_softmax_bwd_kernel",
+                  "fidelity_kernel", "calibration_kernel")
+
+
+def _writes_rows(launch: dict) -> bool:
+    """Whether the launch writes rows (the gradient, the softmax, dL/dx)."""
+    kernel = launch["kernel"]
+    if kernel == "kd_loss_kernel":
+        return bool(launch.get("NEED_GRAD")) and launch.get("PHASE") != 1
+    if kernel == "tempered_softmax_bwd_kernel":
+        return bool(launch.get("NEED_DX"))
+    return kernel not in ("fidelity_kernel", "calibration_kernel")  # reductions: per-program sums only
 
 
 def _at_issue_width(launch: dict) -> bool:
-    return launch["kernel"] in VECTOR_KERNELS and launch["case"] in ISSUE_CASES
+    case = launch["case"]
+    if launch["kernel"] in ("fidelity_kernel", "calibration_kernel"):  # every variant at the issue's widths
+        case = " ".join(case.split()[:2])
+    return launch["kernel"] in VECTOR_KERNELS and case in ISSUE_CASES
 
 
 def vector_violations(launch: dict) -> list[str]:
@@ -42,10 +57,7 @@ def vector_violations(launch: dict) -> list[str]:
     if not loops:  # one block (V = 1000) or scale_grad_kernel: the row's tiles are the 128-bit accesses
         if not total["ldg"].get("128"):
             out.append("no 128-bit load")
-        writes = launch["kernel"] == "scale_grad_kernel" or (
-            launch.get("NEED_GRAD") and launch.get("PHASE") != 1
-        )
-        if writes and not total["stg"].get("128"):
+        if _writes_rows(launch) and not total["stg"].get("128"):
             out.append("no 128-bit store")
     return out
 
@@ -72,8 +84,11 @@ def test_kernels_compile_for_sm90_without_spills():
     assert not spilled, spilled
     checked = [launch for launch in launches if _at_issue_width(launch)]
     # kd_loss_kernel: 12 issue cases x (fused, stats, grad) and the 131072 bf16 config; scale_grad_kernel:
-    # 1000, 50257 and 131072 bf16
-    assert len(checked) == 12 * 3 + 1 + 3
+    # 1000, 50257 and 131072 bf16; softmax: 12 issue cases x (2 forward + 2 backward launches) and the
+    # 131072 bf16 and fp32 configs x (softmax, log) x (2 forward + 3 backward); fidelity: 12 issue
+    # cases, the 131072 bf16 config, an ensemble of 3 at 1000 and 131072; calibration: 12 issue cases,
+    # the 131072 bf16 config, 1024 bins and 6 variants at 1000 and 131072
+    assert len(checked) == 12 * 3 + 1 + 3 + 12 * 4 + 2 * 2 * 5 + (12 + 1 + 2) + (12 + 1 + 2 * 7)
     narrow = {f"{launch['kernel']} {launch['case']} PHASE={launch.get('PHASE')}": vector_violations(launch)
               for launch in checked}  # fmt: skip
     assert not any(narrow.values()), {k: v for k, v in narrow.items() if v}

@@ -89,7 +89,7 @@ def test_matches_float64(backend, width, temperature, dtype, log):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("width", [1000, 70001])
+@pytest.mark.parametrize("width", [1000, 4097, 70001])  # one block; one block with an edge; the loop
 def test_masked_logits(backend, width, log):
     """-inf logits (a masked vocabulary), including whole leading blocks of a wide row."""
     x = randn(3, width, seed=1)

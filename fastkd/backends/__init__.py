@@ -22,6 +22,16 @@ float16/bfloat16/float32 inputs (float64 for float64, where the backend takes it
     the same for a sparse teacher: indices and values (N, k), ``options.tail`` its tail.
 ``scale_grad_(grad, grad_output)``
     grad (N, V) *= grad_output (0-d, or (N,) one per row), in place; free where grad_output is 1.
+Optional, the loss split in two (``fastkd._ops.kd_split``; a backend without ``kd_loss_split`` always
+runs ``kd_loss_forward`` then ``scale_grad_``, as the cpu, cuda and torch backends do):
+``kd_loss_split(student, teacher, target, options)``
+    whether these rows run split (shapes and options only; traced by ``torch.compile``); then
+``KD_STATS``, the float32 statistics per row that the forward keeps for the backward, and
+``kd_loss_stats_forward(student, teacher, target, options, out, stats)``
+    writes out.rows (out.grad has no rows) and stats (N, KD_STATS);
+``kd_loss_grad_backward(student, teacher, target, options, out, stats, grad_output, grad)``
+    grad (N, V) = dL/dx times the reduction's scale (out.scale_tensor, else out.scale) times
+    grad_output (0-d, or (N,) one per row), from the same student, teacher, target and options.
 ``calibration_pass(logits, target, mode, temperature, probs, ignore_index, n_bins)``
     one read of logits (N, C): a dict of float64 sums and int64 counts (``kernels/calibration.py``).
 ``fidelity_pass(student, teacher, temperature)``

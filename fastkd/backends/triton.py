@@ -37,11 +37,14 @@ def tempered_softmax_forward(x: Tensor, temperature: float | Tensor, log: bool, 
     t = temperature_arg(temperature)
     rows, block, one_block, num_warps = softmax_kernels.launch_config(n_cols)
     store_stats = stats.shape[0] == n_rows and n_rows > 0
+    vec = reductions.vector_width(x, y)
+    align, edge = reductions.row_alignment(n_cols, vec, [x.stride(0), y.stride(0)],
+                                           pointers=[x.data_ptr(), y.data_ptr()])  # fmt: skip
     with on_device(x):
         softmax_kernels.tempered_softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
             x, y, t.tensor, stats if store_stats else None, t.inverse, n_rows, n_cols, x.stride(0), y.stride(0),
             t.stride, HAS_T=t.tensor is not None, LOG=log, STORE_STATS=store_stats, ROWS=rows, BLOCK=block,
-            ONE_BLOCK=one_block, num_warps=num_warps,
+            ONE_BLOCK=one_block, VEC=vec, ALIGN=align, EDGE=edge, num_warps=num_warps,
         )  # fmt: skip
 
 
@@ -54,12 +57,18 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
         return
     t = temperature_arg(temperature)
     rows, block, one_block, num_warps = softmax_kernels.launch_config(n_cols)
+    rows_read = [grad, saved] + ([dx] if dx is not None else [])
+    vec = reductions.vector_width(*rows_read)
+    align, edge = reductions.row_alignment(n_cols, vec, [r.stride(0) for r in rows_read],
+                                           pointers=[r.data_ptr() for r in rows_read])  # fmt: skip
     with on_device(saved):
         softmax_kernels.tempered_softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
             grad, saved, dx, t.tensor, stats if dt is not None else None, dt, t.inverse, n_rows, n_cols,
             grad.stride(0), saved.stride(0), dx.stride(0) if dx is not None else 0, t.stride,
             HAS_T=t.tensor is not None, LOG=log, NEED_DX=dx is not None, NEED_DT=dt is not None, ROWS=rows,
-            BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+            BLOCK=block, ONE_BLOCK=one_block, VEC=vec, ALIGN=align, EDGE=edge, num_warps=num_warps,
+            # the loop with 128-bit loads took 167 registers (NEED_DT, 50257 bf16): 128, as before, spills nothing
+            **({} if one_block else {"maxnreg": reductions.REDUCTION_MAX_REGISTERS}),
         )  # fmt: skip
 
 
@@ -105,6 +114,43 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, opt
         out.rows.zero_()
         return
     _kd_launch(student, teacher, target, options, out, "fused")
+
+
+# ---- the loss split in two launches: STATS in the forward, GRAD in the backward (optional contract) ----
+
+KD_STATS = kd_kernels.N_STATS  # fp32 statistics per row that STATS writes for GRAD
+
+
+def kd_loss_split(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions) -> bool:
+    """Whether the loss over these rows runs split (the rule of issue 20, a prediction from the sm_90
+    cubins' byte counts until a GPU run measures it; benchmarks/README.md): rows wider than
+    ``MAX_ONE_BLOCK``, which the fused kernel reads in at least two passes. There STATS moves the
+    passes before the gradient's (bf16: 4 B/elem for the default loss) and GRAD the last one (6), the
+    fused kernel's 10 whatever dL/dloss is, where the fused kernel needs 4 more (``scale_grad_``'s
+    read-modify-write of the gradient) when dL/dloss != 1. A narrower row is read once fused
+    (6 B/elem; 10 with the scale): split, it would be read twice (4 + 6) even when dL/dloss is 1, so it
+    stays fused. One teacher only (the statistics hold one teacher's), options the kernel covers, no
+    ``return_parts``. Shapes and options only: no tensor is read (torch.compile traces it)."""
+    return (
+        teacher.shape[0] == 1
+        and student.shape[1] > kd_kernels.MAX_ONE_BLOCK
+        and student.shape[0] > 0
+        and not options.return_parts
+        and kernels_cover(options, kd_math.DIVERGENCES)
+    )
+
+
+def kd_loss_stats_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
+                          out: KDOutputs, stats: Tensor) -> None:  # fmt: skip
+    """The forward of the split: out.rows, and ``stats`` (N, KD_STATS) float32 for the backward."""
+    _kd_launch(student, teacher, target, options, out, "stats", stats)
+
+
+def kd_loss_grad_backward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
+                          out: KDOutputs, stats: Tensor, grad_output: Tensor, grad: Tensor) -> None:  # fmt: skip
+    """The backward of the split: ``grad`` (N, V) = dL/dx times the reduction's scale (out.scale_tensor
+    or out.scale, whatever out.scale_grad says) times ``grad_output`` (0-d, or (N,) one per row)."""
+    _kd_launch(student, teacher, target, options, out, "grad", stats, grad, grad_output)
 
 
 def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
@@ -198,12 +244,15 @@ def calibration_pass(logits: Tensor, target: Tensor, mode: str, temperature: flo
     correct = torch.empty(n, dtype=torch.int8, device=device)
     t = temperature_arg(temperature)
     log = probs and (mode == "newton" or t.tensor is not None or temperature != 1)
+    vec = reductions.vector_width(logits)
+    align, edge = reductions.row_alignment(n_cols, vec, [logits.stride(0)], pointers=[logits.data_ptr()])
     if n_rows:
         with on_device(logits):
             calibration_kernels.calibration_kernel[(programs,)](
                 logits, target, t.tensor, partial, bin_n, bin_conf, conf, correct, t.inverse, ignore_index, n_rows,
                 n_cols, n_bins, logits.stride(0), t.stride, HAS_T=t.tensor is not None, PROBS=probs and not log,
-                LOG=log, MODE=calibration_kernels.MODES[mode], ROWS=rows, BLOCK=block, BINS=bins,
+                LOG=log, MODE=calibration_kernels.MODES[mode], ROWS=rows, BLOCK=block, BINS=bins, VEC=vec, ALIGN=align,
+                EDGE=edge,
                 num_warps=num_warps, maxnreg=reductions.REDUCTION_MAX_REGISTERS,
             )  # fmt: skip
     sums = partial.sum(0)
@@ -227,12 +276,17 @@ def fidelity_pass(student: Tensor, teacher: Tensor, temperature: float | Tensor)
     agree = torch.zeros(programs, dtype=torch.int32, device=student.device)
     kl = torch.zeros(programs, dtype=torch.float64, device=student.device)
     t = temperature_arg(temperature)
+    vec = reductions.vector_width(student, teacher)
+    align, edge = reductions.row_alignment(
+        n_cols, vec, [student.stride(0), teacher.stride(1)], [teacher.stride(0)] if n_teachers > 1 else [],
+        [student.data_ptr(), teacher.data_ptr()],
+    )  # fmt: skip
     if n_rows:
         with on_device(student):
             fidelity_kernels.fidelity_kernel[(programs,)](
                 student, teacher, t.tensor, agree, kl, t.inverse, n_rows, n_cols, n_teachers, student.stride(0),
                 teacher.stride(0), teacher.stride(1), t.stride, HAS_T=t.tensor is not None, ENSEMBLE=n_teachers > 1,
-                K_BLOCK=k_block, ROWS=rows, BLOCK=block, num_warps=num_warps,
+                K_BLOCK=k_block, ROWS=rows, BLOCK=block, VEC=vec, ALIGN=align, EDGE=edge, num_warps=num_warps,
                 maxnreg=reductions.REDUCTION_MAX_REGISTERS,
             )  # fmt: skip
     return agree.sum(dtype=torch.int64), kl.sum()
