@@ -176,7 +176,7 @@ def kd_split_backward(impl: ModuleType, student: Tensor, teacher: Tensor, target
         scale = scale if isinstance(scale, Tensor) else torch.full((), scale, device=student.device)
         return _kd_grad_bwd_op(student, teacher, target, stats, scale, grad_output, *options.to_op(), impl.NAME)
     n_rows, n_cols = student.shape
-    grad = torch.empty((n_rows, n_cols), dtype=student.dtype, device=student.device)
+    grad = _memory.empty((n_rows, n_cols), student.dtype, student.device)
     rows = stats.new_empty(n_rows)  # not written by the backward's launch
     scale_tensor, scale_value = (scale, 1.0) if isinstance(scale, Tensor) else (None, scale)
     out = KDOutputs(rows, grad[:0], scale_tensor, scale_value, True, None, rows.new_empty(0, n_rows))
