@@ -240,3 +240,26 @@ def test_fused_linear_objectives_parts_and_normalizer(backend, objective):
                            target, backend=backend, **options)  # fmt: skip
     for a, b in zip(fused, dense):
         assert_close(a, b.double(), torch.float32, scale=max(b.abs().item(), 1.0))
+
+
+@pytest.mark.parametrize("options", [
+    {"divergence": "skew_kl", "skew": 0.1}, {"divergence": "skew_reverse_kl", "skew": 0.3}, {"divergence": "tvd"},
+    {"divergence": "ab", "ab_alpha": 0.8, "ab_beta": 0.4}, {"divergence": "ab", "ab_alpha": 0.6, "ab_beta": 0.0},
+    {"divergence": "ab", "ab_alpha": 0.0, "ab_beta": 0.7}, {"divergence": "jsd", "softcap": 5.0},
+    {"divergence": "tvd", "return_parts": True, "alpha": 0.0},
+], ids=str)  # fmt: skip
+def test_objectives_run_in_the_triton_kernel(monkeypatch, options):
+    """Issue 18's objectives on a dense teacher run in the Triton kernel, not the PyTorch closed form that
+    covers what a kernel lacks (their numbers: the tests above on this backend)."""
+    from fastkd.backends import torch as torch_backend
+
+    def closed_form(*args):
+        raise AssertionError("the triton backend ran the PyTorch closed form")
+
+    monkeypatch.setattr(torch_backend, "kd_loss_forward", closed_form)
+    x = logits(4, 33).requires_grad_()
+    out = fastkd.kd_loss(x, logits(4, 33, seed=1), torch.tensor([0, 5, -100, 32], device=DEVICE), backend="triton",
+                         **options)  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
