@@ -44,6 +44,17 @@ def test_objectives_by_dtype(backend, objective, dtype):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objectives_in_wide_bf16_rows_with_softcap(backend, objective):
+    """A row wider than one block (the kernels' column loop, with an edge) in bfloat16, -inf entries, an
+    ignored row, soft-capped logits."""
+    student, teacher = logits(3, 5003, dtype=torch.bfloat16), logits(3, 5003, dtype=torch.bfloat16, seed=1)
+    student[:, ::11], teacher[:, ::11] = -math.inf, -math.inf
+    target = targets(3, 5003, ignored=(1,))
+    target = torch.where(target % 11 == 0, target + 1, target)
+    check(student, teacher, target, backend, temperature=2.0, alpha=0.8, softcap=8.0, **OBJECTIVES[objective])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_objectives_with_masked_classes_norms_and_ensembles(backend, objective):
     """-inf entries in both (probability 0, no gradient), logit standardization, 2 teachers, per-row
     temperatures; then label smoothing (where no class is masked: its CE would be infinite)."""
