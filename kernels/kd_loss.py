@@ -4,6 +4,7 @@ statistics in the forward (STATS), the gradient times dL/dloss in the backward (
 
 For a row with student logits x (V), teacher logits t_k (K members, V each) and target y (math in fp32):
 
+    soft-capped logits  x <- cap tanh(x / cap), t <- cap tanh(t / cap)   (``softcap``; -inf kept)
     normalized logits   a = x or a = (x - mean) r       (``logit_norm``; r per row, see ``_norm_factor``)
     student at T        log q = log_softmax(a_s / T)                      k_s = r_s / T
     teacher at T_t      log p = log mean_k softmax(a_tk / T_t)            k_t = r_t / T_t per member
@@ -18,6 +19,18 @@ With dL/du_j = D'_j for u = a_s / T:
     reverse_kl  D = sum_j q_j h_j, h = log q - log p     D'_j = q_j (h_j - D)
     jsd         D = beta KL(p||m) + (1 - beta) sum_j q_j h_j,  h = log q - log m,
                 m = beta p + (1 - beta) q                 D'_j = (1 - beta) q_j (h_j - sum_k q_k h_k)
+and for the others D'_j = g_j - q_j G, G = sum_k g_k, with g_j = dD/d(log q_j) taken entry by entry
+(``kd_math.divergence_tile``; csrc/include/fastkd/row_math.h's divergence_term, the same formulas):
+    skew_kl          D = KL(p || m), m = s p + (1 - s) q                  g = -(1 - s) p q / m
+    skew_reverse_kl  D = KL(q || m), m = (1 - s) p + s q                  g = q (log(q / m) - s q / m)
+    tvd              D = sum_j |p_j - q_j| / 2                            g = q sign(q - p) / 2
+    ab (a, b > 0)    D = sum_j (a/(a+b) p^(a+b) + b/(a+b) q^(a+b) - p^a q^b) / (a b)
+                                                                          g = (q^(a+b) - p^a q^b) / a
+    ab, b = 0        D = sum_j (a p^a log(p / q) - p^a + q^a) / a^2      g = (q^a - p^a) / a
+    ab, a = 0        D = sum_j (b q^b log(q / p) - q^b + p^b) / b^2      g = q^b log(q / p)
+(the three forms of the alpha-beta divergence each a DIVERGENCE of its own, chosen on the host; (1, 0)
+is forward KL, (0, 1) reverse KL). Forward KL is g = -p, G = -1; reverse KL and JSD g = q h (times
+1 - beta), G = sum q h.
 and, through the normalization (c_j = x_j - mean x over the n live entries; see ``_norm_factor``),
     dKD/dx_j = k_s (D'_j - c_j W - mean_k (D'_k - c_k W)),   W = r_s sum_k D'_k c_k / kappa
 (dKD/dx_j = k_s D'_j without it). The mean is 0 in exact math (sum D' = 0 = sum c); it is subtracted
@@ -26,7 +39,9 @@ rounding left in sum D'.
     dCE/dx_j = s_j - (1 - eps) [j = y] - eps / V
 The row's gradient alpha c dKD/dx + (1 - alpha) dCE/dx, times the reduction's scale (1/rows for
 "mean"; and dL/dloss in GRAD), is written in the student's dtype after the -1 at the target is folded
-in, in fp32.
+in, in fp32; with ``softcap`` it is taken wrt the capped logits x' and times 1 - (x' / cap)^2 (0 at a
+-inf entry). With ``RETURN_PARTS`` the same launch writes each row's parts c D and CE (each whatever
+alpha, times the scale) beside its loss.
 
 **Row sums in one pass (one teacher).** With u_j = (x_j - M_s) k_s and v_j = (t_j - M_t) k_t relative
 to running maxima M_s, M_t (base 2 in the kernel: k holds log2 e), d_s = sum e^u, d_t = sum e^v:
@@ -44,16 +59,22 @@ statistics pass first): sum q c = C_q / d_s, C_q = sum e^u c; sum p c = C_p / d_
 KL sum q h c = (F - (ln d_s - ln d_t) C_q) / d_s, F = sum e^u (u - v) c, each rescaled like its weight.
 JSD's log m = log(beta p + (1 - beta) q) needs both rows' final normalizers: sum q h is not a function
 of finitely many running sums (it is sum_j e^(u_j) phi(rho e^(v_j - u_j)) with phi nonlinear in the
-ratio rho = d_s / d_t known only at the row's end), so JSD keeps a pass for it; so do ensembles, whose
-log p = log mean_k p_k needs every member's normalizer first.
+ratio rho = d_s / d_t known only at the row's end), so JSD keeps a pass for it, as do skew KL, skew
+reverse KL, TVD and the alpha-beta divergence for their loss and G (log m, sign(q - p), p^a q^b: each a
+nonlinear function of both normalized rows); so do ensembles, whose log p = log mean_k p_k needs every
+member's normalizer first.
 
 **Passes** over a row wider than ``MAX_ONE_BLOCK`` (read in column blocks; a narrower row is read once,
 several rows a program, and each pass runs on the registers): [``logit_norm``: the statistics of
 student and teacher] -> the log-sum-exps of student (at T and at 1), teacher or each member, with
-the online sums above -> [JSD, ensembles with reverse KL, JSD or ``logit_norm``: the row sums and the
-loss] -> the gradient (and the loss of an ensemble's forward KL). In bytes per entry, bf16 student and
-one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD 14, with ``logit_norm`` 4 more; the minimum
-(read both, write the gradient) is 6. The split moves the last pass to the backward, where dL/dloss
+the online sums above -> [every divergence but forward and reverse KL; ensembles with reverse KL or
+``logit_norm``: the row sums and the loss] -> the gradient (and the loss of an ensemble's forward KL).
+In bytes per entry, bf16 student and one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD, skew KL,
+skew reverse KL, TVD and alpha-beta 14, with ``logit_norm`` 4 more; the minimum (read both, write the
+gradient) is 6. Soft-capping re-caps each entry at each read (a tanh per entry and pass, no bytes);
+``return_parts`` adds 8 bytes a row. Exps per entry and pass after the log-sum-exps (row_math.h counts
+the C++ kernels'): 2 (q, p), plus 2 for JSD and the skew divergences (log m's exp2 and log2, and for
+the skew divergences one more for p q / m or q / m), 2 or 3 for the alpha-beta divergence. The split moves the last pass to the backward, where dL/dloss
 is known: the same bytes, with no read-modify-write of the gradient when dL/dloss != 1.
 
 **Column blocks.** Each step of a pass reads a [ROWS, BLOCK] tile in 16-byte vectors and keeps its

@@ -1,6 +1,8 @@
 """Triton row math of the distillation loss, shared by the dense and the sparse-teacher kernels: the
-divergences' per-entry terms and gradients, the hard-label CE term, and a row's target and weights
-(``kernels/kd_loss.py``'s module doc states the math).
+divergences' per-entry terms and gradients (forward KL, reverse KL, JSD, skew KL, skew reverse KL, TVD,
+the alpha-beta divergence), logit soft-capping, the hard-label CE term, and a row's target and weights
+(``kernels/kd_loss.py``'s module doc states the math; csrc/include/fastkd/row_math.h the same formulas for
+the C++ kernels).
 
 Log-probabilities are carried in base 2 (l = log2 q = ln q / ln 2): q = 2^l is one MUFU.EX2 with no
 multiply, and the log-space terms (a divergence's loss terms, h) are in bits, converted to nats (times

@@ -31,8 +31,8 @@ float16/bfloat16/float32 inputs (float64 for float64, where the backend takes it
 
 def kernels_cover(options, divergences, softcap: bool = False) -> bool:
     """Whether a kernel that implements ``divergences`` (names), and logit soft-capping when ``softcap``,
-    runs these KD options. What a kernel backend's kernels do not implement yet (on Triton, issue 18's
-    objectives: skew KL, skew reverse KL, TVD, alpha-beta, DKD, soft-capping; in the C++ sparse teacher's
-    kernel, the same) runs the PyTorch backend's closed form from that backend (loss and gradient
-    written into the same outputs)."""
+    runs these KD options. What a kernel backend's kernels do not implement yet (in the Triton dense
+    kernel, DKD; in the Triton and C++ sparse teacher's kernels, issue 18's objectives: skew KL, skew
+    reverse KL, TVD, alpha-beta, DKD, soft-capping) runs the PyTorch backend's closed form from that
+    backend (loss and gradient written into the same outputs)."""
     return options.divergence in divergences and (softcap or options.softcap is None)
