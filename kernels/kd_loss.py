@@ -4,6 +4,7 @@ statistics in the forward (STATS), the gradient times dL/dloss in the backward (
 
 For a row with student logits x (V), teacher logits t_k (K members, V each) and target y (math in fp32):
 
+    soft-capped logits  x <- cap tanh(x / cap), t <- cap tanh(t / cap)   (``softcap``; -inf kept)
     normalized logits   a = x or a = (x - mean) r       (``logit_norm``; r per row, see ``_norm_factor``)
     student at T        log q = log_softmax(a_s / T)                      k_s = r_s / T
     teacher at T_t      log p = log mean_k softmax(a_tk / T_t)            k_t = r_t / T_t per member
@@ -18,6 +19,18 @@ With dL/du_j = D'_j for u = a_s / T:
     reverse_kl  D = sum_j q_j h_j, h = log q - log p     D'_j = q_j (h_j - D)
     jsd         D = beta KL(p||m) + (1 - beta) sum_j q_j h_j,  h = log q - log m,
                 m = beta p + (1 - beta) q                 D'_j = (1 - beta) q_j (h_j - sum_k q_k h_k)
+and for the others D'_j = g_j - q_j G, G = sum_k g_k, with g_j = dD/d(log q_j) taken entry by entry
+(``kd_math.divergence_tile``; csrc/include/fastkd/row_math.h's divergence_term, the same formulas):
+    skew_kl          D = KL(p || m), m = s p + (1 - s) q                  g = -(1 - s) p q / m
+    skew_reverse_kl  D = KL(q || m), m = (1 - s) p + s q                  g = q (log(q / m) - s q / m)
+    tvd              D = sum_j |p_j - q_j| / 2                            g = q sign(q - p) / 2
+    ab (a, b > 0)    D = sum_j (a/(a+b) p^(a+b) + b/(a+b) q^(a+b) - p^a q^b) / (a b)
+                                                                          g = (q^(a+b) - p^a q^b) / a
+    ab, b = 0        D = sum_j (a p^a log(p / q) - p^a + q^a) / a^2      g = (q^a - p^a) / a
+    ab, a = 0        D = sum_j (b q^b log(q / p) - q^b + p^b) / b^2      g = q^b log(q / p)
+(the three forms of the alpha-beta divergence each a DIVERGENCE of its own, chosen on the host; (1, 0)
+is forward KL, (0, 1) reverse KL). Forward KL is g = -p, G = -1; reverse KL and JSD g = q h (times
+1 - beta), G = sum q h.
 and, through the normalization (c_j = x_j - mean x over the n live entries; see ``_norm_factor``),
     dKD/dx_j = k_s (D'_j - c_j W - mean_k (D'_k - c_k W)),   W = r_s sum_k D'_k c_k / kappa
 (dKD/dx_j = k_s D'_j without it). The mean is 0 in exact math (sum D' = 0 = sum c); it is subtracted
@@ -26,7 +39,9 @@ rounding left in sum D'.
     dCE/dx_j = s_j - (1 - eps) [j = y] - eps / V
 The row's gradient alpha c dKD/dx + (1 - alpha) dCE/dx, times the reduction's scale (1/rows for
 "mean"; and dL/dloss in GRAD), is written in the student's dtype after the -1 at the target is folded
-in, in fp32.
+in, in fp32; with ``softcap`` it is taken wrt the capped logits x' and times 1 - (x' / cap)^2 (0 at a
+-inf entry). With ``RETURN_PARTS`` the same launch writes each row's parts c D and CE (each whatever
+alpha, times the scale) beside its loss.
 
 **Row sums in one pass (one teacher).** With u_j = (x_j - M_s) k_s and v_j = (t_j - M_t) k_t relative
 to running maxima M_s, M_t (base 2 in the kernel: k holds log2 e), d_s = sum e^u, d_t = sum e^v:
@@ -44,16 +59,22 @@ statistics pass first): sum q c = C_q / d_s, C_q = sum e^u c; sum p c = C_p / d_
 KL sum q h c = (F - (ln d_s - ln d_t) C_q) / d_s, F = sum e^u (u - v) c, each rescaled like its weight.
 JSD's log m = log(beta p + (1 - beta) q) needs both rows' final normalizers: sum q h is not a function
 of finitely many running sums (it is sum_j e^(u_j) phi(rho e^(v_j - u_j)) with phi nonlinear in the
-ratio rho = d_s / d_t known only at the row's end), so JSD keeps a pass for it; so do ensembles, whose
-log p = log mean_k p_k needs every member's normalizer first.
+ratio rho = d_s / d_t known only at the row's end), so JSD keeps a pass for it, as do skew KL, skew
+reverse KL, TVD and the alpha-beta divergence for their loss and G (log m, sign(q - p), p^a q^b: each a
+nonlinear function of both normalized rows); so do ensembles, whose log p = log mean_k p_k needs every
+member's normalizer first.
 
 **Passes** over a row wider than ``MAX_ONE_BLOCK`` (read in column blocks; a narrower row is read once,
 several rows a program, and each pass runs on the registers): [``logit_norm``: the statistics of
 student and teacher] -> the log-sum-exps of student (at T and at 1), teacher or each member, with
-the online sums above -> [JSD, ensembles with reverse KL, JSD or ``logit_norm``: the row sums and the
-loss] -> the gradient (and the loss of an ensemble's forward KL). In bytes per entry, bf16 student and
-one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD 14, with ``logit_norm`` 4 more; the minimum
-(read both, write the gradient) is 6. The split moves the last pass to the backward, where dL/dloss
+the online sums above -> [every divergence but forward and reverse KL; ensembles with reverse KL or
+``logit_norm``: the row sums and the loss] -> the gradient (and the loss of an ensemble's forward KL).
+In bytes per entry, bf16 student and one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD, skew KL,
+skew reverse KL, TVD and alpha-beta 14, with ``logit_norm`` 4 more; the minimum (read both, write the
+gradient) is 6. Soft-capping re-caps each entry at each read (a tanh per entry and pass, no bytes);
+``return_parts`` adds 8 bytes a row. Exps per entry and pass after the log-sum-exps (row_math.h counts
+the C++ kernels'): 2 (q, p), plus 2 for JSD and the skew divergences (log m's exp2 and log2, and for
+the skew divergences one more for p q / m or q / m), 2 or 3 for the alpha-beta divergence. The split moves the last pass to the backward, where dL/dloss
 is known: the same bytes, with no read-modify-write of the gradient when dL/dloss != 1.
 
 **Column blocks.** Each step of a pass reads a [ROWS, BLOCK] tile in 16-byte vectors and keeps its
@@ -76,13 +97,15 @@ import triton.language as tl
 
 from fastkd.kernels.kd_math import (
     FORWARD_KL,
-    JSD,
     REVERSE_KL,
     ce_grad,
     ce_loss,
     divergence_grad,
     divergence_tile,
+    grad_factor,
     row_setup,
+    soft_cap,
+    soft_cap_grad,
 )
 from fastkd.kernels.reductions import (
     LN2,
@@ -121,6 +144,12 @@ LOOP_MAX_REGISTERS = 128
 # spills nothing, at 2 blocks of 4 warps a SM (any budget over 170 gives 2). Rows read entry by entry
 # instead (ALIGN 0) spilled 232-304 bytes at 128 (tests/sm90_compile.py).
 LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE = 255
+
+
+@triton.jit
+def _logits(ptr, mask, cap, SOFTCAP: tl.constexpr):
+    """A tile of logits in fp32, -inf where masked, soft-capped with SOFTCAP (``kd_math.soft_cap``)."""
+    return soft_cap(tl.load(ptr, mask=mask, other=float("-inf")).to(tl.float32), cap, SOFTCAP)
 
 
 # ---- logit_norm: the rows' statistics -----------------------------------------------------------------
@@ -173,8 +202,9 @@ def _norm_factor(n, m2, norm_scale, NORM: tl.constexpr):
 
 
 @triton.jit
-def _row_moments(body, cols, n_body, ok, tile, edge, n_cols, NORM: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr, SLOTS: tl.constexpr, ONE_BLOCK: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+def _row_moments(body, cols, n_body, ok, tile, edge, n_cols, cap, NORM: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, SLOTS: tl.constexpr, ONE_BLOCK: tl.constexpr, EDGE: tl.constexpr,
+                 SOFTCAP: tl.constexpr):  # fmt: skip
     """(n, mean, M2) of whole rows ([ROWS, 1]): the body (the tile held, or read in column blocks from
     the pointers ``body``), then the edge."""
     n = tl.zeros([ROWS, SLOTS], tl.float32)
@@ -185,8 +215,8 @@ def _row_moments(body, cols, n_body, ok, tile, edge, n_cols, NORM: tl.constexpr,
             n, mean, m2 = _moments_step(n, mean, m2, tile, SLOTS)
         else:
             for start in range(0, n_cols, BLOCK):
-                x = tl.load(body + start + cols, mask=ok & (start + cols < n_body), other=float("-inf"))
-                n, mean, m2 = _moments_step(n, mean, m2, x.to(tl.float32), SLOTS)
+                x = _logits(body + start + cols, ok & (start + cols < n_body), cap, SOFTCAP)
+                n, mean, m2 = _moments_step(n, mean, m2, x, SLOTS)
         n, mean, m2 = _moments_finish(n, mean, m2, SLOTS)
         if EDGE:
             n, mean, m2 = _moments_step(n, mean, m2, edge, 1)
@@ -295,7 +325,8 @@ def _pick(values, member, kk):
 
 
 @triton.jit
-def _teacher_log2_prob(t, t_ptr, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE: tl.constexpr):
+def _teacher_log2_prob(t, t_ptr, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, cap, ENSEMBLE: tl.constexpr,
+                       SOFTCAP: tl.constexpr):  # fmt: skip
     """log2 p of a tile: from the loaded tile t of one teacher, or (ENSEMBLE) from each member read at
     t_ptr, with each member's scale, max and log2 d ([ROWS, K_BLOCK]): log2 of the mean of 2^(w_k)."""
     if not ENSEMBLE:
@@ -305,7 +336,7 @@ def _teacher_log2_prob(t, t_ptr, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_t
         acc = tl.zeros(mask.shape, tl.float32)
         member_ptr = t_ptr  # advanced by stride_tk per member: 64-bit pointers, no int32 product
         for member in range(n_teachers):
-            t_k = tl.load(member_ptr, mask=mask, other=float("-inf")).to(tl.float32)
+            t_k = _logits(member_ptr, mask, cap, SOFTCAP)
             member_ptr += stride_tk
             w = (t_k - safe_max(_pick(m_t, member, kk))) * _pick(kt2, member, kk) - _pick(l2d_t, member, kk)
             mx_new = tl.maximum(mx, w)
@@ -317,13 +348,14 @@ def _teacher_log2_prob(t, t_ptr, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_t
 
 
 @triton.jit
-def _terms(acc, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE: tl.constexpr, NORM: tl.constexpr,
-           SLOTS: tl.constexpr):  # fmt: skip
+def _terms(acc, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr,
+           NORM: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
     """``acc`` ([ROWS, SLOTS] each) plus the row sums a tile adds once the log-sum-exps are known: the loss
-    terms and sum q h (in bits), and with ``logit_norm`` the row sums of ``_norm_terms`` (sum D' c,
-    sum q c, sum D', sum c, with D' c and D' as q h c and q for reverse_kl and jsd)."""
-    q, p, terms, h = divergence_tile((x - safe_max(m_s)) * ks2 - l2d_s, l2p, beta, DIVERGENCE)
-    qh = tl.where(mask, q * h, 0.0)
+    terms (in bits) and G = sum g (``divergence_tile``; sum q h in bits for reverse_kl and jsd), and with
+    ``logit_norm`` the row sums of ``_norm_terms`` (sum D' c, sum q c, sum D', sum c, with D' c and D' as
+    g c and q for the divergences other than forward_kl)."""
+    q, p, terms, _h, g = divergence_tile((x - safe_max(m_s)) * ks2 - l2d_s, l2p, beta, ab_a, ab_b, DIVERGENCE)
+    qh = tl.where(mask, g, 0.0)
     s_kd, s_qh, s_dc, s_qc, s_d, s_c = acc
     s_kd += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
     s_qh += slot_sum(qh, SLOTS)
@@ -351,10 +383,10 @@ def _row_sums(acc):
 
 @triton.jit
 def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE: tl.constexpr):
-    """(W, mean_k (D'_k - c_k W)) of the module doc from the row sums (sum q h in bits; sum D' c and
-    sum D' as sum q h c (bits) and sum q for reverse_kl and jsd); W = 0 for a constant row (kappa = 0)."""
-    if DIVERGENCE != FORWARD_KL:  # D' = f q (h - sum q h) ln 2, f = 1 or 1 - beta
-        f = LN2 if DIVERGENCE == REVERSE_KL else LN2 * (1.0 - beta)
+    """(W, mean_k (D'_k - c_k W)) of the module doc from the row sums (G = sum g, ``divergence_tile``;
+    sum D' c and sum D' as sum g c and sum q but for forward_kl); W = 0 for a constant row (kappa = 0)."""
+    if DIVERGENCE != FORWARD_KL:  # D' = f (g - q G)
+        f = grad_factor(beta, DIVERGENCE)
         dc_sum = f * (dc_sum - qh_sum * qc_sum)
         d_sum = f * qh_sum * (1.0 - d_sum)
     w = tl.where(kappa > 0, r * dc_sum / kappa, 0.0)
@@ -362,23 +394,25 @@ def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGE
 
 
 @triton.jit
-def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale, ce_scale, beta, ls_eps,
-          n_cols, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr):  # fmt: skip
+def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b,
+          ls_eps, n_cols, cap, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
+          HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
     """dL/dx of a tile given the row statistics ([ROWS, 1]), kd_scale = alpha c times the gradient's
     scale, ce_scale = (1 - alpha) times it, and ``hit``, the entry of the target; and the tile's loss
-    terms (bits)."""
+    terms (bits). With SOFTCAP, x is the capped tile and dL/dx is taken wrt the raw logits."""
     grad = tl.zeros_like(x)
     terms = tl.zeros_like(x)
     if HAS_KD:
-        q, p, terms, h = divergence_tile((x - safe_max(m_s)) * (k_s * LOG2E) - l2d_s, l2p, beta, DIVERGENCE)
-        g = divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE)
+        q, p, terms, h, g = divergence_tile((x - safe_max(m_s)) * (k_s * LOG2E) - l2d_s, l2p, beta, ab_a, ab_b,
+                                            DIVERGENCE)  # fmt: skip
+        g = divergence_grad(q, p, h, g, qh_sum, beta, DIVERGENCE)
         if NORM != NO_NORM:
             live = x > float("-inf")
             g = tl.where(live, g - (x - mu) * w_norm - g_mean, 0.0)
         grad = (kd_scale * k_s) * g
     if HAS_CE:
         grad += ce_scale * ce_grad(x, hit, safe_max(m_s), l2d_1, ls_eps, n_cols)
-    return grad, terms
+    return soft_cap_grad(grad, x, cap, SOFTCAP), terms
 
 
 @triton.jit
@@ -387,6 +421,7 @@ def kd_loss_kernel(
     TL,  # (K, N, V) teacher logits, unit column stride
     Y,  # (N,) int32/int64 targets, or None
     LOSS,  # (N,) fp32 row losses, times the reduction's scale (FUSED, STATS)
+    PARTS,  # (2, N) fp32: each row's KD part c D and CE part, times the scale (RETURN_PARTS), or None
     G,  # (N, V) dL/dx in X's dtype (may be X itself), written when NEED_GRAD (FUSED, GRAD)
     STATS,  # (N, N_STATS) fp32 row statistics: written by STATS, read by GRAD
     GO,  # dL/dloss, one value (stride_go 0) or one per row (GRAD)
@@ -397,8 +432,11 @@ def kd_loss_kernel(
     inv_temp_t,
     scale,
     alpha,
-    beta,
+    beta,  # the mixture weight: JSD's beta, the skew divergences' skew
+    ab_a,  # the alpha-beta divergence's alpha and beta
+    ab_b,
     ls_eps,  # label smoothing
+    cap,  # the soft-capping's cap (SOFTCAP)
     norm_scale,
     ignore_index,
     n_rows,
@@ -431,6 +469,8 @@ def kd_loss_kernel(
     ALIGN: tl.constexpr,  # reductions.row_body
     EDGE: tl.constexpr,  # some rows have entries outside their aligned body
     PHASE: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # student and teacher logits capped to cap tanh(z / cap) first
+    RETURN_PARTS: tl.constexpr,  # write PARTS (HAS_KD and, with a target, HAS_CE whatever alpha)
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -439,6 +479,8 @@ def kd_loss_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     kk = tl.arange(0, K_BLOCK)
     PAIR: tl.constexpr = HAS_KD and not ENSEMBLE  # one teacher: its row sums online, with the student's
+    # The divergences whose row sums need both rows' normalizers first (a pass of their own).
+    ROW_SUMS: tl.constexpr = DIVERGENCE != FORWARD_KL and DIVERGENCE != REVERSE_KL
     if ALIGN != 0 and ENSEMBLE:
         stride_tk = tl.multiple_of(stride_tk, VEC)
     x_off, head, n_body = row_body(rows64, stride_x, n_cols, VEC, ALIGN)
@@ -455,6 +497,7 @@ def kd_loss_kernel(
         X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x, HAS_TARGET, HAS_CE,
         T_SQUARED, SCALE_GRAD, PHASE != PHASE_GRAD,
     )  # fmt: skip
+    x_y = soft_cap(x_y, cap, SOFTCAP)
     inv_t, valid, y, kd_weight, ce_weight = (
         inv_t[:, None],
         valid[:, None],
@@ -467,15 +510,15 @@ def kd_loss_kernel(
     x_b = tl.zeros([ROWS, BLOCK], tl.float32)
     t_b = tl.zeros([ROWS, BLOCK], tl.float32)
     if ONE_BLOCK:
-        x_b = tl.load(x_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+        x_b = _logits(x_body + cols, body_mask, cap, SOFTCAP)
         if PAIR:
-            t_b = tl.load(t_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+            t_b = _logits(t_body + cols, body_mask, cap, SOFTCAP)
     x_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
     t_e = tl.zeros([ROWS, 2 * VEC], tl.float32)
     if EDGE:
-        x_e = tl.load(x_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+        x_e = _logits(x_edge, edge_mask, cap, SOFTCAP)
         if PAIR:
-            t_e = tl.load(t_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+            t_e = _logits(t_edge, edge_mask, cap, SOFTCAP)
 
     # The row statistics: computed (FUSED, STATS) or read back (GRAD).
     m_s = tl.zeros([ROWS, 1], tl.float32)
@@ -498,8 +541,8 @@ def kd_loss_kernel(
         kappa = tl.zeros([ROWS, 1], tl.float32)
         r_t = tl.full([ROWS, K_BLOCK], 1.0, tl.float32)
         if HAS_KD and NORM != NO_NORM:
-            n, mu, m2 = _row_moments(x_body, cols, n_body, ok, x_b, x_e, n_cols, NORM, ROWS, BLOCK, SLOTS, ONE_BLOCK,
-                                     EDGE)  # fmt: skip
+            n, mu, m2 = _row_moments(x_body, cols, n_body, ok, x_b, x_e, n_cols, cap, NORM, ROWS, BLOCK, SLOTS,
+                                     ONE_BLOCK, EDGE, SOFTCAP)  # fmt: skip
             r_s, kappa = _norm_factor(n, m2, norm_scale, NORM)
             member_body, member_edge = (
                 t_body,
@@ -509,11 +552,11 @@ def kd_loss_kernel(
                 t_m = t_b
                 t_me = t_e
                 if ENSEMBLE and ONE_BLOCK:
-                    t_m = tl.load(member_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+                    t_m = _logits(member_body + cols, body_mask, cap, SOFTCAP)
                 if ENSEMBLE and EDGE:
-                    t_me = tl.load(member_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
-                n_t, _mean_t, m2_t = _row_moments(member_body, cols, n_body, ok, t_m, t_me, n_cols, NORM, ROWS, BLOCK, SLOTS,
-                                            ONE_BLOCK, EDGE)  # fmt: skip
+                    t_me = _logits(member_edge, edge_mask, cap, SOFTCAP)
+                n_t, _mean_t, m2_t = _row_moments(member_body, cols, n_body, ok, t_m, t_me, n_cols, cap, NORM, ROWS,
+                                                  BLOCK, SLOTS, ONE_BLOCK, EDGE, SOFTCAP)  # fmt: skip
                 member_body += stride_tk
                 member_edge += stride_tk
                 r, _kappa_t = _norm_factor(n_t, m2_t, norm_scale, NORM)
@@ -532,10 +575,10 @@ def kd_loss_kernel(
         else:
             for start in range(0, n_cols, BLOCK):
                 mask = ok & (start + cols < n_body)
-                x = tl.load(x_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = _logits(x_body + start + cols, mask, cap, SOFTCAP)
                 t = t_b
                 if PAIR:
-                    t = tl.load(t_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
                 st = _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS)
         st = _pass_finish(st, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR)
         if EDGE:
@@ -565,46 +608,49 @@ def kd_loss_kernel(
                 k_m = _pick(kt2, member, kk)
                 mm, dm = lse_empty(ROWS, SLOTS)
                 if ONE_BLOCK:
-                    t_m = tl.load(member_body + cols, mask=body_mask, other=float("-inf")).to(tl.float32)
+                    t_m = _logits(member_body + cols, body_mask, cap, SOFTCAP)
                     mm, dm = lse_step(mm, dm, t_m, k_m, SLOTS)
                 else:
                     for start in range(0, n_cols, BLOCK):
                         mask = ok & (start + cols < n_body)
-                        t_m = tl.load(member_body + start + cols, mask=mask, other=float("-inf"))
-                        mm, dm = lse_step(mm, dm, t_m.to(tl.float32), k_m, SLOTS)
+                        t_m = _logits(member_body + start + cols, mask, cap, SOFTCAP)
+                        mm, dm = lse_step(mm, dm, t_m, k_m, SLOTS)
                 mm, dm = lse_finish(mm, dm, k_m)
                 if EDGE:
-                    t_me = tl.load(member_edge, mask=edge_mask, other=float("-inf")).to(tl.float32)
+                    t_me = _logits(member_edge, edge_mask, cap, SOFTCAP)
                     mm, dm = lse_step(mm, dm, t_me, k_m, 1)
                 member_body += stride_tk
                 member_edge += stride_tk
                 m_t = tl.where(kk[None, :] == member, mm, m_t)
                 l2d_t = tl.where(kk[None, :] == member, tl.log2(dm), l2d_t)
 
-        # Pass 3 (jsd; an ensemble with reverse_kl or logit_norm): the row sums that need the log-sum-exps.
-        if HAS_KD and (DIVERGENCE == JSD or (ENSEMBLE and (DIVERGENCE != FORWARD_KL or NORM != NO_NORM))):
+        # Pass 3 (every divergence but forward and reverse KL; an ensemble with reverse_kl or logit_norm):
+        # the row sums that need the log-sum-exps.
+        if HAS_KD and (ROW_SUMS or (ENSEMBLE and (DIVERGENCE != FORWARD_KL or NORM != NO_NORM))):
             zero = tl.zeros([ROWS, SLOTS], tl.float32)
             sums = (zero, zero, zero, zero, zero, zero)
             if ONE_BLOCK:
                 l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
-                                         ENSEMBLE)  # fmt: skip
-                sums = _terms(sums, x_b, l2p, body_mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, SLOTS)
+                                         cap, ENSEMBLE, SOFTCAP)  # fmt: skip
+                sums = _terms(sums, x_b, l2p, body_mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE, NORM,
+                              SLOTS)
             else:
                 for start in range(0, n_cols, BLOCK):
                     mask = ok & (start + cols < n_body)
-                    x = tl.load(x_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    x = _logits(x_body + start + cols, mask, cap, SOFTCAP)
                     t = t_b
                     if PAIR:
-                        t = tl.load(t_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                        t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
                     l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers,
-                                             stride_tk, ENSEMBLE)  # fmt: skip
-                    sums = _terms(sums, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, SLOTS)
+                                             stride_tk, cap, ENSEMBLE, SOFTCAP)  # fmt: skip
+                    sums = _terms(sums, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE, NORM,
+                                  SLOTS)
             sums = _row_sums(sums)
             if EDGE:
                 l2p_e = _teacher_log2_prob(
-                    t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE
+                    t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, cap, ENSEMBLE, SOFTCAP
                 )
-                sums = _terms(sums, x_e, l2p_e, edge_mask, m_s, ks2, l2d_s, mu, beta, DIVERGENCE, NORM, 1)
+                sums = _terms(sums, x_e, l2p_e, edge_mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE, NORM, 1)
             kd, qh_sum, dc_sum, qc_sum, d_sum, c_sum = sums
             if NORM != NO_NORM:
                 w_norm, g_mean = _norm_terms(
@@ -653,23 +699,25 @@ def kd_loss_kernel(
         )  # the target in the body
         if ONE_BLOCK:
             l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
-                                     ENSEMBLE)  # fmt: skip
+                                     cap, ENSEMBLE, SOFTCAP)  # fmt: skip
             grad, terms = _grad(x_b, l2p, cols == y_body, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
-                                ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
+                                ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
+                                HAS_CE, SOFTCAP)  # fmt: skip
             kd_acc += slot_sum(tl.where(body_mask, terms, 0.0), SLOTS)
             if NEED_GRAD:
                 tl.store(g_body + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=body_mask)
         else:
             for start in range(0, n_cols, BLOCK):
                 mask = ok & (start + cols < n_body)
-                x = tl.load(x_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = _logits(x_body + start + cols, mask, cap, SOFTCAP)
                 t = t_b
                 if PAIR:
-                    t = tl.load(t_body + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
                 l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
-                                         ENSEMBLE)  # fmt: skip
+                                         cap, ENSEMBLE, SOFTCAP)  # fmt: skip
                 grad, terms = _grad(x, l2p, cols == y_body - start, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean,
-                                    kd_scale, ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
+                                    kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
+                                HAS_CE, SOFTCAP)  # fmt: skip
                 kd_acc += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
                 if NEED_GRAD:
                     tl.store(
@@ -678,10 +726,11 @@ def kd_loss_kernel(
         kd_row = tl.sum(kd_acc, 1, keep_dims=True)
         if EDGE:
             l2p_e = _teacher_log2_prob(
-                t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, ENSEMBLE
+                t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, cap, ENSEMBLE, SOFTCAP
             )
             grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
-                                ce_scale, beta, ls_eps, n_cols, DIVERGENCE, NORM, HAS_KD, HAS_CE)  # fmt: skip
+                                ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
+                                HAS_CE, SOFTCAP)  # fmt: skip
             kd_row += tl.sum(tl.where(edge_mask, terms, 0.0), 1, keep_dims=True)
             if NEED_GRAD:
                 tl.store(
@@ -694,11 +743,18 @@ def kd_loss_kernel(
 
     if PHASE != PHASE_GRAD:
         loss = tl.zeros([ROWS, 1], tl.float32)
-        if HAS_KD:
-            loss += kd_weight * (kd * LN2)
+        kd = kd * LN2
+        if HAS_KD:  # with RETURN_PARTS also where alpha = 0: no 0 x inf in the total
+            loss += tl.where(alpha > 0, kd_weight * kd, 0.0)
         if HAS_CE:
-            loss += ce_weight * ce
+            loss += tl.where(alpha < 1, ce_weight * ce, 0.0)
         tl.store(LOSS + rows[:, None], tl.where(valid, loss * scale, 0.0), mask=ok)
+        if RETURN_PARTS:  # c D and CE, each whatever its weight (CE NaN for a target outside [0, V))
+            parts = PARTS + rows[:, None]
+            c = 1.0 / (inv_t * inv_t) if T_SQUARED else 1.0
+            tl.store(parts, tl.where(valid, c * kd * scale, 0.0), mask=ok)
+            ce = tl.where((y >= 0) & (y < n_cols), ce, float("nan"))
+            tl.store(parts + n_rows, tl.where(valid, ce * scale, 0.0), mask=ok)
 
 
 @triton.jit

@@ -191,14 +191,14 @@ def kd_loss_topk_fwd_kernel(
             )
             x_top = tl.load(x_ptr + idx, mask=kmask & ok, other=float("-inf")).to(tl.float32)
             l2q = (x_top - m_s[:, None]) * (inv_t * LOG2E)[:, None] - l2d_s[:, None]
-            q, p, terms, h = divergence_tile(
-                l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE
+            q, p, terms, h, _g = divergence_tile(
+                l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, 1.0, 0.0, DIVERGENCE
             )
             kd += tl.sum(terms, 1)
             qh_sum += tl.sum(q * h, 1)
         l2q_rest = tl.log2(r_s) - l2d_s  # -inf when the bucket holds no student mass (or is not summed)
-        q_r, p_r, terms_r, h_r = divergence_tile(
-            l2q_rest[:, None], (log_p_rest * LOG2E)[:, None], beta, DIVERGENCE
+        q_r, p_r, terms_r, h_r, _g_r = divergence_tile(
+            l2q_rest[:, None], (log_p_rest * LOG2E)[:, None], beta, 1.0, 0.0, DIVERGENCE
         )
         kd += tl.sum(terms_r, 1)
         qh_sum += tl.sum(q_r * h_r, 1)
@@ -217,10 +217,10 @@ def kd_loss_topk_fwd_kernel(
             grad = tl.zeros([ROWS, K_BLOCK], tl.float32)
             if HAS_KD:
                 l2q = (x_top - m_s[:, None]) * (inv_t * LOG2E)[:, None] - l2d_s[:, None]
-                q, p, _, h = divergence_tile(
-                    l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, DIVERGENCE
+                q, p, _, h, g = divergence_tile(
+                    l2q, (v * inv_tt[:, None] - lse_t[:, None]) * LOG2E, beta, 1.0, 0.0, DIVERGENCE
                 )
-                grad = kd_scale[:, None] * divergence_grad(q, p, h, qh_sum[:, None], beta, DIVERGENCE)
+                grad = kd_scale[:, None] * divergence_grad(q, p, h, g, qh_sum[:, None], beta, DIVERGENCE)
             if HAS_CE:
                 grad += ce_scale[:, None] * ce_grad(
                     x_top, idx == y[:, None], m_s[:, None], l2d_1[:, None], ls_eps, n_cols

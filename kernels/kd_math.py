@@ -1,6 +1,8 @@
 """Triton row math of the distillation loss, shared by the dense and the sparse-teacher kernels: the
-divergences' per-entry terms and gradients, the hard-label CE term, and a row's target and weights
-(``kernels/kd_loss.py``'s module doc states the math).
+divergences' per-entry terms and gradients (forward KL, reverse KL, JSD, skew KL, skew reverse KL, TVD,
+the alpha-beta divergence), logit soft-capping, the hard-label CE term, and a row's target and weights
+(``kernels/kd_loss.py``'s module doc states the math; csrc/include/fastkd/row_math.h the same formulas for
+the C++ kernels).
 
 Log-probabilities are carried in base 2 (l = log2 q = ln q / ln 2): q = 2^l is one MUFU.EX2 with no
 multiply, and the log-space terms (a divergence's loss terms, h) are in bits, converted to nats (times
@@ -12,17 +14,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastkd.kernels.reductions import LN2, LOG2E, log2_approx, safe_max
+from fastkd.kernels.reductions import LN2, LOG2E, log2_approx, safe_max, tanh
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}  # the kernel's DIVERGENCE
-FORWARD_KL, REVERSE_KL, JSD = (tl.constexpr(v) for v in DIVERGENCES.values())
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6}
+FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, AB = (tl.constexpr(v) for v in DIVERGENCES.values())
+# The alpha-beta divergence's limits, each its own DIVERGENCE (``divergence_code``): b = 0, and a = 0.
+AB_B0, AB_A0 = tl.constexpr(8), tl.constexpr(9)
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # those the sparse teacher's kernel runs
+
+
+def divergence_code(divergence: str, ab_alpha: float = 1.0, ab_beta: float = 0.0) -> int:
+    """The kernels' DIVERGENCE of a divergence: ``DIVERGENCES``, and for "ab" with ab_beta = 0 or
+    ab_alpha = 0 its limit's own code (the general case divides by a b)."""
+    if divergence == "ab" and ab_beta == 0:
+        return AB_B0.value
+    if divergence == "ab" and ab_alpha == 0:
+        return AB_A0.value
+    return DIVERGENCES[divergence]
 
 
 @triton.jit
 def log2_mix(l2p, l2q, beta):
     """log2 m of the mixture m = beta p + (1 - beta) q from log2 p and log2 q, in log space (no entry
     underflows to 0 before its log): the larger side plus log2(1 + 2^(smaller - larger)), one exp2 and
-    one log2 (its argument in [1, 2]). NaN in either side gives NaN."""
+    one log2 (its argument in [1, 2]). NaN in either side gives NaN. beta = 0 gives log2 q."""
     a = l2p + tl.log2(beta)
     b = l2q + tl.log2(1.0 - beta)
     hi = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -30,31 +45,102 @@ def log2_mix(l2p, l2q, beta):
 
 
 @triton.jit
-def divergence_tile(l2q, l2p, beta, DIVERGENCE: tl.constexpr):
-    """(q, p, loss terms, h) per entry from log2 q and log2 p: the terms and h (zero for forward_kl; as
-    in the module doc) are in bits. The terms of a probability 0 are 0; a NaN probability (a NaN logit,
-    a bad temperature) gives NaN terms (``!= 0``, not ``> 0``, which would read NaN as 0)."""
-    q = tl.exp2(l2q)
-    p = tl.exp2(l2p)
-    if DIVERGENCE == FORWARD_KL:
-        return q, p, tl.where(p != 0, p * (l2p - l2q), 0.0), tl.zeros_like(q)
-    if DIVERGENCE == REVERSE_KL:
-        h = tl.where(q != 0, l2q - l2p, 0.0)
-        return q, p, q * h, h
-    l2m = log2_mix(l2p, l2q, beta)
-    h = tl.where(q != 0, l2q - l2m, 0.0)
-    return q, p, beta * tl.where(p != 0, p * (l2p - l2m), 0.0) + (1.0 - beta) * q * h, h
+def _ratio(l2a, l2m):
+    """a / m = 2^(log2 a - log2 m), 0 where m = 0 (then a = 0 too)."""
+    return tl.where(l2m > float("-inf"), tl.exp2(l2a - l2m), 0.0)
 
 
 @triton.jit
-def divergence_grad(q, p, h, qh_sum, beta, DIVERGENCE: tl.constexpr):
-    """D'_j = dD/du_j of a tile (module doc), in nats, given h and the row sum qh_sum = sum_k q_k h_k
-    in bits ([ROWS, 1])."""
+def divergence_tile(l2q, l2p, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr):
+    """(q, p, loss terms, h, g) per entry from log2 q and log2 p (the module doc of ``kernels/kd_loss.py``
+    states each divergence). The terms are in bits (a divergence without logs: its value times log2 e).
+    The gradient D'_j = dD/du_j (``divergence_grad``) takes g_j = dD/d(log q_j) and its row sum G:
+    reverse_kl and jsd g = q h in bits with h as in the module doc (zero for forward_kl, which needs
+    neither); the others g in nats. ``beta`` is the mixture weight (JSD's beta; the skew divergences'
+    skew), ab_a and ab_b the alpha-beta divergence's (AB: both > 0; AB_B0: b = 0; AB_A0: a = 0). The
+    terms of a probability 0 are 0; a NaN probability (a NaN logit, a bad temperature) gives NaN terms
+    (``!= 0``, not ``> 0``, which would read NaN as 0)."""
+    q = tl.exp2(l2q)
+    p = tl.exp2(l2p)
+    zero = tl.zeros_like(q)
+    if DIVERGENCE == FORWARD_KL:
+        return q, p, tl.where(p != 0, p * (l2p - l2q), 0.0), zero, zero
+    if DIVERGENCE == REVERSE_KL:
+        h = tl.where(q != 0, l2q - l2p, 0.0)
+        return q, p, q * h, h, q * h
+    if DIVERGENCE == JSD:
+        l2m = log2_mix(l2p, l2q, beta)
+        h = tl.where(q != 0, l2q - l2m, 0.0)
+        return q, p, beta * tl.where(p != 0, p * (l2p - l2m), 0.0) + (1.0 - beta) * q * h, h, q * h
+    if DIVERGENCE == SKEW_KL:  # KL(p || m), m = w p + (1 - w) q: g = -(1 - w) p q / m
+        l2m = log2_mix(l2p, l2q, beta)
+        return q, p, tl.where(p != 0, p * (l2p - l2m), 0.0), zero, -(1.0 - beta) * _ratio(l2p + l2q, l2m)
+    if DIVERGENCE == SKEW_REVERSE_KL:  # KL(q || m), m = (1 - w) p + w q: g = q (ln(q / m) - w q / m)
+        l2m = log2_mix(l2q, l2p, beta)
+        terms = tl.where(q != 0, q * (l2q - l2m), 0.0)
+        return q, p, terms, zero, LN2 * terms - beta * q * _ratio(l2q, l2m)
+    if DIVERGENCE == TVD:  # |p - q| / 2: g = q sign(q - p) / 2 (NaN carried by 0 (q - p))
+        sign = tl.where(p < q, 0.5, tl.where(q < p, -0.5, 0.0))
+        return q, p, (0.5 * LOG2E) * tl.abs(p - q), zero, q * sign + 0.0 * (q - p)
+    if DIVERGENCE == AB:  # (a/(a+b) p^(a+b) + b/(a+b) q^(a+b) - p^a q^b) / (a b): g = (q^(a+b) - p^a q^b) / a
+        s = ab_a + ab_b
+        pq = tl.exp2(ab_a * l2p + ab_b * l2q)
+        q_s = tl.exp2(s * l2q)
+        terms = ((ab_a / s) * tl.exp2(s * l2p) + (ab_b / s) * q_s - pq) * (LOG2E / (ab_a * ab_b))
+        return q, p, terms, zero, (q_s - pq) / ab_a
+    if DIVERGENCE == AB_B0:  # (a p^a ln(p / q) - p^a + q^a) / a^2: g = (q^a - p^a) / a
+        p_a = tl.exp2(ab_a * l2p)
+        q_a = tl.exp2(ab_a * l2q)
+        log_term = tl.where(p_a != 0, ab_a * p_a * (l2p - l2q), 0.0)
+        return q, p, (log_term + LOG2E * (q_a - p_a)) / (ab_a * ab_a), zero, (q_a - p_a) / ab_a
+    # AB_A0: (b q^b ln(q / p) - q^b + p^b) / b^2: g = q^b ln(q / p)
+    q_b = tl.exp2(ab_b * l2q)
+    p_b = tl.exp2(ab_b * l2p)
+    log_term = tl.where(q_b != 0, q_b * (l2q - l2p), 0.0)
+    return q, p, (ab_b * log_term + LOG2E * (p_b - q_b)) / (ab_b * ab_b), zero, LN2 * log_term
+
+
+@triton.jit
+def grad_factor(beta, DIVERGENCE: tl.constexpr):
+    """f of D' = f (g - q G) (``divergence_grad``): ln 2 for reverse_kl, ln 2 (1 - beta) for jsd (g in
+    bits, without jsd's 1 - beta), 1 for the divergences whose g is in nats."""
+    if DIVERGENCE == REVERSE_KL:
+        return LN2 + 0.0 * beta
+    if DIVERGENCE == JSD:
+        return LN2 * (1.0 - beta)
+    return 1.0 + 0.0 * beta
+
+
+@triton.jit
+def divergence_grad(q, p, h, g, g_sum, beta, DIVERGENCE: tl.constexpr):
+    """D'_j = dD/du_j of a tile (module doc), in nats: q - p for forward_kl, else f (g_j - q_j G) with
+    G = sum_k g_k the row sum ([ROWS, 1]; ``grad_factor``), formed as f q (h - G) for reverse_kl and
+    jsd (g = q h)."""
     if DIVERGENCE == FORWARD_KL:
         return q - p
     if DIVERGENCE == REVERSE_KL:
-        return LN2 * q * (h - qh_sum)
-    return (LN2 * (1.0 - beta)) * q * (h - qh_sum)
+        return LN2 * q * (h - g_sum)
+    if DIVERGENCE == JSD:
+        return (LN2 * (1.0 - beta)) * q * (h - g_sum)
+    return g - q * g_sum
+
+
+@triton.jit
+def soft_cap(z, cap, SOFTCAP: tl.constexpr):
+    """Logit soft-capping z -> cap tanh(z / cap) (Gemma 2) with SOFTCAP, else z; -inf (a masked class)
+    stays -inf, NaN stays NaN."""
+    if SOFTCAP:
+        z = tl.where(z == float("-inf"), z, cap * tanh(z / cap))
+    return z
+
+
+@triton.jit
+def soft_cap_grad(grad, z, cap, SOFTCAP: tl.constexpr):
+    """dL/dz from dL/dz' of the capped logits z' (``z``): times 1 - (z' / cap)^2, 0 at a masked class."""
+    if SOFTCAP:
+        r = z / cap
+        grad = tl.where(z == float("-inf"), 0.0, grad * (1.0 - r * r))
+    return grad
 
 
 @triton.jit
@@ -79,8 +165,8 @@ def row_setup(X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_co
               SCALE_GRAD: tl.constexpr, READ_X_Y: tl.constexpr = True):  # fmt: skip
     """The rows' targets and weights: (valid (not ignored), y, x_y read before the gradient may
     overwrite x (with ``READ_X_Y``), the KD term's weight alpha T^2 (or alpha), the CE term's 1 - alpha
-    (NaN for a target outside [0, V) that is not ignored), the reduction's scale, the scale the gradient
-    takes now)."""
+    (NaN for a target outside [0, V) that is not ignored, unless alpha = 1), the reduction's scale, the
+    scale the gradient takes now)."""
     valid = row_ok
     y = tl.zeros(rows.shape, tl.int64)
     x_y = tl.zeros(rows.shape, tl.float32)
@@ -98,5 +184,5 @@ def row_setup(X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_co
         kd_weight = kd_weight / (inv_t * inv_t)
     ce_weight = tl.full(rows.shape, 1.0 - alpha, tl.float32)
     if HAS_CE:
-        ce_weight = tl.where(in_range, ce_weight, float("nan"))
+        ce_weight = tl.where(in_range | (alpha == 1.0), ce_weight, float("nan"))
     return valid, y, x_y.to(tl.float32), kd_weight, ce_weight, scale, scale if SCALE_GRAD else 1.0

@@ -60,6 +60,23 @@ else:
         return libdevice.fast_log2f(x)
 
 
+if INTERPRET:  # no libdevice in the interpreter
+
+    @triton.jit
+    def tanh(x):
+        """tanh x, from e^(-2|x|) (in the interpreter; within 1e-7 of tanh x, absolutely); compiled, libdevice's."""
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+else:
+
+    @triton.jit
+    def tanh(x):
+        """tanh x by libdevice (a few ulp; MUFU.TANH's tanh.approx is off by 2^-11, too coarse for a logit)."""
+        return libdevice.tanh(x)
+
+
 @triton.jit
 def row_inv_temperature(T, inv_temperature, rows, row_ok, stride_t, HAS_T: tl.constexpr):
     """1/T for each of the ``ROWS`` rows, from the tensor T or the float; NaN where T is not finite > 0."""

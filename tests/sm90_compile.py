@@ -237,10 +237,25 @@ def _kd_launch(width, dtype, n_teachers=1, per_row=False, phase="fused", **optio
     )
 
 
+# Issue 18's objectives in the kernel, each at one wide width with an edge (50257, bf16): the divergences
+# beyond KL and JSD (the alpha-beta divergence in its three forms), soft-capping, the loss's parts.
+KD_OBJECTIVES = {
+    "skew_kl": dict(divergence="skew_kl"),
+    "skew_reverse_kl": dict(divergence="skew_reverse_kl"),
+    "tvd": dict(divergence="tvd"),
+    "ab": dict(divergence="ab", ab_alpha=0.8, ab_beta=0.4),
+    "ab b=0": dict(divergence="ab", ab_alpha=0.6, ab_beta=0.0),
+    "ab a=0": dict(divergence="ab", ab_alpha=0.0, ab_beta=0.7),
+    "forward_kl softcap": dict(softcap=30.0),
+    "jsd softcap return_parts": dict(divergence="jsd", softcap=30.0, return_parts=True),
+}
+
+
 def kd_loss_launches(case):
     """Every launch config of the default loss (forward KL + CE, bf16); at four widths every divergence
-    x normalization x (1 or 3 teachers) with label smoothing and per-row temperatures; at the issue's
-    widths in bf16 and fp32 the default loss fused and split (stats, then grad); the backward scale."""
+    x normalization x (1 or 3 teachers) with label smoothing and per-row temperatures; issue 18's
+    objectives at 50257 (``KD_OBJECTIVES``); at the issue's widths in bf16 and fp32 the default loss fused
+    and split (stats, then grad); the backward scale."""
     for width in KD_WIDTHS:
         case(f"{width} bfloat16")
         _kd_launch(width, torch.bfloat16)
@@ -252,6 +267,9 @@ def kd_loss_launches(case):
                     _kd_launch(
                         width, torch.bfloat16, n_teachers, True, divergence=divergence, logit_norm=norm
                     )
+    for label, options in KD_OBJECTIVES.items():
+        case(f"50257 bfloat16 {label}")
+        _kd_launch(50257, torch.bfloat16, 1, True, **options)
     for width in ISSUE_WIDTHS:
         for dtype in ISSUE_DTYPES:
             case(f"{width} {_dtype_name(dtype)}")

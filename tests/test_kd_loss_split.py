@@ -28,7 +28,7 @@ def _logits(*shape, seed=0):
 @pytest.mark.parametrize("width", [37, 1000, 4097])
 @pytest.mark.parametrize(
     ("divergence", "norm"),
-    [("forward_kl", None), ("reverse_kl", None), ("jsd", None), ("reverse_kl", "standardize")],
+    [("forward_kl", None), ("reverse_kl", None), ("jsd", None), ("reverse_kl", "standardize"), ("tvd", "standardize")],
 )
 @pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
 def test_stats_then_grad_is_the_fused_gradient_times_dl_dloss(width, divergence, norm, per_row):

@@ -44,6 +44,17 @@ def test_objectives_by_dtype(backend, objective, dtype):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objectives_in_wide_bf16_rows_with_softcap(backend, objective):
+    """A row wider than one block (the kernels' column loop, with an edge) in bfloat16, -inf entries, an
+    ignored row, soft-capped logits."""
+    student, teacher = logits(3, 5003, dtype=torch.bfloat16), logits(3, 5003, dtype=torch.bfloat16, seed=1)
+    student[:, ::11], teacher[:, ::11] = -math.inf, -math.inf
+    target = targets(3, 5003, ignored=(1,))
+    target = torch.where(target % 11 == 0, target + 1, target)
+    check(student, teacher, target, backend, temperature=2.0, alpha=0.8, softcap=8.0, **OBJECTIVES[objective])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_objectives_with_masked_classes_norms_and_ensembles(backend, objective):
     """-inf entries in both (probability 0, no gradient), logit standardization, 2 teachers, per-row
     temperatures; then label smoothing (where no class is masked: its CE would be infinite)."""
@@ -305,3 +316,26 @@ def test_fused_linear_objectives_parts_and_normalizer(backend, objective):
                            target, backend=backend, **options)  # fmt: skip
     for a, b in zip(fused, dense):
         assert_close(a, b.double(), torch.float32, scale=max(b.abs().item(), 1.0))
+
+
+@pytest.mark.parametrize("options", [
+    {"divergence": "skew_kl", "skew": 0.1}, {"divergence": "skew_reverse_kl", "skew": 0.3}, {"divergence": "tvd"},
+    {"divergence": "ab", "ab_alpha": 0.8, "ab_beta": 0.4}, {"divergence": "ab", "ab_alpha": 0.6, "ab_beta": 0.0},
+    {"divergence": "ab", "ab_alpha": 0.0, "ab_beta": 0.7}, {"divergence": "jsd", "softcap": 5.0},
+    {"divergence": "tvd", "return_parts": True, "alpha": 0.0},
+], ids=str)  # fmt: skip
+def test_objectives_run_in_the_triton_kernel(monkeypatch, options):
+    """Issue 18's objectives on a dense teacher run in the Triton kernel, not the PyTorch closed form that
+    covers what a kernel lacks (their numbers: the tests above on this backend)."""
+    from fastkd.backends import torch as torch_backend
+
+    def closed_form(*args):
+        raise AssertionError("the triton backend ran the PyTorch closed form")
+
+    monkeypatch.setattr(torch_backend, "kd_loss_forward", closed_form)
+    x = logits(4, 33).requires_grad_()
+    out = fastkd.kd_loss(x, logits(4, 33, seed=1), torch.tensor([0, 5, -100, 32], device=DEVICE), backend="triton",
+                         **options)  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

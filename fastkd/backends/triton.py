@@ -28,6 +28,7 @@ NAME = "triton"
 PROGRAMS_PER_SM = 8  # of the persistent (grid-stride) reductions: calibration and fidelity
 BIN_SUMS = ("bin_count", "bin_correct", "bin_confidence_sum")
 WORKSPACE_BYTES_PER_ENTRY = 0  # the loss's kernels write the gradient over the logits: no workspace
+SKEWED = ("skew_kl", "skew_reverse_kl")  # the divergences whose mixture weight (the kernel's beta) is the skew
 
 
 def tempered_softmax_forward(x: Tensor, temperature: float | Tensor, log: bool, y: Tensor, stats: Tensor) -> None:
@@ -82,6 +83,7 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
     need_grad = grad.shape[0] > 0 and phase != "stats"
     t, tt = temperature_arg(options.temperature), temperature_arg(options.teacher_temperature)
     n_teachers = teacher.shape[0]
+    parts = options.return_parts and phase != "grad"
     vec = reductions.vector_width(student, teacher)
     rows, block, one_block, slots, num_warps = kd_kernels.launch_config(n_cols, vec)
     tensors = [student, teacher] + ([grad] if need_grad else [])
@@ -91,27 +93,32 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
     )  # fmt: skip
     with on_device(student):
         kd_kernels.kd_loss_kernel[(triton.cdiv(n_rows, rows),)](
-            student, teacher, target, out.rows, grad if need_grad else student, stats, grad_output, t.tensor,
-            tt.tensor, out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha, options.beta,
-            options.label_smoothing, options.norm_scale, options.ignore_index, n_rows, n_cols, n_teachers,
-            student.stride(0), teacher.stride(0), teacher.stride(1), grad.stride(0) if need_grad else 0, t.stride,
-            tt.stride, grad_output.stride(0) if grad_output is not None and grad_output.dim() else 0,
-            DIVERGENCE=kd_math.DIVERGENCES[options.divergence], NORM=kd_kernels.NORMS[options.logit_norm],
-            HAS_KD=options.alpha > 0, HAS_CE=target is not None and options.alpha < 1, HAS_TARGET=target is not None,
+            student, teacher, target, out.rows, out.parts if parts else None, grad if need_grad else student, stats,
+            grad_output, t.tensor, tt.tensor, out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha,
+            options.skew if options.divergence in SKEWED else options.beta, options.ab_alpha, options.ab_beta,
+            options.label_smoothing, options.softcap or 1.0, options.norm_scale, options.ignore_index, n_rows,
+            n_cols, n_teachers, student.stride(0), teacher.stride(0), teacher.stride(1),
+            grad.stride(0) if need_grad else 0, t.stride, tt.stride,
+            grad_output.stride(0) if grad_output is not None and grad_output.dim() else 0,
+            DIVERGENCE=kd_math.divergence_code(options.divergence, options.ab_alpha, options.ab_beta),
+            NORM=kd_kernels.NORMS[options.logit_norm], HAS_KD=options.alpha > 0 or parts,
+            HAS_CE=target is not None and (options.alpha < 1 or parts), HAS_TARGET=target is not None,
             NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad or phase == "grad", T_SQUARED=options.temperature_squared,
             HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None, ENSEMBLE=n_teachers > 1,
             K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, SLOTS=slots,
-            VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], num_warps=num_warps,
+            VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], SOFTCAP=options.softcap is not None,
+            RETURN_PARTS=parts, num_warps=num_warps,
             **({} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge)}),
         )  # fmt: skip
 
 
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:  # the kernels do not write the parts yet
+    if not kernels_cover(options, kd_math.DIVERGENCES, softcap=True):  # DKD
         return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     if student.numel() == 0:
         out.rows.zero_()
+        out.parts.zero_()
         return
     _kd_launch(student, teacher, target, options, out, "fused")
 
@@ -169,7 +176,7 @@ def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options, kd_math.DIVERGENCES) or options.return_parts:
+    if not kernels_cover(options, kd_math.TOPK_DIVERGENCES) or options.return_parts:
         return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     n_rows, n_cols = student.shape
     if student.numel() == 0:
