@@ -130,7 +130,7 @@ def test_split_rule():
     assert not _ops.kd_split(triton_backend, s, t.expand(2, 2, 5000), None, options, False, True)
     assert not _ops.kd_split(triton_backend, s, (s[:, :4].long(), s[:, :4]), None, options, False, True)
     assert not _ops.kd_split(triton_backend, s, t, None, KDOptions(return_parts=True), False, True)
-    assert not _ops.kd_split(triton_backend, s, t, None, KDOptions(divergence="tvd"), False, True)
+    assert not _ops.kd_split(triton_backend, s, t, None, KDOptions(divergence="dkd"), False, True)
     assert not _ops.kd_split(triton_backend, s[:, :4096], t[..., :4096], None, options, False, True)
     assert not _ops.kd_split(torch_backend, s, t, None, options, False, True)
 
