@@ -22,80 +22,82 @@ void calibration_kernel(const at::Tensor& logits, const Target& target, int64_t 
   std::vector<acc_t> ra(N), rb(N), rc(N);
   std::vector<int8_t> rok(N);
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(C), [&](const auto& blocks) {
     std::vector<acc_t> xbuf(same && !log_input ? 0 : C), lbuf(log_input ? C : 0), ebuf(mode == NEWTON ? C : 0);
     const V_ zero(acc_t(0));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t y = target[i];
-      if (y == ignore_index) {
-        rok[i] = -1;
-        continue;
-      }
-      const acc_t* raw = as_acc(xp + i * sx, C, xbuf.data());
-      const acc_t* x = raw;
-      if (log_input) {  // probabilities read as logits log p
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store(vlog(load0(raw + j, n)), lbuf.data() + j, n); });
-        x = lbuf.data();
-      }
-      const bool y_ok = y >= 0 && y < C;
-      const acc_t m = row_max(x, C);
-      if (mode == NEWTON) {
+    blocks([&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t y = target[i];
+        if (y == ignore_index) {
+          rok[i] = -1;
+          continue;
+        }
+        const acc_t* raw = as_acc(xp + i * sx, C, xbuf.data());
+        const acc_t* x = raw;
+        if (log_input) {  // probabilities read as logits log p
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store(vlog(load0(raw + j, n)), lbuf.data() + j, n); });
+          x = lbuf.data();
+        }
+        const bool y_ok = y >= 0 && y < C;
+        const acc_t m = row_max(x, C);
+        if (mode == NEWTON) {
+          const acc_t u = temp.inverse(i);
+          const V_ vm(m), vu(u);
+          acc_t* e = ebuf.data();
+          V_ dsum(acc_t(0)), s1(acc_t(0));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V_ xs = load(x + j, n) - vm;
+            V_ ej = vexp(xs * vu);
+            store(ej, e + j, n);
+            dsum += ej;
+            s1 += Ops::select(Ops::is_zero(ej), zero, ej * xs);
+          });
+          const acc_t d = hsum(dsum), mean = hsum(s1) / d;
+          const V_ vmean(mean);
+          V_ s2(acc_t(0));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V_ ej = V_::loadu(e + j, n);
+            V_ dev = load(x + j, n) - vm - vmean;
+            s2 += Ops::select(Ops::is_zero(ej), zero, ej * dev * dev);
+          });
+          const acc_t xs_y = y_ok ? x[y] - m : nan_of<acc_t>();
+          ra[i] = std::log(d) - xs_y * u;
+          rb[i] = mean - xs_y;
+          rc[i] = hsum(s2) / d;
+          rok[i] = 0;
+          continue;
+        }
+        if (probs) {  // the rows are p at T = 1
+          V_ sq(acc_t(0));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V_ p = load0(x + j, n);
+            sq += p * p;
+          });
+          const acc_t s2 = hsum(sq);
+          const acc_t p_y = y_ok ? x[y] : nan_of<acc_t>();
+          ra[i] = -std::log(p_y);
+          rb[i] = s2 - 2 * p_y + 1;
+          rc[i] = s2 != s2 ? nan_of<acc_t>() : m;
+          rok[i] = first_index_of_max(raw, C, row_max(raw, C), s2 != s2) == y;
+          continue;
+        }
         const acc_t u = temp.inverse(i);
         const V_ vm(m), vu(u);
-        acc_t* e = ebuf.data();
-        V_ dsum(acc_t(0)), s1(acc_t(0));
+        V_ dsum(acc_t(0)), d2sum(acc_t(0));
         for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V_ xs = load(x + j, n) - vm;
-          V_ ej = vexp(xs * vu);
-          store(ej, e + j, n);
+          V_ ej = vexp((load(x + j, n) - vm) * vu);
           dsum += ej;
-          s1 += Ops::select(Ops::is_zero(ej), zero, ej * xs);
+          d2sum += ej * ej;
         });
-        const acc_t d = hsum(dsum), mean = hsum(s1) / d;
-        const V_ vmean(mean);
-        V_ s2(acc_t(0));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V_ ej = V_::loadu(e + j, n);
-          V_ dev = load(x + j, n) - vm - vmean;
-          s2 += Ops::select(Ops::is_zero(ej), zero, ej * dev * dev);
-        });
-        const acc_t xs_y = y_ok ? x[y] - m : nan_of<acc_t>();
-        ra[i] = std::log(d) - xs_y * u;
-        rb[i] = mean - xs_y;
-        rc[i] = hsum(s2) / d;
-        rok[i] = 0;
-        continue;
+        const acc_t d = hsum(dsum), d2 = hsum(d2sum);
+        const acc_t z_y = y_ok ? (x[y] - m) * u : nan_of<acc_t>();
+        const acc_t p_y = std::exp(z_y) / d;
+        ra[i] = std::log(d) - z_y;
+        rb[i] = d2 / (d * d) - 2 * p_y + 1;
+        rc[i] = acc_t(1) / d;
+        rok[i] = first_index_of_max(raw, C, log_input ? row_max(raw, C) : m, d != d) == y;
       }
-      if (probs) {  // the rows are p at T = 1
-        V_ sq(acc_t(0));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V_ p = load0(x + j, n);
-          sq += p * p;
-        });
-        const acc_t s2 = hsum(sq);
-        const acc_t p_y = y_ok ? x[y] : nan_of<acc_t>();
-        ra[i] = -std::log(p_y);
-        rb[i] = s2 - 2 * p_y + 1;
-        rc[i] = s2 != s2 ? nan_of<acc_t>() : m;
-        rok[i] = first_index_of_max(raw, C, row_max(raw, C), s2 != s2) == y;
-        continue;
-      }
-      const acc_t u = temp.inverse(i);
-      const V_ vm(m), vu(u);
-      V_ dsum(acc_t(0)), d2sum(acc_t(0));
-      for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-        V_ ej = vexp((load(x + j, n) - vm) * vu);
-        dsum += ej;
-        d2sum += ej * ej;
-      });
-      const acc_t d = hsum(dsum), d2 = hsum(d2sum);
-      const acc_t z_y = y_ok ? (x[y] - m) * u : nan_of<acc_t>();
-      const acc_t p_y = std::exp(z_y) / d;
-      ra[i] = std::log(d) - z_y;
-      rb[i] = d2 / (d * d) - 2 * p_y + 1;
-      rc[i] = acc_t(1) / d;
-      rok[i] = first_index_of_max(raw, C, log_input ? row_max(raw, C) : m, d != d) == y;
-    }
+    });
   });
   // float64 sums in row order
   double* s = sums.data_ptr<double>();

@@ -31,6 +31,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -247,7 +248,27 @@ C10_ALWAYS_INLINE Vec<T> vpow(Vec<T> e, int p) {
   return r;
 }
 
-// Rows per task of at::parallel_for: about 32k entries, at least one row.
+// The rows [0, n) over the threads of at::parallel_for, in blocks of ``grain`` rows that the threads take
+// in turn from a shared counter: a thread that the OS deschedules (a machine shared with other work)
+// holds up one block, where at::parallel_for's fixed split would leave its whole share waiting. body(blocks)
+// runs once per thread (its row buffers set up there); blocks(f) calls f(begin, end) for each block the
+// thread takes. Every kernel writes per-row results, so the order the blocks run in changes nothing.
+template <typename Body>
+inline void parallel_rows(int64_t n, int64_t grain, const Body& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body([&](const auto& f) { f(int64_t(0), n); });
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    body([&](const auto& f) {
+      for (int64_t b = next.fetch_add(grain); b < n; b = next.fetch_add(grain)) f(b, std::min(b + grain, n));
+    });
+  });
+}
+
+// Rows per block of parallel_rows: about 32k entries, at least one row.
 inline int64_t grain(int64_t V, int64_t per_entry = 1) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(V * per_entry, 1));
 }

@@ -20,64 +20,66 @@ void fidelity_kernel(const at::Tensor& student, const at::Tensor& teacher, const
   std::vector<acc_t> rkl(N);
   std::vector<int8_t> ragree(N);
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, N, grain(C, 1 + K), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(C, 1 + K), [&](const auto& blocks) {
     std::vector<acc_t> sbuf(same ? 0 : C), tbuf(same ? 0 : K * C), ebuf(K > 1 ? (K + 1) * C : 0);
     std::vector<const acc_t*> t(K);
     std::vector<acc_t> mt(K), inv_dt(K);
     const V_ zero(acc_t(0));
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* s = as_acc(sp + i * ss, C, sbuf.data());
-      for (int64_t k = 0; k < K; ++k) t[k] = as_acc(tp + k * st0 + i * st1, C, tbuf.data() + k * C);
-      const acc_t u = temp.inverse(i);
-      const V_ vu(u);
-      const acc_t ms = row_max(s, C);
-      const V_ vms(ms);
-      if (K == 1) {
-        mt[0] = row_max(t[0], C);
-        const V_ vmt(mt[0]);
-        V_ ds(acc_t(0)), dt(acc_t(0)), e(acc_t(0));
+    blocks([&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* s = as_acc(sp + i * ss, C, sbuf.data());
+        for (int64_t k = 0; k < K; ++k) t[k] = as_acc(tp + k * st0 + i * st1, C, tbuf.data() + k * C);
+        const acc_t u = temp.inverse(i);
+        const V_ vu(u);
+        const acc_t ms = row_max(s, C);
+        const V_ vms(ms);
+        if (K == 1) {
+          mt[0] = row_max(t[0], C);
+          const V_ vmt(mt[0]);
+          V_ ds(acc_t(0)), dt(acc_t(0)), e(acc_t(0));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V_ us = (load(s + j, n) - vms) * vu, ut = (load(t[0] + j, n) - vmt) * vu;
+            V_ es = vexp(us), et = vexp(ut);
+            ds += es;
+            dt += et;
+            e += Ops::select(Ops::is_zero(et), zero, et * (ut - us));
+          });
+          const acc_t d_s = hsum(ds), d_t = hsum(dt);
+          rkl[i] = hsum(e) / d_t - (std::log(d_t) - std::log(d_s));
+          const bool nan_row = rkl[i] != rkl[i];
+          ragree[i] = first_index_of_max(s, C, ms, nan_row) == first_index_of_max(t[0], C, mt[0], nan_row);
+          continue;
+        }
+        acc_t* lp = ebuf.data() + K * C;
+        V_ ds(acc_t(0));
+        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { ds += vexp((load(s + j, n) - vms) * vu); });
+        const acc_t ln_ds = std::log(hsum(ds));
+        for (int64_t k = 0; k < K; ++k) {
+          mt[k] = row_max(t[k], C);
+          const V_ vmt(mt[k]);
+          acc_t* ek = ebuf.data() + k * C;
+          V_ dt(acc_t(0));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V_ et = vexp((load(t[k] + j, n) - vmt) * vu);
+            store(et, ek + j, n);
+            dt += et;
+          });
+          inv_dt[k] = acc_t(1) / (hsum(dt) * acc_t(K));
+        }
+        const V_ vln_ds(ln_ds);
+        V_ total(acc_t(0));
         for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V_ us = (load(s + j, n) - vms) * vu, ut = (load(t[0] + j, n) - vmt) * vu;
-          V_ es = vexp(us), et = vexp(ut);
-          ds += es;
-          dt += et;
-          e += Ops::select(Ops::is_zero(et), zero, et * (ut - us));
+          V_ p(acc_t(0));
+          for (int64_t k = 0; k < K; ++k) p += V_::loadu(ebuf.data() + k * C + j, n) * V_(inv_dt[k]);
+          V_ lpj = vlog(p);
+          store(lpj, lp + j, n);
+          total += kl_term<Ops>(p, lpj, (load(s + j, n) - vms) * vu - vln_ds);
         });
-        const acc_t d_s = hsum(ds), d_t = hsum(dt);
-        rkl[i] = hsum(e) / d_t - (std::log(d_t) - std::log(d_s));
+        rkl[i] = hsum(total);
         const bool nan_row = rkl[i] != rkl[i];
-        ragree[i] = first_index_of_max(s, C, ms, nan_row) == first_index_of_max(t[0], C, mt[0], nan_row);
-        continue;
+        ragree[i] = first_index_of_max(s, C, ms, nan_row) == first_index_of_max(lp, C, row_max(lp, C), nan_row);
       }
-      acc_t* lp = ebuf.data() + K * C;
-      V_ ds(acc_t(0));
-      for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { ds += vexp((load(s + j, n) - vms) * vu); });
-      const acc_t ln_ds = std::log(hsum(ds));
-      for (int64_t k = 0; k < K; ++k) {
-        mt[k] = row_max(t[k], C);
-        const V_ vmt(mt[k]);
-        acc_t* ek = ebuf.data() + k * C;
-        V_ dt(acc_t(0));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V_ et = vexp((load(t[k] + j, n) - vmt) * vu);
-          store(et, ek + j, n);
-          dt += et;
-        });
-        inv_dt[k] = acc_t(1) / (hsum(dt) * acc_t(K));
-      }
-      const V_ vln_ds(ln_ds);
-      V_ total(acc_t(0));
-      for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-        V_ p(acc_t(0));
-        for (int64_t k = 0; k < K; ++k) p += V_::loadu(ebuf.data() + k * C + j, n) * V_(inv_dt[k]);
-        V_ lpj = vlog(p);
-        store(lpj, lp + j, n);
-        total += kl_term<Ops>(p, lpj, (load(s + j, n) - vms) * vu - vln_ds);
-      });
-      rkl[i] = hsum(total);
-      const bool nan_row = rkl[i] != rkl[i];
-      ragree[i] = first_index_of_max(s, C, ms, nan_row) == first_index_of_max(lp, C, row_max(lp, C), nan_row);
-    }
+    });
   });
   int64_t a = 0;
   double total = 0.0;

@@ -317,50 +317,52 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
   const int64_t sg = P.need_grad ? grad.stride(0) : 0;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const int64_t nbuf = 3 + K;
-  at::parallel_for(0, N, grain(V, 1 + K), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(V, 1 + K), [&](const auto& blocks) {
     const bool cap = P.softcap > acc_t(0);  // the capped rows live in xbuf and tbuf
     std::vector<acc_t> work(nbuf * V), xbuf(same && !cap ? 0 : V), tbuf((same && !cap) || !P.has_kd ? 0 : K * V),
         gbuf(same ? 0 : V);
     std::vector<const acc_t*> trows(K);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t y = target.present() ? target[i] : -1;
-      if (target.present() && y == P.ignore_index) {
-        rp[i] = acc_t(0);
-        if (pp) pp[i] = pp[N + i] = acc_t(0);
-        if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, scalar_t(0));
-        continue;
-      }
-      const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
-      if (cap) {
-        if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
-        soft_cap_row(xbuf.data(), V, P.softcap);
-        x = xbuf.data();
-      }
-      if (P.has_kd) {
-        for (int64_t k = 0; k < K; ++k) {
-          acc_t* buf = tbuf.data() + k * V;
-          trows[k] = as_acc(tp + k * st0 + i * st1, V, buf);
-          if (cap) {
-            if (trows[k] != buf) std::copy(trows[k], trows[k] + V, buf);
-            soft_cap_row(buf, V, P.softcap);
-            trows[k] = buf;
+    blocks([&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t y = target.present() ? target[i] : -1;
+        if (target.present() && y == P.ignore_index) {
+          rp[i] = acc_t(0);
+          if (pp) pp[i] = pp[N + i] = acc_t(0);
+          if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, scalar_t(0));
+          continue;
+        }
+        const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
+        if (cap) {
+          if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
+          soft_cap_row(xbuf.data(), V, P.softcap);
+          x = xbuf.data();
+        }
+        if (P.has_kd) {
+          for (int64_t k = 0; k < K; ++k) {
+            acc_t* buf = tbuf.data() + k * V;
+            trows[k] = as_acc(tp + k * st0 + i * st1, V, buf);
+            if (cap) {
+              if (trows[k] != buf) std::copy(trows[k], trows[k] + V, buf);
+              soft_cap_row(buf, V, P.softcap);
+              trows[k] = buf;
+            }
           }
         }
+        acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
+        acc_t kd, ce;
+        kd_row(P, x, trows.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), P.need_grad ? g : nullptr,
+               work.data(), &kd, &ce);
+        rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
+        if (pp) {
+          pp[i] = kd * P.scale;
+          pp[N + i] = ce * P.scale;
+        }
+        if (P.need_grad) {
+          if (cap) soft_cap_row_grad(g, x, V, P.softcap);
+          finish_out(g, gp + i * sg, V);
+        }
       }
-      acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
-      acc_t kd, ce;
-      kd_row(P, x, trows.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), P.need_grad ? g : nullptr,
-             work.data(), &kd, &ce);
-      rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
-      if (pp) {
-        pp[i] = kd * P.scale;
-        pp[N + i] = ce * P.scale;
-      }
-      if (P.need_grad) {
-        if (cap) soft_cap_row_grad(g, x, V, P.softcap);
-        finish_out(g, gp + i * sg, V);
-      }
-    }
+    });
   });
 }
 
@@ -445,17 +447,19 @@ void scale_grad_(at::Tensor grad, const at::Tensor& grad_output) {
     if (one_value && gop[0] == acc_t(1)) return;
     scalar_t* gp = grad.data_ptr<scalar_t>();
     const int64_t sg = grad.stride(0);
-    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+    parallel_rows(N, grain(V), [&](const auto& blocks) {
       std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : V);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t f = one_value ? gop[0] : gop[i];
-        if (f == acc_t(1)) continue;
-        acc_t* row = acc_out(gp + i * sg, buf.data());
-        const acc_t* src = as_acc(gp + i * sg, V, buf.data());
-        const Vec<acc_t> vf(f);
-        for_each_vec<acc_t>(V, [&](int64_t j, int64_t n) { store(Vec<acc_t>::loadu(src + j, n) * vf, row + j, n); });
-        finish_out(row, gp + i * sg, V);
-      }
+      blocks([&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const acc_t f = one_value ? gop[0] : gop[i];
+          if (f == acc_t(1)) continue;
+          acc_t* row = acc_out(gp + i * sg, buf.data());
+          const acc_t* src = as_acc(gp + i * sg, V, buf.data());
+          const Vec<acc_t> vf(f);
+          for_each_vec<acc_t>(V, [&](int64_t j, int64_t n) { store(Vec<acc_t>::loadu(src + j, n) * vf, row + j, n); });
+          finish_out(row, gp + i * sg, V);
+        }
+      });
     });
   });
 }

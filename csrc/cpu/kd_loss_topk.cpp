@@ -169,44 +169,46 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "fastkd_cpu::topk_values", [&] {
     using value_t = scalar_t;
     const value_t* vp = values.data_ptr<value_t>();
-    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+    parallel_rows(N, grain(V), [&](const auto& blocks) {
       const bool cap = P.softcap > acc_t(0);  // the capped row lives in xbuf
       std::vector<acc_t> work(2 * V), xbuf(same && !cap ? 0 : V), gbuf(same ? 0 : V), small(4 * k + 3), vbuf(k);
       std::vector<int64_t> ibuf(k);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t y = target.present() ? target[i] : -1;
-        if (target.present() && y == P.ignore_index) {
-          rp[i] = acc_t(0);
-          if (pp) pp[i] = pp[N + i] = acc_t(0);
-          if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, x_t(0));
-          continue;
+      blocks([&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t y = target.present() ? target[i] : -1;
+          if (target.present() && y == P.ignore_index) {
+            rp[i] = acc_t(0);
+            if (pp) pp[i] = pp[N + i] = acc_t(0);
+            if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, x_t(0));
+            continue;
+          }
+          for (int64_t c = 0; c < k; ++c) {
+            ibuf[c] = idx64 ? static_cast<const int64_t*>(ip)[i * si + c * sic]
+                            : int64_t(static_cast<const int32_t*>(ip)[i * si + c * sic]);
+            vbuf[c] = acc_t(vp[i * sv + c * svc]);
+          }
+          auto* grow = P.need_grad ? gp + i * sg : nullptr;
+          const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
+          if (cap) {
+            if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
+            soft_cap_row(xbuf.data(), V, P.softcap);
+            x = xbuf.data();
+          }
+          acc_t* g = P.need_grad ? acc_out(grow, gbuf.data()) : nullptr;
+          acc_t kd, ce;
+          topk_row(P, x, ibuf.data(), vbuf.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), g, work.data(),
+                   small.data(), &kd, &ce);
+          rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
+          if (pp) {
+            pp[i] = kd * P.scale;
+            pp[N + i] = ce * P.scale;
+          }
+          if (P.need_grad) {
+            if (cap) soft_cap_row_grad(g, x, V, P.softcap);
+            finish_out(g, grow, V);
+          }
         }
-        for (int64_t c = 0; c < k; ++c) {
-          ibuf[c] = idx64 ? static_cast<const int64_t*>(ip)[i * si + c * sic]
-                          : int64_t(static_cast<const int32_t*>(ip)[i * si + c * sic]);
-          vbuf[c] = acc_t(vp[i * sv + c * svc]);
-        }
-        auto* grow = P.need_grad ? gp + i * sg : nullptr;
-        const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
-        if (cap) {
-          if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
-          soft_cap_row(xbuf.data(), V, P.softcap);
-          x = xbuf.data();
-        }
-        acc_t* g = P.need_grad ? acc_out(grow, gbuf.data()) : nullptr;
-        acc_t kd, ce;
-        topk_row(P, x, ibuf.data(), vbuf.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), g, work.data(),
-                 small.data(), &kd, &ce);
-        rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
-        if (pp) {
-          pp[i] = kd * P.scale;
-          pp[N + i] = ce * P.scale;
-        }
-        if (P.need_grad) {
-          if (cap) soft_cap_row_grad(g, x, V, P.softcap);
-          finish_out(g, grow, V);
-        }
-      }
+      });
     });
   });
 }

@@ -18,37 +18,39 @@ void softmax_fwd_kernel(const at::Tensor& x, const Temperature<acc_t>& temp, boo
   scalar_t* yp = y.data_ptr<scalar_t>();
   float* sp = store_stats ? stats.data_ptr<float>() : nullptr;
   const int64_t sx = x.stride(0), sy = y.stride(0);
-  at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(C), [&](const auto& blocks) {
     std::vector<acc_t> in_buf(std::is_same_v<scalar_t, acc_t> ? 0 : C), out_buf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* row = as_acc(xp + i * sx, C, in_buf.data());
-      acc_t* out = acc_out(yp + i * sy, out_buf.data());
-      const acc_t k = temp.inverse(i);
-      acc_t m = row_max(row, C);
-      if (store_stats && std::is_same_v<acc_t, double> && std::isfinite(float(m))) {
-        m = acc_t(float(m));  // the shift the float32 stats record, so the backward's p is this one
+    blocks([&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* row = as_acc(xp + i * sx, C, in_buf.data());
+        acc_t* out = acc_out(yp + i * sy, out_buf.data());
+        const acc_t k = temp.inverse(i);
+        acc_t m = row_max(row, C);
+        if (store_stats && std::is_same_v<acc_t, double> && std::isfinite(float(m))) {
+          m = acc_t(float(m));  // the shift the float32 stats record, so the backward's p is this one
+        }
+        const V vm(m), vk(k);
+        V sum(acc_t(0));
+        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+          V e = vexp((load(row + j, n) - vm) * vk);
+          sum += e;
+          if (!log) store(e, out + j, n);
+        });
+        const acc_t d = hsum(sum), ln_d = std::log(d);
+        if (log) {
+          const V vl(ln_d);
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store((load(row + j, n) - vm) * vk - vl, out + j, n); });
+        } else {
+          const V inv(acc_t(1) / d);
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store(V::loadu(out + j, n) * inv, out + j, n); });
+        }
+        finish_out(out, yp + i * sy, C);
+        if (store_stats) {
+          sp[2 * i] = float(m);
+          sp[2 * i + 1] = float(ln_d);
+        }
       }
-      const V vm(m), vk(k);
-      V sum(acc_t(0));
-      for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-        V e = vexp((load(row + j, n) - vm) * vk);
-        sum += e;
-        if (!log) store(e, out + j, n);
-      });
-      const acc_t d = hsum(sum), ln_d = std::log(d);
-      if (log) {
-        const V vl(ln_d);
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store((load(row + j, n) - vm) * vk - vl, out + j, n); });
-      } else {
-        const V inv(acc_t(1) / d);
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store(V::loadu(out + j, n) * inv, out + j, n); });
-      }
-      finish_out(out, yp + i * sy, C);
-      if (store_stats) {
-        sp[2 * i] = float(m);
-        sp[2 * i + 1] = float(ln_d);
-      }
-    }
+    });
   });
 }
 
@@ -80,49 +82,51 @@ void softmax_bwd_kernel(const at::Tensor& grad, const at::Tensor& saved, const T
   const float* stp = need_dt ? stats.data_ptr<float>() : nullptr;
   const int64_t sg = grad.stride(0), ss = saved.stride(0), sdx = need_dx ? dx.stride(0) : 0;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(C), [&](const auto& blocks) {
     std::vector<acc_t> gbuf(same ? 0 : C), sbuf(same ? 0 : C), obuf(same ? 0 : C), pbuf(C);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* g = as_acc(gp + i * sg, C, gbuf.data());
-      const acc_t* s = as_acc(sp + i * ss, C, sbuf.data());
-      acc_t* out = need_dx ? acc_out(dxp + i * sdx, obuf.data()) : nullptr;
-      acc_t* p = pbuf.data();
-      const acc_t k = temp.inverse(i);
-      const V vk(k);
-      V c(acc_t(0));
-      if (!need_dt) {  // p from the output y
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V gj = load0(g + j, n);
-          V pj = log ? vexp(load(s + j, n)) : load0(s + j, n);
-          store(pj, p + j, n);
-          c += log ? gj : gj * pj;
-        });
-        const V vc(hsum(c));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          store(softmax_grad(log, load0(g + j, n), V::loadu(p + j, n), vc) * vk, out + j, n);
-        });
-      } else {  // p = e^(u - ln d), u = (x - m) k, from the logits and the forward's (m, ln d)
-        const V vm(static_cast<acc_t>(stp[2 * i])), vl(static_cast<acc_t>(stp[2 * i + 1]));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V gj = load0(g + j, n);
-          V pj = vexp((load(s + j, n) - vm) * vk - vl);
-          store(pj, p + j, n);
-          c += log ? gj : gj * pj;
-        });
-        const V vc(hsum(c));
-        V udu(acc_t(0));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V xj = load(s + j, n);
-          V du = softmax_grad(log, load0(g + j, n), V::loadu(p + j, n), vc);
-          if (need_dx) store(du * vk, out + j, n);
-          V u = (xj - vm) * vk;  // -inf entries (constants of T) and the padding lanes add nothing
-          udu += Ops::select(Ops::is_neg_inf(xj), V(acc_t(0)), u * du);
-        });
-        const acc_t m = acc_t(stp[2 * i]);
-        dtp[i] = m == neg_inf<acc_t>() ? NAN : float(-k * hsum(udu));  // all -inf: no distribution
+    blocks([&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* g = as_acc(gp + i * sg, C, gbuf.data());
+        const acc_t* s = as_acc(sp + i * ss, C, sbuf.data());
+        acc_t* out = need_dx ? acc_out(dxp + i * sdx, obuf.data()) : nullptr;
+        acc_t* p = pbuf.data();
+        const acc_t k = temp.inverse(i);
+        const V vk(k);
+        V c(acc_t(0));
+        if (!need_dt) {  // p from the output y
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V gj = load0(g + j, n);
+            V pj = log ? vexp(load(s + j, n)) : load0(s + j, n);
+            store(pj, p + j, n);
+            c += log ? gj : gj * pj;
+          });
+          const V vc(hsum(c));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            store(softmax_grad(log, load0(g + j, n), V::loadu(p + j, n), vc) * vk, out + j, n);
+          });
+        } else {  // p = e^(u - ln d), u = (x - m) k, from the logits and the forward's (m, ln d)
+          const V vm(static_cast<acc_t>(stp[2 * i])), vl(static_cast<acc_t>(stp[2 * i + 1]));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V gj = load0(g + j, n);
+            V pj = vexp((load(s + j, n) - vm) * vk - vl);
+            store(pj, p + j, n);
+            c += log ? gj : gj * pj;
+          });
+          const V vc(hsum(c));
+          V udu(acc_t(0));
+          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            V xj = load(s + j, n);
+            V du = softmax_grad(log, load0(g + j, n), V::loadu(p + j, n), vc);
+            if (need_dx) store(du * vk, out + j, n);
+            V u = (xj - vm) * vk;  // -inf entries (constants of T) and the padding lanes add nothing
+            udu += Ops::select(Ops::is_neg_inf(xj), V(acc_t(0)), u * du);
+          });
+          const acc_t m = acc_t(stp[2 * i]);
+          dtp[i] = m == neg_inf<acc_t>() ? NAN : float(-k * hsum(udu));  // all -inf: no distribution
+        }
+        if (need_dx) finish_out(out, dxp + i * sdx, C);
       }
-      if (need_dx) finish_out(out, dxp + i * sdx, C);
-    }
+    });
   });
 }
 
