@@ -194,6 +194,26 @@ inline acc_t* acc_out(scalar_t* out, acc_t* buf) {
   }
 }
 
+// A row's loss alpha KD + (1 - alpha) CE and, when parts is not null ((2, N)), its KD and CE parts, each times
+// the reduction's scale.
+template <typename acc_t>
+inline void store_row_loss(int64_t i, int64_t N, acc_t* rows, acc_t* parts, acc_t alpha, acc_t kd, acc_t ce, acc_t scale) {
+  rows[i] = total_loss(alpha, kd, ce) * scale;
+  if (parts) {
+    parts[i] = kd * scale;
+    parts[N + i] = ce * scale;
+  }
+}
+
+// A row whose target is the ignore_index: loss 0, the KD and CE parts 0 (parts: (2, N) or null), gradient row 0
+// (grad_row: null when no gradient is written).
+template <typename acc_t, typename scalar_t>
+inline void ignore_row(int64_t i, int64_t N, acc_t* rows, acc_t* parts, scalar_t* grad_row, int64_t V) {
+  rows[i] = acc_t(0);
+  if (parts) parts[i] = parts[N + i] = acc_t(0);
+  if (grad_row) std::fill(grad_row, grad_row + V, scalar_t(0));
+}
+
 template <typename scalar_t, typename acc_t>
 inline void finish_out(const acc_t* buf, scalar_t* out, int64_t V) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buf, out, V);

@@ -326,37 +326,17 @@ void kd_loss_kernel(const KDParams<acc_t>& P, const at::Tensor& student, const a
       for (int64_t i = begin; i < end; ++i) {
         const int64_t y = target.present() ? target[i] : -1;
         if (target.present() && y == P.ignore_index) {
-          rp[i] = acc_t(0);
-          if (pp) pp[i] = pp[N + i] = acc_t(0);
-          if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, scalar_t(0));
+          ignore_row(i, N, rp, pp, P.need_grad ? gp + i * sg : nullptr, V);
           continue;
         }
-        const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
-        if (cap) {
-          if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
-          soft_cap_row(xbuf.data(), V, P.softcap);
-          x = xbuf.data();
-        }
-        if (P.has_kd) {
-          for (int64_t k = 0; k < K; ++k) {
-            acc_t* buf = tbuf.data() + k * V;
-            trows[k] = as_acc(tp + k * st0 + i * st1, V, buf);
-            if (cap) {
-              if (trows[k] != buf) std::copy(trows[k], trows[k] + V, buf);
-              soft_cap_row(buf, V, P.softcap);
-              trows[k] = buf;
-            }
-          }
-        }
+        const acc_t* x = capped_row(xp + i * sx, V, P.softcap, xbuf.data());
+        if (P.has_kd)
+          for (int64_t k = 0; k < K; ++k) trows[k] = capped_row(tp + k * st0 + i * st1, V, P.softcap, tbuf.data() + k * V);
         acc_t* g = P.need_grad ? acc_out(gp + i * sg, gbuf.data()) : work.data();
         acc_t kd, ce;
         kd_row(P, x, trows.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), P.need_grad ? g : nullptr,
                work.data(), &kd, &ce);
-        rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
-        if (pp) {
-          pp[i] = kd * P.scale;
-          pp[N + i] = ce * P.scale;
-        }
+        store_row_loss(i, N, rp, pp, P.alpha, kd, ce, P.scale);
         if (P.need_grad) {
           if (cap) soft_cap_row_grad(g, x, V, P.softcap);
           finish_out(g, gp + i * sg, V);

@@ -177,9 +177,7 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
         for (int64_t i = begin; i < end; ++i) {
           const int64_t y = target.present() ? target[i] : -1;
           if (target.present() && y == P.ignore_index) {
-            rp[i] = acc_t(0);
-            if (pp) pp[i] = pp[N + i] = acc_t(0);
-            if (P.need_grad) std::fill(gp + i * sg, gp + i * sg + V, x_t(0));
+            ignore_row(i, N, rp, pp, P.need_grad ? gp + i * sg : nullptr, V);
             continue;
           }
           for (int64_t c = 0; c < k; ++c) {
@@ -188,21 +186,12 @@ void topk_kernel(const TopkParams<acc_t>& P, const at::Tensor& student, const at
             vbuf[c] = acc_t(vp[i * sv + c * svc]);
           }
           auto* grow = P.need_grad ? gp + i * sg : nullptr;
-          const acc_t* x = as_acc(xp + i * sx, V, xbuf.data());
-          if (cap) {
-            if (x != xbuf.data()) std::copy(x, x + V, xbuf.data());
-            soft_cap_row(xbuf.data(), V, P.softcap);
-            x = xbuf.data();
-          }
+          const acc_t* x = capped_row(xp + i * sx, V, P.softcap, xbuf.data());
           acc_t* g = P.need_grad ? acc_out(grow, gbuf.data()) : nullptr;
           acc_t kd, ce;
           topk_row(P, x, ibuf.data(), vbuf.data(), y, temp.value(i), temp.inverse(i), ttemp.inverse(i), g, work.data(),
                    small.data(), &kd, &ce);
-          rp[i] = total_loss(P.alpha, kd, ce) * P.scale;
-          if (pp) {
-            pp[i] = kd * P.scale;
-            pp[N + i] = ce * P.scale;
-          }
+          store_row_loss(i, N, rp, pp, P.alpha, kd, ce, P.scale);
           if (P.need_grad) {
             if (cap) soft_cap_row_grad(g, x, V, P.softcap);
             finish_out(g, grow, V);

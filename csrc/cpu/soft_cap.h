@@ -19,6 +19,16 @@ inline void soft_cap_row(T* z, int64_t V, T cap) {
   });
 }
 
+// The row x as acc_t, soft-capped when cap > 0: the row itself (same type, no cap) or buf (V entries).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* capped_row(const scalar_t* x, int64_t V, acc_t cap, acc_t* buf) {
+  const acc_t* row = as_acc(x, V, buf);
+  if (!(cap > acc_t(0))) return row;
+  if (row != buf) std::copy(row, row + V, buf);
+  soft_cap_row(buf, V, cap);
+  return buf;
+}
+
 // dL/dz = dL/dz' (1 - (z' / cap)^2) from the capped row z', in place in g (0 at a masked class).
 template <typename T>
 inline void soft_cap_row_grad(T* g, const T* capped, int64_t V, T cap) {
