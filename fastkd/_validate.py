@@ -145,10 +145,11 @@ def check_target(
         )
     if target.device != logits.device:
         raise ValueError(f"{name} is on {target.device} but the logits are on {logits.device}")
-    if check_values:
+    if check_values and target.numel():
         n_classes = logits.shape[-1]
-        bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
-        if bool(bad.any()):
+        lowest, highest = torch.stack(target.masked_fill(target == ignore_index, 0).aminmax()).tolist()
+        if lowest < 0 or highest >= n_classes:  # one read, one sync; the message's index found only here
+            bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
             hint = ""
             if n_classes == 1:
                 hint = (f": the logits have a single class; for a binary classifier's one logit per row, pass "
@@ -223,10 +224,11 @@ def check_not_probs(logits: torch.Tensor, name: str, *, check_values: bool, fix:
     if not check_values or logits.dim() == 0 or logits.shape[-1] < 2 or logits.numel() == 0:
         return
     rows = logits.detach().reshape(-1, logits.shape[-1])[:PROBE_ROWS]
+    lowest, highest = torch.stack(rows.aminmax()).tolist()  # NaN: neither comparison holds, not probabilities
+    if not (lowest >= 0 and highest <= 1):
+        return
     tol = max(1e-3, 4 * torch.finfo(logits.dtype).eps)
-    unit = ((rows >= 0) & (rows <= 1)).all()
-    summing = ((rows.sum(-1, dtype=torch.float64) - 1).abs() <= tol).all()
-    if bool(unit & summing):
+    if bool(((rows.sum(-1, dtype=torch.float64) - 1).abs() <= tol).all()):
         raise ValueError(
             f"{name} look like probabilities, not logits: each of the first {rows.shape[0]} row(s) lies in [0, 1] "
             f"and sums to 1. {fix} (or validate_args=False if these really are logits)"
