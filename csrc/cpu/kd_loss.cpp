@@ -157,13 +157,14 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
       }
       kt[k] = r_t * inv_tt;
     }
-    // pass 2: the exps (the student's, CE's, and with ``online`` the teacher's and E_f)
-    const V_ vks(k_s), vmt(mt[0]), vkt(kt[0]);
+    // pass 2: the exps (the student's, CE's, and with ``online`` the teacher's and E_f), base 2 with log2(e)
+    // folded into the scales: e^(u_s) = 2^(w_s), w_s = (x - max x) k_s log2(e)
+    const V_ vks(k_s), vcs(k_s * T(LOG2E)), vmt(mt[0]), vkt(kt[0]), vct(kt[0] * T(LOG2E));
     V_ s_sum(T(0)), s1_sum(T(0)), t_sum(T(0)), ef(T(0));
     for_each_vec<T>(V, [&](int64_t j, int64_t n) {
       V_ z = load(x + j, n) - vmx;
-      V_ u = z * vks;
-      V_ e = vexp(u);
+      V_ w_s = z * vcs;
+      V_ e = vexp2(w_s);
       store(e, es + j, n);
       s_sum += e;
       if (ce_pow > 1) {
@@ -174,26 +175,26 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
         s1_sum += e_1;
       }
       if (online) {
-        V_ v = (load(t[0] + j, n) - vmt) * vkt;
-        V_ f = vexp(v);
+        V_ w_t = (load(t[0] + j, n) - vmt) * vct;
+        V_ f = vexp2(w_t);
         store(f, tb + j, n);
         t_sum += f;
-        ef += Ops::select(Ops::is_zero(f), zero, f * (v - u));
+        ef += Ops::select(Ops::is_zero(f), zero, f * (w_t - w_s));
       }
     });
     ds = hsum(s_sum);
     d1 = ce_pow == 1 ? ds : hsum(s1_sum);
     if (online) {
       dt[0] = hsum(t_sum);
-      D = hsum(ef) / dt[0] - std::log(dt[0]) + std::log(ds);
+      D = T(1 / LOG2E) * hsum(ef) / dt[0] - std::log(dt[0]) + std::log(ds);
       G = T(-1);
     } else {
       for (int64_t k = 0; k < K; ++k) {
-        const V_ vmtk(mt[k]), vktk(kt[k]);
+        const V_ vmtk(mt[k]), vctk(kt[k] * T(LOG2E));
         T* tk = tb + k * V;
         V_ tk_sum(T(0));
         for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-          V_ f = vexp((load(t[k] + j, n) - vmtk) * vktk);
+          V_ f = vexp2((load(t[k] + j, n) - vmtk) * vctk);
           store(f, tk + j, n);
           tk_sum += f;
         });
@@ -256,30 +257,32 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
 
   // pass 4: dL/dx = alpha c k_s (g - q G [through the normalization]) + (1 - alpha)(s - eps/V), one write
   const T gscale = P.scale_grad ? P.scale : T(1);
+  // The weights folded into each term's scale: one fma per term and entry.
   const T wc = w_ce * (T(1) - P.alpha) * gscale;
-  const V_ vwc(wc), inv_d1(T(1) / d1), off(P.eps / T(V));
+  const V_ ce_scale(wc / d1), ce_off(-wc * P.eps / T(V));
   auto with_ce = [&](const auto& kd) {
     if (!ce_grad) {
       write_grad(g, V, kd, [&](int64_t, int64_t) { return zero; });
     } else if (ce_pow > 0) {
       write_grad(g, V, kd, [&](int64_t j, int64_t n) {
-        return vwc * (vpow(V_::loadu(es + j, n), ce_pow) * inv_d1 - off);
+        return at::vec::fmadd(vpow(V_::loadu(es + j, n), ce_pow), ce_scale, ce_off);
       });
     } else {
-      write_grad(g, V, kd, [&](int64_t j, int64_t n) { return vwc * (V_::loadu(e1 + j, n) * inv_d1 - off); });
+      write_grad(g, V, kd, [&](int64_t j, int64_t n) { return at::vec::fmadd(V_::loadu(e1 + j, n), ce_scale, ce_off); });
     }
   };
-  const V_ w(kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale), inv_ds(T(1) / ds);
+  const T kd_w = kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale;
+  const V_ w(kd_w);
   if (!kd_grad) {
     with_ce([&](int64_t, int64_t) { return zero; });
   } else if (online) {
-    const V_ inv_dt(T(1) / dt[0]);
+    const V_ q_scale(kd_w / ds), p_scale(kd_w / dt[0]);
     with_ce([&](int64_t j, int64_t n) {
-      return w * (V_::loadu(es + j, n) * inv_ds - V_::loadu(tb + j, n) * inv_dt);
+      return at::vec::fmsub(V_::loadu(es + j, n), q_scale, V_::loadu(tb + j, n) * p_scale);
     });
   } else if (P.norm == NO_NORM) {
-    const V_ qG(G / ds);
-    with_ce([&](int64_t j, int64_t n) { return w * (V_::loadu(gb + j, n) - V_::loadu(es + j, n) * qG); });
+    const V_ qG(kd_w * G / ds);
+    with_ce([&](int64_t j, int64_t n) { return at::vec::fnmadd(V_::loadu(es + j, n), qG, V_::loadu(gb + j, n) * w); });
   } else {  // through the normalization: e - c W - mean(e - c W), 0 at -inf entries
     const V_ vmean(mean_y), qG(G / ds);
     V_ e_sum(T(0)), ec_sum(T(0)), c_sum(T(0));
