@@ -409,7 +409,8 @@ def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_sc
         if NORM != NO_NORM:
             live = x > float("-inf")
             g = tl.where(live, g - (x - mu) * w_norm - g_mean, 0.0)
-        grad = (kd_scale * k_s) * g
+        # kd_scale 0 (alpha = 0, with RETURN_PARTS): no KD term in the loss, none in the gradient, not 0 x inf
+        grad = tl.where(kd_scale != 0, (kd_scale * k_s) * g, 0.0)
     if HAS_CE:
         grad += ce_scale * ce_grad(x, hit, safe_max(m_s), l2d_1, ls_eps, n_cols)
     return soft_cap_grad(grad, x, cap, SOFTCAP), terms

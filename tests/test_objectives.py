@@ -236,6 +236,31 @@ def test_return_parts(backend, reduction, alpha):
         assert_close(x.grad, want_grad.double() / 2, torch.float32, scale=want_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("objective", ["ab_alpha_0", "reverse_kl"])
+def test_return_parts_of_an_infinite_divergence_at_alpha_0(backend, objective):
+    """return_parts=True with alpha=0 and a divergence that is infinite on these rows (the teacher has no
+    mass on a class where the student has some; reverse KL and the alpha-beta divergence with alpha = 0
+    weigh log(q / p) by q): the KD part is +inf, as in float64, and adds nothing to the loss or its
+    gradient, which are CE's, finite (no 0 x inf)."""
+    options = OBJECTIVES.get(objective, dict(divergence=objective))
+    student, teacher, target = logits(4, 33), logits(4, 33, seed=1), targets(4, 33)
+    teacher[:, 4] = -math.inf
+    x = student.clone().requires_grad_()
+    total, kd, ce = fastkd.kd_loss(x, teacher, target, alpha=0.0, temperature=2.0, reduction="none",
+                                   return_parts=True, backend=backend, **options)  # fmt: skip
+    xd = student.double().requires_grad_()
+    want = reference.kd_loss(xd, teacher.double(), target, alpha=0.0, temperature=2.0, reduction="none",
+                             return_parts=True, **options)  # fmt: skip
+    valid = target != -100
+    assert kd[valid].eq(math.inf).all() and want[1][valid].eq(math.inf).all() and not kd[~valid].any()
+    assert_close(total, want[0].detach(), torch.float32)
+    assert_close(ce, want[2].detach(), torch.float32)
+    total.sum().backward()
+    want[0].sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert_close(x.grad, xd.grad, torch.float32)
+
+
 def test_gradient_accumulation_with_a_normalizer(backend):
     """4 micro-batches each divided by normalizer = the step's rows not ignored (HF Trainer's
     num_items_in_batch) add up to the loss and gradient of one batch of all of them."""
