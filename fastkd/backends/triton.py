@@ -99,6 +99,8 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
         n_cols, vec, [x.stride(0) for x in (student, grad) if x.shape[0]] + [teacher.stride(1)],
         [teacher.stride(0)] if n_teachers > 1 else [], [x.data_ptr() for x in tensors],
     )  # fmt: skip
+    budget = {} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge,
+                                                                           options.divergence)}  # fmt: skip
     with on_device(student):
         kd_kernels.kd_loss_kernel[(triton.cdiv(n_rows, rows),)](
             student, teacher, target, out.rows, out.parts if parts else None, grad if need_grad else student, stats,
@@ -116,7 +118,7 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
             K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, SLOTS=slots,
             VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], SOFTCAP=options.softcap is not None,
             RETURN_PARTS=parts, num_warps=num_warps,
-            **({} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge)}),
+            **budget,
         )  # fmt: skip
 
 
