@@ -193,7 +193,8 @@ def kd_loss(
         return_parts: return (loss, KD part, CE part): the parts c D and CE reduced as the loss
             (loss = alpha KD + (1 - alpha) CE), both computed whatever alpha (CE needs a target; 0
             without one), from the same call, not differentiable (for logging: backpropagate the
-            loss).
+            loss). A part whose weight is 0 is reported as it is, +inf included (a divergence that is
+            infinite on these rows), and adds nothing to the loss or its gradient (no 0 x inf).
         inplace_grad: write the gradient into ``student_logits`` (saving N*V memory): the logits are
             overwritten, so use it only when nothing else needs them; they must be viewable as rows
             of unit column stride. Kernels only (the reference ignores it), and eager only: under

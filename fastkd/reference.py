@@ -164,6 +164,15 @@ def kd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: flo
     return ab_divergence(log_p, log_q, *ab)
 
 
+def _log_mass(log_x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log sum_j x_j over the entries ``keep`` marks (last dim, kept): -inf where they are all 0, with a
+    gradient of 0 there (logsumexp of a row of -inf alone would back-propagate NaN)."""
+    live = keep & (log_x != float("-inf"))  # NaN included
+    empty = ~live.any(-1, keepdim=True)
+    safe = torch.where(empty, 0.0, torch.where(live, log_x, float("-inf")))
+    return torch.where(empty, float("-inf"), torch.logsumexp(safe, -1, keepdim=True))
+
+
 def dkd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, target: torch.Tensor,
                    weights: tuple[float, float]) -> torch.Tensor:  # fmt: skip
     """Decoupled KD (Zhao et al., CVPR 2022) per row: w_t TCKD + w_n NCKD, with the target class y,
@@ -176,8 +185,7 @@ def dkd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, target: torch.Tenso
     indices (the caller masks the others)."""
     y = target.unsqueeze(-1)
     other = torch.ones_like(log_q, dtype=torch.bool).scatter(-1, y, False)
-    log_rest_p = torch.logsumexp(torch.where(other, log_p, float("-inf")), -1, keepdim=True)
-    log_rest_q = torch.logsumexp(torch.where(other, log_q, float("-inf")), -1, keepdim=True)
+    log_rest_p, log_rest_q = (_log_mass(log_x, other) for log_x in (log_p, log_q))
     binary_p = torch.cat([log_p.gather(-1, y), log_rest_p], -1)
     binary_q = torch.cat([log_q.gather(-1, y), log_rest_q], -1)
     tckd = _kl_terms(binary_p, binary_q).sum(-1)

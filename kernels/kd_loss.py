@@ -31,6 +31,30 @@ and for the others D'_j = g_j - q_j G, G = sum_k g_k, with g_j = dD/d(log q_j) t
 (the three forms of the alpha-beta divergence each a DIVERGENCE of its own, chosen on the host; (1, 0)
 is forward KL, (0, 1) reverse KL). Forward KL is g = -p, G = -1; reverse KL and JSD g = q h (times
 1 - beta), G = sum q h.
+
+DKD (Decoupled KD, Zhao et al. 2022; weights w_t, w_n) splits the row at its target y: with a = p_y,
+b = q_y, the other classes' masses A = sum_{j != y} p_j and B = sum_{j != y} q_j (summed over j != y,
+not 1 - a: no cancellation where a is near 1) and the conditionals p^_j = p_j / A, q^_j = q_j / B:
+    dkd   D = w_t TCKD + w_n NCKD,   TCKD = a log(a / b) + A log(A / B),
+          NCKD = sum_{j != y} p^_j log(p^_j / q^_j) = cross / A - log A + log B,
+          cross = sum_{j != y} p_j log(p_j / q_j)
+Its gradient: log b = u_y - lse(u) and log B = lse_{j != y}(u) - lse(u), so d log b/du_j = [j = y] - q_j
+and d log B/du_j = [j != y] q_j / B - q_j; with a + A = 1 = b + B,
+    dTCKD/du_j = -a ([j = y] - q_j) - A ([j != y] q_j / B - q_j) = kappa ([j = y] - q_j),
+                 kappa = A b / B - a   (at y: b - a = A b - a B = kappa B; off it: q_j (1 - A / B))
+and log q^_j = u_j - lse_{k != y}(u) gives dNCKD/du_j = [j != y] (q^_j - p^_j). So D'_j = g_j - q_j G
+as above, with g_j = w_n (q_j / B - p_j / A) off the target and g_y = G = w_t kappa (``kd_math.dkd_row``,
+``kd_math.dkd_grad``; row_math.h's dkd_row, the same). A = 0 (V = 1, or the teacher's mass all on y)
+has no non-target distribution: NCKD and its gradient are 0, as in the float64 reference. A, B and
+cross are the row-sums pass's sums over j != y (``divergence_tile`` gives DKD forward KL's terms and
+g = p), a and b its log2 p and log2 q at y: the pass and the bytes of JSD. A mass below float32's
+range (the target's logit ahead of every other class by more than about 87 T) is 0 there, as in the
+C++ and PyTorch backends, which sum the same float32 probabilities: A = 0 drops NCKD, B = 0 < A makes
+TCKD infinite, where the reference, in float64 and log space, stays finite.
+With logit_norm (c as below; sum' over j != y), from the same pass:
+    sum_j D'_j c_j = G c_y (1 - b) + (w_n / B - G) sum' q c - (w_n / A) sum' p c,
+    sum_j D'_j     = G (1 - b - B) + (w_n / B) B - (w_n / A) A   (0 in exact math, as every sum D').
+
 and, through the normalization (c_j = x_j - mean x over the n live entries; see ``_norm_factor``),
     dKD/dx_j = k_s (D'_j - c_j W - mean_k (D'_k - c_k W)),   W = r_s sum_k D'_k c_k / kappa
 (dKD/dx_j = k_s D'_j without it). The mean is 0 in exact math (sum D' = 0 = sum c); it is subtracted
@@ -61,7 +85,8 @@ JSD's log m = log(beta p + (1 - beta) q) needs both rows' final normalizers: sum
 of finitely many running sums (it is sum_j e^(u_j) phi(rho e^(v_j - u_j)) with phi nonlinear in the
 ratio rho = d_s / d_t known only at the row's end), so JSD keeps a pass for it, as do skew KL, skew
 reverse KL, TVD and the alpha-beta divergence for their loss and G (log m, sign(q - p), p^a q^b: each a
-nonlinear function of both normalized rows); so do ensembles, whose log p = log mean_k p_k needs every
+nonlinear function of both normalized rows), as does DKD (its sums over j != y, and each q, p); so
+do ensembles, whose log p = log mean_k p_k needs every
 member's normalizer first.
 
 **Passes** over a row wider than ``MAX_ONE_BLOCK`` (read in column blocks; a narrower row is read once,
@@ -70,12 +95,13 @@ student and teacher] -> the log-sum-exps of student (at T and at 1), teacher or 
 the online sums above -> [every divergence but forward and reverse KL; ensembles with reverse KL or
 ``logit_norm``: the row sums and the loss] -> the gradient (and the loss of an ensemble's forward KL).
 In bytes per entry, bf16 student and one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD, skew KL,
-skew reverse KL, TVD and alpha-beta 14, with ``logit_norm`` 4 more; the minimum (read both, write the
-gradient) is 6. Soft-capping re-caps each entry at each read (a tanh per entry and pass, no bytes);
-``return_parts`` adds 8 bytes a row. Exps per entry and pass after the log-sum-exps (row_math.h counts
-the C++ kernels'): 2 (q, p), plus 2 for JSD and the skew divergences (log m's exp2 and log2, and for
-the skew divergences one more for p q / m or q / m), 2 or 3 for the alpha-beta divergence. The split moves the last pass to the backward, where dL/dloss
-is known: the same bytes, with no read-modify-write of the gradient when dL/dloss != 1.
+skew reverse KL, TVD, alpha-beta and DKD 14, with ``logit_norm`` 4 more; the minimum (read both, write
+the gradient) is 6. Soft-capping re-caps each entry at each read (a tanh per entry and pass, no
+bytes); ``return_parts`` adds 8 bytes a row. Exps per entry and pass after the log-sum-exps (row_math.h
+counts the C++ kernels'): 2 (q, p), plus 2 for JSD and the skew divergences (log m's exp2 and log2,
+and for the skew divergences one more for p q / m or q / m), 2 or 3 for the alpha-beta divergence,
+none for DKD. The split moves the last pass to the backward, where dL/dloss is known: the same bytes,
+with no read-modify-write of the gradient when dL/dloss != 1.
 
 **Column blocks.** Each step of a pass reads a [ROWS, BLOCK] tile in 16-byte vectors and keeps its
 running values per slot, the VEC entries one thread holds (``reductions.slots``): the steps have no
@@ -96,12 +122,15 @@ import triton
 import triton.language as tl
 
 from fastkd.kernels.kd_math import (
+    DKD,
     FORWARD_KL,
     REVERSE_KL,
     ce_grad,
     ce_loss,
     divergence_grad,
     divergence_tile,
+    dkd_grad,
+    dkd_row,
     grad_factor,
     row_setup,
     soft_cap,
@@ -130,8 +159,9 @@ EPS = tl.constexpr(1e-7)  # fastkd.reference.NORM_EPS
 PHASES = {"fused": 0, "stats": 1, "grad": 2}  # the kernel's PHASE
 PHASE_FUSED, PHASE_STATS, PHASE_GRAD = (tl.constexpr(v) for v in PHASES.values())
 # The row statistics STATS writes and GRAD reads, fp32 each: student max, k_s, log2 d_s, log2 d_1;
-# teacher max, k_t, log2 d_t; sum q h (bits); mean x, W, mean_k (D'_k - c_k W) (logit_norm).
-N_STATS = 11
+# teacher max, k_t, log2 d_t; G (sum q h in bits for reverse KL); mean x, W, mean_k (D'_k - c_k W)
+# (logit_norm); DKD's w_n / A, w_n / B.
+N_STATS = 13
 STATS_WIDTH = tl.constexpr(N_STATS)  # the same, for the kernel
 
 MAX_ONE_BLOCK = 4096  # widest row held in registers by one program
@@ -142,7 +172,8 @@ LOOP_MAX_REGISTERS = 128
 # An ensemble with logit_norm at a width with an edge (rows not 16-byte aligned) spilled 24-40 bytes at 128
 # (V = 50257, K = 3) and 8 at 168 (JSD + spherical); with no budget (255) ptxas takes 200-207 registers and
 # spills nothing, at 2 blocks of 4 warps a SM (any budget over 170 gives 2). Rows read entry by entry
-# instead (ALIGN 0) spilled 232-304 bytes at 128 (tests/sm90_compile.py).
+# instead (ALIGN 0) spilled 232-304 bytes at 128 (tests/sm90_compile.py). DKD with an ensemble (its three
+# target accumulators more) spilled 8 bytes at 128 (50257, K = 3) and 16 with logit_norm (131072): the same.
 LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE = 255
 
 
@@ -348,44 +379,64 @@ def _teacher_log2_prob(t, t_ptr, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_t
 
 
 @triton.jit
-def _terms(acc, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr,
+def _terms(acc, x, l2p, mask, hit, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr,
            NORM: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
     """``acc`` ([ROWS, SLOTS] each) plus the row sums a tile adds once the log-sum-exps are known: the loss
     terms (in bits) and G = sum g (``divergence_tile``; sum q h in bits for reverse_kl and jsd), and with
     ``logit_norm`` the row sums of ``_norm_terms`` (sum D' c, sum q c, sum D', sum c, with D' c and D' as
-    g c and q for the divergences other than forward_kl)."""
-    q, p, terms, _h, g = divergence_tile((x - safe_max(m_s)) * ks2 - l2d_s, l2p, beta, ab_a, ab_b, DIVERGENCE)
-    qh = tl.where(mask, g, 0.0)
-    s_kd, s_qh, s_dc, s_qc, s_d, s_c = acc
-    s_kd += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
+    g c and q for the divergences other than forward_kl); the last three 0 but for DKD.
+
+    DKD (``hit``: the target's entry) sums its terms, g = p, p c, q c and q over j != y only, into the
+    same places (cross, A, sum p c, sum q c, B: ``dkd_row``, ``_dkd_norm_sums``), and takes log2 p_y,
+    log2 q_y and c_y at the target into the last three."""
+    l2q = (x - safe_max(m_s)) * ks2 - l2d_s
+    q, p, terms, _h, g = divergence_tile(l2q, l2p, beta, ab_a, ab_b, DIVERGENCE)
+    s_kd, s_qh, s_dc, s_qc, s_d, s_c, s_py, s_qy, s_cy = acc
+    keep = mask
+    if DIVERGENCE == DKD:
+        hit = hit & mask  # a masked lane of the edge may carry the target's index
+        keep = mask & ~hit
+        s_d += slot_sum(tl.where(keep, q, 0.0), SLOTS)
+        s_py += slot_sum(tl.where(hit, l2p, 0.0), SLOTS)
+        s_qy += slot_sum(tl.where(hit, l2q, 0.0), SLOTS)
+    qh = tl.where(keep, g, 0.0)
+    s_kd += slot_sum(tl.where(keep, terms, 0.0), SLOTS)
     s_qh += slot_sum(qh, SLOTS)
     if NORM != NO_NORM:
         c = tl.where(x > float("-inf"), x - mu, 0.0)
-        s_qc += slot_sum(q * c, SLOTS)
         s_c += slot_sum(c, SLOTS)
         if DIVERGENCE == FORWARD_KL:
+            s_qc += slot_sum(q * c, SLOTS)
             d = tl.where(mask, q - p, 0.0)
             s_d += slot_sum(d, SLOTS)
             s_dc += slot_sum(d * c, SLOTS)
+        elif DIVERGENCE == DKD:
+            s_qc += slot_sum(tl.where(keep, q * c, 0.0), SLOTS)
+            s_dc += slot_sum(qh * c, SLOTS)
+            s_cy += slot_sum(tl.where(hit, c, 0.0), SLOTS)
         else:
+            s_qc += slot_sum(q * c, SLOTS)
             s_d += slot_sum(tl.where(mask, q, 0.0), SLOTS)
             s_dc += slot_sum(qh * c, SLOTS)
-    return s_kd, s_qh, s_dc, s_qc, s_d, s_c
+    return s_kd, s_qh, s_dc, s_qc, s_d, s_c, s_py, s_qy, s_cy
 
 
 @triton.jit
 def _row_sums(acc):
     """The rows' sums of slot sums: [ROWS, SLOTS] -> [ROWS, 1] each."""
-    s_kd, s_qh, s_dc, s_qc, s_d, s_c = acc
+    s_kd, s_qh, s_dc, s_qc, s_d, s_c, s_py, s_qy, s_cy = acc
     return (tl.sum(s_kd, 1, keep_dims=True), tl.sum(s_qh, 1, keep_dims=True), tl.sum(s_dc, 1, keep_dims=True),
-            tl.sum(s_qc, 1, keep_dims=True), tl.sum(s_d, 1, keep_dims=True), tl.sum(s_c, 1, keep_dims=True))  # fmt: skip
+            tl.sum(s_qc, 1, keep_dims=True), tl.sum(s_d, 1, keep_dims=True), tl.sum(s_c, 1, keep_dims=True),
+            tl.sum(s_py, 1, keep_dims=True), tl.sum(s_qy, 1, keep_dims=True),
+            tl.sum(s_cy, 1, keep_dims=True))  # fmt: skip
 
 
 @triton.jit
 def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE: tl.constexpr):
     """(W, mean_k (D'_k - c_k W)) of the module doc from the row sums (G = sum g, ``divergence_tile``;
-    sum D' c and sum D' as sum g c and sum q but for forward_kl); W = 0 for a constant row (kappa = 0)."""
-    if DIVERGENCE != FORWARD_KL:  # D' = f (g - q G)
+    sum D' c and sum D' as sum g c and sum q but for forward_kl and dkd, which give them:
+    ``_dkd_norm_sums``); W = 0 for a constant row (kappa = 0)."""
+    if DIVERGENCE != FORWARD_KL and DIVERGENCE != DKD:  # D' = f (g - q G)
         f = grad_factor(beta, DIVERGENCE)
         dc_sum = f * (dc_sum - qh_sum * qc_sum)
         d_sum = f * qh_sum * (1.0 - d_sum)
@@ -394,22 +445,38 @@ def _norm_terms(r, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGE
 
 
 @triton.jit
-def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b,
-          ls_eps, n_cols, cap, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
+def _dkd_norm_sums(g_sum, w_a, w_b, l2q_y, c_y, big_a, big_b, pc_rest, qc_rest):
+    """DKD's sum_j D'_j c_j and sum_j D'_j (``_norm_terms``) from ``dkd_row``'s G, w_a, w_b, the target's
+    log2 q_y and c_y, and the sums over j != y of p (A), q (B), p c and q c: with b = q_y,
+        sum D' c = G c_y (1 - b) + (w_b - G) sum' q c - w_a sum' p c
+        sum D'   = G (1 - b - B) + w_b B - w_a A."""
+    b = tl.exp2(l2q_y)
+    return (g_sum * c_y * (1.0 - b) + (w_b - g_sum) * qc_rest - w_a * pc_rest,
+            g_sum * (1.0 - b - big_b) + w_b * big_b - w_a * big_a)  # fmt: skip
+
+
+@triton.jit
+def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean, kd_scale, ce_scale, beta,
+          ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
           HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
-    """dL/dx of a tile given the row statistics ([ROWS, 1]), kd_scale = alpha c times the gradient's
-    scale, ce_scale = (1 - alpha) times it, and ``hit``, the entry of the target; and the tile's loss
-    terms (bits). With SOFTCAP, x is the capped tile and dL/dx is taken wrt the raw logits."""
+    """dL/dx of a tile given the row statistics ([ROWS, 1]; w_a and w_b DKD's, ``dkd_row``), kd_scale =
+    alpha c times the gradient's scale, ce_scale = (1 - alpha) times it, and ``hit``, the entry of the
+    target; and the tile's loss terms (bits). With SOFTCAP, x is the capped tile and dL/dx is taken wrt
+    the raw logits."""
     grad = tl.zeros_like(x)
     terms = tl.zeros_like(x)
     if HAS_KD:
         q, p, terms, h, g = divergence_tile((x - safe_max(m_s)) * (k_s * LOG2E) - l2d_s, l2p, beta, ab_a, ab_b,
                                             DIVERGENCE)  # fmt: skip
-        g = divergence_grad(q, p, h, g, qh_sum, beta, DIVERGENCE)
+        if DIVERGENCE == DKD:
+            g = dkd_grad(q, p, hit, qh_sum, w_a, w_b)
+        else:
+            g = divergence_grad(q, p, h, g, qh_sum, beta, DIVERGENCE)
         if NORM != NO_NORM:
             live = x > float("-inf")
             g = tl.where(live, g - (x - mu) * w_norm - g_mean, 0.0)
-        grad = (kd_scale * k_s) * g
+        # kd_scale 0 (alpha = 0, with RETURN_PARTS): no KD term in the loss, none in the gradient, not 0 x inf
+        grad = tl.where(kd_scale != 0, (kd_scale * k_s) * g, 0.0)
     if HAS_CE:
         grad += ce_scale * ce_grad(x, hit, safe_max(m_s), l2d_1, ls_eps, n_cols)
     return soft_cap_grad(grad, x, cap, SOFTCAP), terms
@@ -433,7 +500,7 @@ def kd_loss_kernel(
     scale,
     alpha,
     beta,  # the mixture weight: JSD's beta, the skew divergences' skew
-    ab_a,  # the alpha-beta divergence's alpha and beta
+    ab_a,  # the alpha-beta divergence's alpha and beta; DKD's weights of TCKD and NCKD
     ab_b,
     ls_eps,  # label smoothing
     cap,  # the soft-capping's cap (SOFTCAP)
@@ -529,11 +596,14 @@ def kd_loss_kernel(
     kt2 = tl.zeros([ROWS, K_BLOCK], tl.float32)
     l2d_t = tl.zeros([ROWS, K_BLOCK], tl.float32)
     qh_sum = tl.zeros([ROWS, 1], tl.float32)
+    w_a = tl.zeros([ROWS, 1], tl.float32)  # DKD's w_n / A and w_n / B (dkd_row)
+    w_b = tl.zeros([ROWS, 1], tl.float32)
     mu = tl.zeros([ROWS, 1], tl.float32)
     w_norm = tl.zeros([ROWS, 1], tl.float32)
     g_mean = tl.zeros([ROWS, 1], tl.float32)
     kd = tl.zeros([ROWS, 1], tl.float32)  # the KD term (bits until the end)
     ce = tl.zeros([ROWS, 1], tl.float32)
+    y_body = tl.where((y >= head) & (y < head + n_body), y - head, -1).to(tl.int32)  # the target in the body
     if PHASE != PHASE_GRAD:
         # Pass 1 (logit_norm): the statistics of the student and each teacher.
         n = tl.zeros([ROWS, 1], tl.float32)
@@ -628,12 +698,12 @@ def kd_loss_kernel(
         # the row sums that need the log-sum-exps.
         if HAS_KD and (ROW_SUMS or (ENSEMBLE and (DIVERGENCE != FORWARD_KL or NORM != NO_NORM))):
             zero = tl.zeros([ROWS, SLOTS], tl.float32)
-            sums = (zero, zero, zero, zero, zero, zero)
+            sums = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
             if ONE_BLOCK:
                 l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
                                          cap, ENSEMBLE, SOFTCAP)  # fmt: skip
-                sums = _terms(sums, x_b, l2p, body_mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE, NORM,
-                              SLOTS)
+                sums = _terms(sums, x_b, l2p, body_mask, cols == y_body, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b,
+                              DIVERGENCE, NORM, SLOTS)  # fmt: skip
             else:
                 for start in range(0, n_cols, BLOCK):
                     mask = ok & (start + cols < n_body)
@@ -643,15 +713,24 @@ def kd_loss_kernel(
                         t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
                     l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers,
                                              stride_tk, cap, ENSEMBLE, SOFTCAP)  # fmt: skip
-                    sums = _terms(sums, x, l2p, mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE, NORM,
-                                  SLOTS)
+                    sums = _terms(sums, x, l2p, mask, cols == y_body - start, m_s, ks2, l2d_s, mu, beta, ab_a,
+                                  ab_b, DIVERGENCE, NORM, SLOTS)  # fmt: skip
             sums = _row_sums(sums)
             if EDGE:
                 l2p_e = _teacher_log2_prob(
                     t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, cap, ENSEMBLE, SOFTCAP
                 )
-                sums = _terms(sums, x_e, l2p_e, edge_mask, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b, DIVERGENCE, NORM, 1)
-            kd, qh_sum, dc_sum, qc_sum, d_sum, c_sum = sums
+                sums = _terms(sums, x_e, l2p_e, edge_mask, edge == y, m_s, ks2, l2d_s, mu, beta, ab_a, ab_b,
+                              DIVERGENCE, NORM, 1)  # fmt: skip
+            kd, qh_sum, dc_sum, qc_sum, d_sum, c_sum, l2p_y, l2q_y, c_y = sums
+            if DIVERGENCE == DKD:  # a target outside [0, V) (unchecked): a NaN row, as in the reference
+                big_a, big_b = qh_sum, d_sum
+                kd, qh_sum, w_a, w_b = dkd_row(l2p_y, l2q_y, big_a, big_b, kd, ab_a, ab_b)
+                in_range = (y >= 0) & (y < n_cols)
+                kd = tl.where(in_range, kd, float("nan"))
+                qh_sum = tl.where(in_range, qh_sum, float("nan"))
+                if NORM != NO_NORM:
+                    dc_sum, d_sum = _dkd_norm_sums(qh_sum, w_a, w_b, l2q_y, c_y, big_a, big_b, dc_sum, qc_sum)
             if NORM != NO_NORM:
                 w_norm, g_mean = _norm_terms(
                     r_s, kappa, n, qh_sum, dc_sum, qc_sum, d_sum, c_sum, beta, DIVERGENCE
@@ -671,6 +750,8 @@ def kd_loss_kernel(
             tl.store(stats + 8, mu, mask=ok)
             tl.store(stats + 9, w_norm, mask=ok)
             tl.store(stats + 10, g_mean, mask=ok)
+            tl.store(stats + 11, w_a, mask=ok)
+            tl.store(stats + 12, w_b, mask=ok)
     else:
         stats = STATS + rows64[:, None] * STATS_WIDTH
         m_s = tl.load(stats + 0, mask=ok, other=0.0)
@@ -684,6 +765,8 @@ def kd_loss_kernel(
         mu = tl.load(stats + 8, mask=ok, other=0.0)
         w_norm = tl.load(stats + 9, mask=ok, other=0.0)
         g_mean = tl.load(stats + 10, mask=ok, other=0.0)
+        w_a = tl.load(stats + 11, mask=ok, other=0.0)
+        w_b = tl.load(stats + 12, mask=ok, other=0.0)
         go = tl.load(GO + rows64 * stride_go, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         grad_scale = scale * go
 
@@ -694,14 +777,11 @@ def kd_loss_kernel(
         kd_scale = tl.where(valid, kd_weight * grad_scale, 0.0)
         ce_scale = tl.where(valid, ce_weight * grad_scale, 0.0)
         kd_acc = tl.zeros([ROWS, SLOTS], tl.float32)
-        y_body = tl.where((y >= head) & (y < head + n_body), y - head, -1).to(
-            tl.int32
-        )  # the target in the body
         if ONE_BLOCK:
             l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
                                      cap, ENSEMBLE, SOFTCAP)  # fmt: skip
-            grad, terms = _grad(x_b, l2p, cols == y_body, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
-                                ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
+            grad, terms = _grad(x_b, l2p, cols == y_body, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean,
+                                kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
                                 HAS_CE, SOFTCAP)  # fmt: skip
             kd_acc += slot_sum(tl.where(body_mask, terms, 0.0), SLOTS)
             if NEED_GRAD:
@@ -715,9 +795,9 @@ def kd_loss_kernel(
                     t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
                 l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
                                          cap, ENSEMBLE, SOFTCAP)  # fmt: skip
-                grad, terms = _grad(x, l2p, cols == y_body - start, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean,
-                                    kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
-                                HAS_CE, SOFTCAP)  # fmt: skip
+                grad, terms = _grad(x, l2p, cols == y_body - start, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu,
+                                    w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap,
+                                    DIVERGENCE, NORM, HAS_KD, HAS_CE, SOFTCAP)  # fmt: skip
                 kd_acc += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
                 if NEED_GRAD:
                     tl.store(
@@ -728,8 +808,8 @@ def kd_loss_kernel(
             l2p_e = _teacher_log2_prob(
                 t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, cap, ENSEMBLE, SOFTCAP
             )
-            grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, mu, w_norm, g_mean, kd_scale,
-                                ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
+            grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean,
+                                kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
                                 HAS_CE, SOFTCAP)  # fmt: skip
             kd_row += tl.sum(tl.where(edge_mask, terms, 0.0), 1, keep_dims=True)
             if NEED_GRAD:
@@ -801,7 +881,7 @@ def launch_config(n_cols: int, vec: int) -> tuple[int, int, bool, int, int]:
     return rows, block, True, 1, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
 
 
-def loop_max_registers(n_teachers: int, logit_norm: str | None, edge: bool) -> int:
+def loop_max_registers(n_teachers: int, logit_norm: str | None, edge: bool, divergence: str) -> int:
     """The register budget (``maxnreg``) of the column loop's launch (``edge``: the kernel's EDGE)."""
-    ensemble_norm_edge = n_teachers > 1 and logit_norm is not None and edge
-    return LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE if ensemble_norm_edge else LOOP_MAX_REGISTERS
+    unbudgeted = n_teachers > 1 and ((logit_norm is not None and edge) or divergence == "dkd")
+    return LOOP_MAX_REGISTERS_ENSEMBLE_NORM_EDGE if unbudgeted else LOOP_MAX_REGISTERS

@@ -1,8 +1,8 @@
 """Triton row math of the distillation loss, shared by the dense and the sparse-teacher kernels: the
 divergences' per-entry terms and gradients (forward KL, reverse KL, JSD, skew KL, skew reverse KL, TVD,
-the alpha-beta divergence), logit soft-capping, the hard-label CE term, and a row's target and weights
-(``kernels/kd_loss.py``'s module doc states the math; csrc/include/fastkd/row_math.h the same formulas for
-the C++ kernels).
+the alpha-beta divergence; DKD's per-entry sums, its row's values and gradient), logit soft-capping,
+the hard-label CE term, and a row's target and weights (``kernels/kd_loss.py``'s module doc states the
+math; csrc/include/fastkd/row_math.h the same formulas for the C++ kernels).
 
 Log-probabilities are carried in base 2 (l = log2 q = ln q / ln 2): q = 2^l is one MUFU.EX2 with no
 multiply, and the log-space terms (a divergence's loss terms, h) are in bits, converted to nats (times
@@ -16,11 +16,13 @@ import triton.language as tl
 
 from fastkd.kernels.reductions import LN2, LOG2E, log2_approx, safe_max, tanh
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6}
-FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, AB = (tl.constexpr(v) for v in DIVERGENCES.values())
+# The codes of csrc/include/fastkd/row_math.h's Divergence (fastkd/backends/cpu.py), the same numbers.
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "ab": 6,
+               "dkd": 7}  # fmt: skip
+FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, AB, DKD = (tl.constexpr(v) for v in DIVERGENCES.values())
 # The alpha-beta divergence's limits, each its own DIVERGENCE (``divergence_code``): b = 0, and a = 0.
 AB_B0, AB_A0 = tl.constexpr(8), tl.constexpr(9)
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # those the sparse teacher's kernel runs
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # those the sparse teacher's kernel runs (DKD: dense only)
 
 
 def divergence_code(divergence: str, ab_alpha: float = 1.0, ab_beta: float = 0.0) -> int:
@@ -59,12 +61,15 @@ def divergence_tile(l2q, l2p, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr):
     neither); the others g in nats. ``beta`` is the mixture weight (JSD's beta; the skew divergences'
     skew), ab_a and ab_b the alpha-beta divergence's (AB: both > 0; AB_B0: b = 0; AB_A0: a = 0). The
     terms of a probability 0 are 0; a NaN probability (a NaN logit, a bad temperature) gives NaN terms
-    (``!= 0``, not ``> 0``, which would read NaN as 0)."""
+    (``!= 0``, not ``> 0``, which would read NaN as 0). DKD's row is not a sum of per-entry terms: its
+    tile gives forward KL's terms and g = p, which the row-sums pass sums off the target (``dkd_row``)."""
     q = tl.exp2(l2q)
     p = tl.exp2(l2p)
     zero = tl.zeros_like(q)
     if DIVERGENCE == FORWARD_KL:
         return q, p, tl.where(p != 0, p * (l2p - l2q), 0.0), zero, zero
+    if DIVERGENCE == DKD:
+        return q, p, tl.where(p != 0, p * (l2p - l2q), 0.0), zero, p
     if DIVERGENCE == REVERSE_KL:
         h = tl.where(q != 0, l2q - l2p, 0.0)
         return q, p, q * h, h, q * h
@@ -123,6 +128,35 @@ def divergence_grad(q, p, h, g, g_sum, beta, DIVERGENCE: tl.constexpr):
     if DIVERGENCE == JSD:
         return (LN2 * (1.0 - beta)) * q * (h - g_sum)
     return g - q * g_sum
+
+
+@triton.jit
+def dkd_row(l2a, l2b, big_a, big_b, cross, w_t, w_n):
+    """Decoupled KD's row ([ROWS, 1] each) from the row-sums pass: log2 a and log2 b of the target's
+    probabilities a = p_y and b = q_y, the other classes' masses A and B (summed over j != y, not 1 - a),
+    and cross = sum_{j != y} p_j log2(p_j / q_j); w_t and w_n weigh TCKD and NCKD. Returns (D in bits,
+    G = w_t kappa, w_n / A, w_n / B) with kappa = A b / B - a, the row values of ``dkd_grad``;
+    NCKD = 0 and no NCKD gradient where A = 0 (no non-target distribution: V = 1, or the teacher's mass
+    all on y), as in the float64 reference; B = 0 < A (the student's none) gives an infinite TCKD."""
+    a = tl.exp2(l2a)
+    b = tl.exp2(l2b)
+    l2_big_a = tl.log2(big_a)
+    l2_big_b = tl.log2(big_b)
+    tckd = tl.where(a != 0, a * (l2a - l2b), 0.0) + tl.where(big_a != 0, big_a * (l2_big_a - l2_big_b), 0.0)
+    rest = big_a > 0
+    nckd = tl.where(rest & (big_b > 0), cross / big_a - l2_big_a + l2_big_b, 0.0)
+    kappa = tl.where(big_b > 0, big_a * b / big_b, 0.0) - a
+    w_a = tl.where(rest, w_n / big_a, 0.0)
+    w_b = tl.where(rest, w_n / big_b, 0.0)
+    return w_t * tckd + w_n * nckd, w_t * kappa, w_a, w_b
+
+
+@triton.jit
+def dkd_grad(q, p, hit, g_sum, w_a, w_b):
+    """DKD's D'_j = dD/du_j of a tile (``kernels/kd_loss.py``'s module doc): g_j - q_j G with
+    g_j = w_n (q_j / B - p_j / A) off the target and G at it (``hit``), from the row values of
+    ``dkd_row`` (G = w_t kappa, w_a = w_n / A, w_b = w_n / B; [ROWS, 1])."""
+    return tl.where(hit, g_sum, w_b * q - w_a * p) - q * g_sum
 
 
 @triton.jit

@@ -238,7 +238,8 @@ def _kd_launch(width, dtype, n_teachers=1, per_row=False, phase="fused", **optio
 
 
 # Issue 18's objectives in the kernel, each at one wide width with an edge (50257, bf16): the divergences
-# beyond KL and JSD (the alpha-beta divergence in its three forms), soft-capping, the loss's parts.
+# beyond KL and JSD (the alpha-beta divergence in its three forms), soft-capping, the loss's parts (DKD's
+# other configurations: with the divergences of ``kd_loss_launches``).
 KD_OBJECTIVES = {
     "skew_kl": dict(divergence="skew_kl"),
     "skew_reverse_kl": dict(divergence="skew_reverse_kl"),
@@ -248,19 +249,20 @@ KD_OBJECTIVES = {
     "ab a=0": dict(divergence="ab", ab_alpha=0.0, ab_beta=0.7),
     "forward_kl softcap": dict(softcap=30.0),
     "jsd softcap return_parts": dict(divergence="jsd", softcap=30.0, return_parts=True),
+    "dkd softcap return_parts": dict(divergence="dkd", softcap=30.0, return_parts=True),
 }
 
 
 def kd_loss_launches(case):
-    """Every launch config of the default loss (forward KL + CE, bf16); at four widths every divergence
-    x normalization x (1 or 3 teachers) with label smoothing and per-row temperatures; issue 18's
-    objectives at 50257 (``KD_OBJECTIVES``); at the issue's widths in bf16 and fp32 the default loss fused
-    and split (stats, then grad); the backward scale."""
+    """Every launch config of the default loss (forward KL + CE, bf16); at four widths forward KL, reverse
+    KL, JSD and DKD x normalization x (1 or 3 teachers) with label smoothing and per-row temperatures;
+    issue 18's objectives at 50257 (``KD_OBJECTIVES``); at the issue's widths in bf16 and fp32 the default
+    loss fused and split (stats, then grad), and DKD split at 50257; the backward scale."""
     for width in KD_WIDTHS:
         case(f"{width} bfloat16")
         _kd_launch(width, torch.bfloat16)
     for width in (128, 4096, 50257, 131072):
-        for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        for divergence in ("forward_kl", "reverse_kl", "jsd", "dkd"):
             for norm in (None, "standardize", "spherical"):
                 for n_teachers in (1, 3):
                     case(f"{width} bfloat16 {divergence} {norm} K={n_teachers}")
@@ -275,6 +277,8 @@ def kd_loss_launches(case):
             case(f"{width} {_dtype_name(dtype)}")
             _kd_launch(width, dtype)
             _kd_launch(width, dtype, phase="split")
+    case("50257 bfloat16 dkd split")
+    _kd_launch(50257, torch.bfloat16, phase="split", divergence="dkd")
     for width in (128, 4096, 131072, 1000, 50257):
         case(f"{width} bfloat16")
         grad = torch.empty(4096, width, dtype=torch.bfloat16, device="meta")

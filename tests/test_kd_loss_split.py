@@ -28,7 +28,8 @@ def _logits(*shape, seed=0):
 @pytest.mark.parametrize("width", [37, 1000, 4097])
 @pytest.mark.parametrize(
     ("divergence", "norm"),
-    [("forward_kl", None), ("reverse_kl", None), ("jsd", None), ("reverse_kl", "standardize"), ("tvd", "standardize")],
+    [("forward_kl", None), ("reverse_kl", None), ("jsd", None), ("reverse_kl", "standardize"), ("tvd", "standardize"),
+     ("dkd", None), ("dkd", "spherical")],
 )
 @pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
 def test_stats_then_grad_is_the_fused_gradient_times_dl_dloss(width, divergence, norm, per_row):
@@ -97,10 +98,11 @@ def test_autograd_takes_the_split_for_wide_rows(launches, width, dtype, reductio
     assert launches == {"fused": 0 if split else 1, "stats": int(split), "grad": int(split), "scale": 0 if split else 1}
 
 
-@pytest.mark.parametrize(("divergence", "norm"), [("reverse_kl", "standardize"), ("jsd", None)])
+@pytest.mark.parametrize(("divergence", "norm"), [("reverse_kl", "standardize"), ("jsd", None), ("dkd", None)])
 def test_autograd_split_divergences(launches, divergence, norm):
     """The split through autograd for reverse KL with logit_norm (its row sums online, the
-    normalization's statistics stored) and JSD (its third pass in the forward), times 2.5."""
+    normalization's statistics stored), JSD (its third pass in the forward) and DKD (its row values
+    stored), times 2.5."""
     student, teacher = _logits(3, 4097), _logits(3, 4097, seed=1)
     target = targets(3, 4097, ignored=(2,))
     options = {"temperature": 3.0, "divergence": divergence, "logit_norm": norm, "alpha": 0.7}
@@ -117,20 +119,21 @@ def test_autograd_split_divergences(launches, divergence, norm):
 
 def test_split_rule():
     """Where the split is not taken: no gradient wanted, the gradient written into the student, an
-    ensemble, a sparse teacher, the loss's parts asked for, an objective the kernels leave to PyTorch,
-    one block; and a backend without ``kd_loss_split`` (the PyTorch one) never splits."""
+    ensemble, a sparse teacher, the loss's parts asked for, soft-capping, one block; and a backend
+    without ``kd_loss_split`` (the PyTorch one) never splits. DKD splits (its row values are statistics)."""
     import fastkd.backends.torch as torch_backend
     import fastkd.backends.triton as triton_backend
 
     s, t = torch.empty(2, 5000, device="meta"), torch.empty(1, 2, 5000, device="meta")
     options = KDOptions()
     assert _ops.kd_split(triton_backend, s, t, None, options, False, True)
+    assert _ops.kd_split(triton_backend, s, t, None, KDOptions(divergence="dkd"), False, True)
     assert not _ops.kd_split(triton_backend, s, t, None, options, False, False)
     assert not _ops.kd_split(triton_backend, s, t, None, options, True, True)
     assert not _ops.kd_split(triton_backend, s, t.expand(2, 2, 5000), None, options, False, True)
     assert not _ops.kd_split(triton_backend, s, (s[:, :4].long(), s[:, :4]), None, options, False, True)
     assert not _ops.kd_split(triton_backend, s, t, None, KDOptions(return_parts=True), False, True)
-    assert not _ops.kd_split(triton_backend, s, t, None, KDOptions(divergence="dkd"), False, True)
+    assert not _ops.kd_split(triton_backend, s, t, None, KDOptions(softcap=30.0), False, True)
     assert not _ops.kd_split(triton_backend, s[:, :4096], t[..., :4096], None, options, False, True)
     assert not _ops.kd_split(torch_backend, s, t, None, options, False, True)
 

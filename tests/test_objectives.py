@@ -187,6 +187,66 @@ def test_reference_limits_and_special_cases():
     close(kd(log_p, log_q, "skew_reverse_kl", skew=0.1), (q * (log_q - (0.9 * p + 0.1 * q).log())).sum(-1))
 
 
+@pytest.mark.parametrize("width", [1, 7, 1000, 5003])
+@pytest.mark.parametrize("variant", ["one teacher", "logit_norm and 2 teachers"])
+def test_dkd_at_odd_widths(backend, width, variant):
+    """DKD at odd widths (one class: no non-target distribution, loss and gradient 0; one block; the
+    column loop with an edge), -inf entries, an ignored row, a non-contiguous student and teacher (rows
+    of a wider tensor; classes not last in memory), per-row temperatures."""
+    student = logits(5, width + 3)[:, 1 : width + 1]
+    teacher = logits(width, 5, seed=1).t()
+    options = dict(OBJECTIVES["dkd"], alpha=0.8)
+    if variant != "one teacher":
+        teacher = logits(2, width, 5, seed=1).transpose(1, 2)
+        options.update(logit_norm="standardize")
+    target = targets(5, width, ignored=(1,))
+    if width > 3:
+        student[:, ::5], teacher[..., ::5] = -math.inf, -math.inf
+        target = torch.where((target % 5 == 0) & (target >= 0), target + 1, target)
+    t = torch.rand(5, device=DEVICE) + 1.0
+    loss, grad = check(student, teacher, target, backend, temperature=t, **options)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[torch.isneginf(student)].any()
+
+
+def test_dkd_special_rows(backend):
+    """Rows where DKD's pieces vanish, against float64 with every reduction and return_parts: the
+    teacher's mass all on the target (its other classes -inf: NCKD 0), the student's too (loss 0), a
+    target the teacher masks (p_y = 0), a target the student masks (TCKD infinite); extreme logits
+    (+-1e4, at T = 5000 and spherically normalized); NaN in gives NaN out; an unchecked target outside
+    [0, V) gives a NaN row."""
+    student, teacher, target = logits(6, 50), logits(6, 50, seed=1), targets(6, 50, ignored=(5,))
+    y = target[:4]
+    others = torch.ones(4, 50, dtype=torch.bool, device=DEVICE).scatter(1, y[:, None], False)
+    teacher[:2] = torch.where(others[:2], -math.inf, teacher[:2])
+    student[1] = torch.where(others[1], -math.inf, student[1])
+    teacher[2, y[2]] = -math.inf
+    for reduction in ("mean", "sum", "batchmean", "none"):
+        check(student[:3], teacher[:3], target[:3], backend, reduction=reduction, temperature=2.0, **OBJECTIVES["dkd"])
+        parts = fastkd.kd_loss(student[:3], teacher[:3], target[:3], backend=backend, reduction=reduction,
+                               return_parts=True, temperature=2.0, **OBJECTIVES["dkd"])  # fmt: skip
+        want = reference.kd_loss(student[:3].double(), teacher[:3].double(), target[:3], reduction=reduction,
+                                 return_parts=True, temperature=2.0, **OBJECTIVES["dkd"])  # fmt: skip
+        for got, expected in zip(parts, want):
+            assert_close(got, expected, torch.float32, scale=max(expected.abs().max().item(), 1.0))
+    kd = run(student[:2], teacher[:2], target[:2], backend, reduction="none", alpha=1.0, **OBJECTIVES["dkd"])[0]
+    assert kd[1] == 0 and kd[0] > 0  # all mass on y in both: nothing to distil; in the teacher only: TCKD
+    student[3, y[3]] = -math.inf
+    loss = run(student[3:], teacher[3:], target[3:], backend, reduction="none", **OBJECTIVES["dkd"])[0]
+    assert loss[0] == math.inf and loss[2] == 0
+    extreme_s, extreme_t = logits(4, 300, scale=1.0) * 1e4, logits(4, 300, seed=1, scale=1.0) * 1e4
+    check(extreme_s, extreme_t, targets(4, 300), backend, temperature=5000.0, **OBJECTIVES["dkd"])
+    check(extreme_s, extreme_t, targets(4, 300), backend, logit_norm="spherical", **OBJECTIVES["dkd"])
+    nan_teacher = teacher[3:].clone()
+    nan_teacher[0, 7] = math.nan
+    loss, grad = run(student[3:].nan_to_num(neginf=0.0), nan_teacher, target[3:], backend, reduction="none",
+                     **OBJECTIVES["dkd"])  # fmt: skip
+    assert loss[0].isnan() and not loss[1:].isnan().any()
+    out_of_range = torch.tensor([0, 50, -100], device=DEVICE)
+    loss, grad = run(student[3:], teacher[3:], out_of_range, backend, reduction="none", validate_args=False,
+                     **OBJECTIVES["dkd"])  # fmt: skip
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
+
+
 def test_dkd_matches_mdistiller():
     """DKD against a float64 re-derivation of mdistiller's dkd_loss (its -1000 logit shift excludes
     the target from NCKD's softmax; the exact exclusion agrees to float64's precision at these logits)."""
@@ -234,6 +294,31 @@ def test_return_parts(backend, reduction, alpha):
     _, want_grad = run(student, teacher, target, backend, alpha=alpha, temperature=2.0, reduction=reduction)
     if reduction != "none":
         assert_close(x.grad, want_grad.double() / 2, torch.float32, scale=want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("objective", ["ab_alpha_0", "reverse_kl"])
+def test_return_parts_of_an_infinite_divergence_at_alpha_0(backend, objective):
+    """return_parts=True with alpha=0 and a divergence that is infinite on these rows (the teacher has no
+    mass on a class where the student has some; reverse KL and the alpha-beta divergence with alpha = 0
+    weigh log(q / p) by q): the KD part is +inf, as in float64, and adds nothing to the loss or its
+    gradient, which are CE's, finite (no 0 x inf)."""
+    options = OBJECTIVES.get(objective, dict(divergence=objective))
+    student, teacher, target = logits(4, 33), logits(4, 33, seed=1), targets(4, 33)
+    teacher[:, 4] = -math.inf
+    x = student.clone().requires_grad_()
+    total, kd, ce = fastkd.kd_loss(x, teacher, target, alpha=0.0, temperature=2.0, reduction="none",
+                                   return_parts=True, backend=backend, **options)  # fmt: skip
+    xd = student.double().requires_grad_()
+    want = reference.kd_loss(xd, teacher.double(), target, alpha=0.0, temperature=2.0, reduction="none",
+                             return_parts=True, **options)  # fmt: skip
+    valid = target != -100
+    assert kd[valid].eq(math.inf).all() and want[1][valid].eq(math.inf).all() and not kd[~valid].any()
+    assert_close(total, want[0].detach(), torch.float32)
+    assert_close(ce, want[2].detach(), torch.float32)
+    total.sum().backward()
+    want[0].sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert_close(x.grad, xd.grad, torch.float32)
 
 
 def test_gradient_accumulation_with_a_normalizer(backend):
@@ -322,11 +407,12 @@ def test_fused_linear_objectives_parts_and_normalizer(backend, objective):
     {"divergence": "skew_kl", "skew": 0.1}, {"divergence": "skew_reverse_kl", "skew": 0.3}, {"divergence": "tvd"},
     {"divergence": "ab", "ab_alpha": 0.8, "ab_beta": 0.4}, {"divergence": "ab", "ab_alpha": 0.6, "ab_beta": 0.0},
     {"divergence": "ab", "ab_alpha": 0.0, "ab_beta": 0.7}, {"divergence": "jsd", "softcap": 5.0},
-    {"divergence": "tvd", "return_parts": True, "alpha": 0.0},
+    {"divergence": "tvd", "return_parts": True, "alpha": 0.0}, {"divergence": "dkd"},
+    {"divergence": "dkd", "logit_norm": "standardize", "softcap": 5.0}, {"divergence": "dkd", "return_parts": True},
 ], ids=str)  # fmt: skip
 def test_objectives_run_in_the_triton_kernel(monkeypatch, options):
-    """Issue 18's objectives on a dense teacher run in the Triton kernel, not the PyTorch closed form that
-    covers what a kernel lacks (their numbers: the tests above on this backend)."""
+    """Issue 18's objectives on a dense teacher, DKD included, run in the Triton kernel, not the PyTorch
+    closed form that covers what a kernel lacks (their numbers: the tests above on this backend)."""
     from fastkd.backends import torch as torch_backend
 
     def closed_form(*args):

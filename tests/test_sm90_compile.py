@@ -72,9 +72,9 @@ def test_kernels_compile_for_sm90_without_spills():
         # 15 configs in bf16 + 3 in fp16 and fp32, x (softmax, log) x 2 launches; 12 issue cases x 2
         "tempered_softmax_fwd_kernel": 108,
         "tempered_softmax_bwd_kernel": 150,  # the same x 3 launches; 12 issue cases x 3
-        # 14 configs + 4 widths x 3 divergences x 3 normalizations x (1, 3) teachers; issue 18's 8
-        # objectives at 50257; 12 issue cases x (fused, stats, grad)
-        "kd_loss_kernel": 130,
+        # 14 configs + 4 widths x 4 divergences (DKD's included) x 3 normalizations x (1, 3) teachers;
+        # issue 18's 9 objectives at 50257; 12 issue cases x (fused, stats, grad); DKD split at 50257
+        "kd_loss_kernel": 157,
         "scale_grad_kernel": 5,
         "kd_loss_topk_fwd_kernel": 50,  # 8 configs with k = 64 + 3 widths x (k = 1, 1024) x 5 modes + 12
         "calibration_kernel": 45,  # 12 configs + 1024 bins at 3 widths + 3 widths x 6 variants + 12

@@ -73,6 +73,14 @@ def tempered_softmax_backward(grad: Tensor, saved: Tensor, temperature: float | 
         )  # fmt: skip
 
 
+def _pair_weights(options: KDOptions) -> tuple[float, float]:
+    """The kernel's ab_a and ab_b: the alpha-beta divergence's alpha and beta, or DKD's weights of TCKD
+    and NCKD."""
+    if options.divergence == "dkd":
+        return options.dkd_alpha, options.dkd_beta
+    return options.ab_alpha, options.ab_beta
+
+
 def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions, out: KDOutputs,
                phase: str, stats: Tensor | None = None, grad: Tensor | None = None,
                grad_output: Tensor | None = None) -> None:  # fmt: skip
@@ -91,11 +99,13 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
         n_cols, vec, [x.stride(0) for x in (student, grad) if x.shape[0]] + [teacher.stride(1)],
         [teacher.stride(0)] if n_teachers > 1 else [], [x.data_ptr() for x in tensors],
     )  # fmt: skip
+    budget = {} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge,
+                                                                           options.divergence)}  # fmt: skip
     with on_device(student):
         kd_kernels.kd_loss_kernel[(triton.cdiv(n_rows, rows),)](
             student, teacher, target, out.rows, out.parts if parts else None, grad if need_grad else student, stats,
             grad_output, t.tensor, tt.tensor, out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha,
-            options.skew if options.divergence in SKEWED else options.beta, options.ab_alpha, options.ab_beta,
+            options.skew if options.divergence in SKEWED else options.beta, *_pair_weights(options),
             options.label_smoothing, options.softcap or 1.0, options.norm_scale, options.ignore_index, n_rows,
             n_cols, n_teachers, student.stride(0), teacher.stride(0), teacher.stride(1),
             grad.stride(0) if need_grad else 0, t.stride, tt.stride,
@@ -108,14 +118,12 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
             K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, SLOTS=slots,
             VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], SOFTCAP=options.softcap is not None,
             RETURN_PARTS=parts, num_warps=num_warps,
-            **({} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge)}),
+            **budget,
         )  # fmt: skip
 
 
 def kd_loss_forward(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions,
                     out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options, kd_math.DIVERGENCES, softcap=True):  # DKD
-        return torch_backend.kd_loss_forward(student, teacher, target, options, out)
     if student.numel() == 0:
         out.rows.zero_()
         out.parts.zero_()
@@ -136,8 +144,9 @@ def kd_loss_split(student: Tensor, teacher: Tensor, target: Tensor | None, optio
     fused kernel's 10 whatever dL/dloss is, where the fused kernel needs 4 more (``scale_grad_``'s
     read-modify-write of the gradient) when dL/dloss != 1. A narrower row is read once fused
     (6 B/elem; 10 with the scale): split, it would be read twice (4 + 6) even when dL/dloss is 1, so it
-    stays fused. One teacher only (the statistics hold one teacher's), options the kernel covers, no
-    ``return_parts``. Shapes and options only: no tensor is read (torch.compile traces it)."""
+    stays fused. One teacher only (the statistics hold one teacher's), every divergence (DKD's row
+    values are two of the statistics), no soft-capping, no ``return_parts``. Shapes and options only: no
+    tensor is read (torch.compile traces it)."""
     return (
         teacher.shape[0] == 1
         and student.shape[1] > kd_kernels.MAX_ONE_BLOCK

@@ -28,7 +28,9 @@
 
 namespace fastkd {
 
-// The first three are kernels/kd_math.py's DIVERGENCES (the Triton kernels'); fastkd/backends/cpu.py lists all.
+// The codes of kernels/kd_math.py's DIVERGENCES, all of which the Triton dense kernel runs (its sparse teacher's
+// kernel those of kd_math.TOPK_DIVERGENCES; Triton's 8 and 9 are the alpha-beta divergence's limits, which
+// divergence_term tells apart at run time); fastkd/backends/cpu.py lists them.
 enum Divergence : int64_t {
   FORWARD_KL = 0, REVERSE_KL = 1, JSD = 2, SKEW_KL = 3, SKEW_REVERSE_KL = 4, TVD = 5, AB = 6, DKD = 7
 };
