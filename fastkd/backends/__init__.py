@@ -42,8 +42,7 @@ runs ``kd_loss_forward`` then ``scale_grad_``, as the cpu, cuda and torch backen
 def kernels_cover(options, divergences, softcap: bool = False) -> bool:
     """Whether a kernel that implements ``divergences`` (names), and logit soft-capping when ``softcap``,
     runs these KD options. What a kernel backend's kernels do not implement yet (in the Triton dense
-    kernel, DKD; in the Triton sparse teacher's kernel, issue 18's objectives: skew KL, skew reverse KL,
-    TVD, alpha-beta, soft-capping; the C++ kernels have them all, the sparse teacher's every divergence but
-    DKD, which a sparse teacher does not define) runs the PyTorch backend's closed form from that backend
-    (loss and gradient written into the same outputs)."""
+    kernel, DKD; the Triton and C++ sparse teacher's kernels run every divergence but DKD, which a sparse
+    teacher does not define) runs the PyTorch backend's closed form from that backend (loss and gradient
+    written into the same outputs)."""
     return options.divergence in divergences and (softcap or options.softcap is None)
