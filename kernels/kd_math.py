@@ -22,7 +22,7 @@ DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_r
 FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, AB, DKD = (tl.constexpr(v) for v in DIVERGENCES.values())
 # The alpha-beta divergence's limits, each its own DIVERGENCE (``divergence_code``): b = 0, and a = 0.
 AB_B0, AB_A0 = tl.constexpr(8), tl.constexpr(9)
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # those the sparse teacher's kernel runs (DKD: dense only)
+TOPK_DIVERGENCES = tuple(d for d in DIVERGENCES if d != "dkd")  # the sparse teacher's kernel: all but DKD (dense only)
 
 
 def divergence_code(divergence: str, ab_alpha: float = 1.0, ab_beta: float = 0.0) -> int:

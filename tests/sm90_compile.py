@@ -285,26 +285,34 @@ def kd_loss_launches(case):
         triton_backend.scale_grad_(grad, torch.empty((), device="meta"))
 
 
+# The sparse teacher's issue 18 objectives, each at 50257 (bf16, k = 64, the bucket): the divergences beyond
+# KL and JSD, soft-capping, the loss's parts.
+TOPK_OBJECTIVES = {label: dict(options, tail="bucket") for label, options in KD_OBJECTIVES.items()}
+
+
 def kd_loss_topk_launches(case):
     """Every launch config of the sparse teacher's loss (forward KL + CE, k = 64, bf16); at three widths
     every mode (divergence, values, tail) with k = 1 and 1024, label smoothing and per-row temperatures;
-    at the issue's widths in bf16 and fp32 (k = 64)."""
+    issue 18's objectives at 50257 (``TOPK_OBJECTIVES``); at the issue's widths in bf16 and fp32 (k = 64)
+    forward KL without the bucket (no bitmap) and TVD with it (the bitmap read with the row)."""
     modes = [("forward_kl", "none"), ("forward_kl", "bucket"), ("reverse_kl", "bucket"), ("jsd", "none"),
              ("jsd", "bucket")]  # fmt: skip
-    cases = [(w, 64, "forward_kl", "none", False, torch.bfloat16) for w in KD_WIDTHS if w >= 64]
-    cases += [(w, k, div, tail, True, torch.bfloat16) for w in (1024, 4096, 131072) for k in (1, 1024)
-              for div, tail in modes]  # fmt: skip
-    cases += [(w, 64, "forward_kl", "none", False, dtype) for w in ISSUE_WIDTHS for dtype in ISSUE_DTYPES]
-    for width, k, divergence, tail, per_row, dtype in cases:
-        case(f"{width} {_dtype_name(dtype)} {divergence} {tail} k={k}")
+    cases = [(w, 64, dict(divergence="forward_kl", tail="none"), "", False, torch.bfloat16) for w in KD_WIDTHS
+             if w >= 64]  # fmt: skip
+    cases += [(w, k, dict(divergence=div, tail=tail), "", True, torch.bfloat16) for w in (1024, 4096, 131072)
+              for k in (1, 1024) for div, tail in modes]  # fmt: skip
+    cases += [(50257, 64, options, label, True, torch.bfloat16) for label, options in TOPK_OBJECTIVES.items()]
+    cases += [(w, 64, dict(divergence=div, tail=tail), "", False, dtype) for w in ISSUE_WIDTHS for dtype in ISSUE_DTYPES
+              for div, tail in (("forward_kl", "none"), ("tvd", "bucket"))]  # fmt: skip
+    for width, k, options, label, per_row, dtype in cases:
+        case(f"{width} {_dtype_name(dtype)} {label or options['divergence'] + ' ' + options['tail']} k={k}")
         n_rows = 16384 if width > 4096 else 4096
         x = torch.empty(n_rows, width, dtype=dtype, device="meta")
         indices = torch.empty(n_rows, k, dtype=torch.int64, device="meta")
         values = torch.empty(n_rows, k, dtype=dtype, device="meta")
         target = torch.empty(n_rows, dtype=torch.int64, device="meta")
         t = torch.empty(n_rows, device="meta") if per_row else 4.0
-        options = KDOptions(temperature=t, teacher_temperature=t, divergence=divergence, tail=tail,
-                            label_smoothing=0.1 if per_row else 0.0)  # fmt: skip
+        options = KDOptions(temperature=t, teacher_temperature=t, label_smoothing=0.1 if per_row else 0.0, **options)
         _ops.kd_forward(triton_backend, x, (indices, values), target, options, False, True)
 
 

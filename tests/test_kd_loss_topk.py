@@ -178,6 +178,24 @@ def test_int32_indices_and_inplace_grad(backend):
     assert torch.equal(loss, want_loss) and torch.equal(x.grad, want_grad)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
+def test_many_entries_in_rows_of_a_wider_buffer_in_place(backend, divergence):
+    """k > 1024 (the kernels' loops over the k entries) in rows of a wider buffer whose row stride is not a
+    multiple of a vector (each row its own head before the aligned body), out of place and in place (where
+    the Triton launcher gathers x at I first: the dense pass overwrites it)."""
+    width, k = 3001, 1500
+    indices, values, _ = sparse_teacher((3,), width, k)
+    student = torch.nn.functional.pad(logits(3, width), (0, 4))[:, :width]
+    target, options = targets(3, width), dict(tail="bucket", divergence=divergence, temperature=2.0)
+    want_loss, want_grad = check(student, (indices, values), target, backend, **options)
+    x = student.detach().clone().requires_grad_()
+    buffer = torch.nn.functional.pad(x, (0, 4))[:, :width]
+    loss = fastkd.kd_loss(buffer, None, target, teacher_topk=(indices, values), inplace_grad=True, backend=backend,
+                          **options)  # fmt: skip
+    (2 * loss).backward()
+    assert torch.equal(loss, want_loss) and torch.equal(x.grad, want_grad)
+
+
 def test_module_takes_a_sparse_teacher():
     indices, values, _ = sparse_teacher((4,), 50, 5)
     student, target = logits(4, 50), targets(4, 50)
@@ -241,19 +259,21 @@ def test_unchecked_bad_index_gives_nan(backend):
     n_rows=st.integers(1, 5),
     width=st.sampled_from([1, 2, 17, 100, 4100]),
     k_fraction=st.floats(0.0, 1.0),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(MODES + [("skew_reverse_kl", "logprobs", "bucket"), ("tvd", "logits", "none"),
+                                  ("ab", "logprobs", "bucket")]),
+    softcap=st.sampled_from([None, 6.0]),
     temperature=st.floats(0.5, 4.0),
     alpha=st.floats(0.0, 1.0),
     reduction=st.sampled_from(["mean", "sum", "none"]),
     seed=st.integers(0, 2**16),
 )
-def test_random_problems(n_rows, width, k_fraction, mode, temperature, alpha, reduction, seed):
+def test_random_problems(n_rows, width, k_fraction, mode, softcap, temperature, alpha, reduction, seed):
     divergence, values_are, tail = mode
     k = max(1, round(k_fraction * min(width, 64)))
     indices, values, _ = sparse_teacher((n_rows,), width, k, values_are, seed=seed + 1)
     check(logits(n_rows, width, seed=seed), (indices, values), targets(n_rows, width, seed=seed), "triton",
-          divergence=divergence, values_are=values_are, tail=tail, temperature=temperature, alpha=alpha,
-          reduction=reduction)  # fmt: skip
+          divergence=divergence, values_are=values_are, tail=tail, softcap=softcap, temperature=temperature,
+          alpha=alpha, reduction=reduction)  # fmt: skip
 
 
 S, Y = logits(4, 10), targets(4, 10)

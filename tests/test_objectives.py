@@ -132,6 +132,60 @@ def test_sparse_objectives_with_masked_classes(backend, objective):
         assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[torch.isneginf(student)].any()
 
 
+# (V, k): widths below a vector, one column block with a stride of whole vectors, a column loop with an
+# edge; k = 1 and k = V.
+SPARSE_SHAPES = [(1, 1), (7, 1), (7, 7), (1000, 1), (1000, 1000), (5003, 16)]
+
+
+@pytest.mark.parametrize("objective", SPARSE_OBJECTIVES)
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: f"V={s[0]}-k={s[1]}")
+def test_sparse_objectives_at_odd_widths_and_k(backend, objective, shape):
+    """Each objective at widths that are not multiples of a vector or a block, with k = 1 and k = V (the
+    bucket then empty and dropped), both tails, an ignored row, label smoothing."""
+    width, k = shape
+    student, target = logits(5, width, seed=3), targets(5, width, ignored=(2,))
+    indices, values, _ = sparse_teacher((5,), width, k, seed=4)
+    for tail in ("none", "bucket") if objective not in REVERSE_LIKE else ("bucket",):
+        check(student, None, target, backend, teacher_topk=(indices, values), tail=tail, temperature=1.5,
+              alpha=0.7, label_smoothing=0.1, **OBJECTIVES[objective])  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "jsd"] + SPARSE_OBJECTIVES)
+def test_sparse_objectives_in_wide_bf16_rows_with_softcap(backend, objective):
+    """A bf16 row wider than one block (the column loop with an edge), -inf entries outside I, an ignored
+    row, soft-capped student logits, against float64."""
+    width = 5003
+    student, target = logits(3, width, dtype=torch.bfloat16), targets(3, width, ignored=(1,))
+    indices, values, _ = sparse_teacher((3,), width, 40, dtype=torch.bfloat16)
+    outside = torch.ones_like(student, dtype=torch.bool).scatter(-1, indices, False)
+    student = torch.where(outside & (torch.arange(width, device=DEVICE) % 11 == 0), -math.inf, student)
+    target = torch.where(target % 11 == 0, target + 1, target)  # not a masked class
+    options = OBJECTIVES.get(objective, dict(divergence=objective))
+    check(student, None, target, backend, teacher_topk=(indices, values), tail="bucket", temperature=2.0, alpha=0.8,
+          softcap=8.0, **options)  # fmt: skip
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("objective", ["jsd", "skew_reverse_kl", "tvd", "ab_beta_0"])
+def test_return_parts_with_a_sparse_teacher(backend, objective, alpha):
+    """return_parts=True over a sparse teacher: (total, c D, CE) from the same call, against float64, both
+    parts whatever alpha; the gradient is the total's."""
+    student, target = logits(6, 301), targets(6, 301)
+    indices, values, _ = sparse_teacher((6,), 301, 12)
+    options = dict(OBJECTIVES.get(objective, dict(divergence=objective)), alpha=alpha, temperature=2.0,
+                   teacher_topk=(indices, values), tail="bucket", reduction="none")  # fmt: skip
+    x = student.clone().requires_grad_()
+    total, kd, ce = fastkd.kd_loss(x, None, target, return_parts=True, backend=backend, **options)
+    want = reference.kd_loss(student.double(), None, target, return_parts=True,
+                             **dict(options, teacher_topk=(indices, values.double())))  # fmt: skip
+    for got, expected in zip((total, kd, ce), want):
+        assert_close(got, expected, torch.float32, scale=max(expected.abs().max().item(), 1.0))
+    total.sum().backward()
+    _, want_grad = run(student, None, target, backend, **options)
+    weights = logits(6, dtype=torch.float32, seed=7, scale=1.0)  # run's weights of a loss per row
+    assert_close(x.grad * weights[:, None], want_grad.double(), torch.float32, scale=want_grad.abs().max().item())
+
+
 @pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl", "tvd", "ab"])
 def test_soft_capping_with_a_sparse_teacher(backend, objective):
     """softcap caps the student's logits (CE included), not the teacher's stored values (log-probabilities,
@@ -422,6 +476,30 @@ def test_objectives_run_in_the_triton_kernel(monkeypatch, options):
     x = logits(4, 33).requires_grad_()
     out = fastkd.kd_loss(x, logits(4, 33, seed=1), torch.tensor([0, 5, -100, 32], device=DEVICE), backend="triton",
                          **options)  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("options", [
+    {"divergence": "reverse_kl"}, {"divergence": "skew_kl", "skew": 0.1}, {"divergence": "skew_reverse_kl", "skew": 0.3},
+    {"divergence": "tvd"}, {"divergence": "ab", "ab_alpha": 0.8, "ab_beta": 0.4},
+    {"divergence": "ab", "ab_alpha": 0.6, "ab_beta": 0.0}, {"divergence": "ab", "ab_alpha": 0.0, "ab_beta": 0.7},
+    {"divergence": "jsd", "softcap": 5.0}, {"divergence": "tvd", "return_parts": True, "alpha": 0.0},
+], ids=str)  # fmt: skip
+def test_sparse_objectives_run_in_the_triton_kernel(monkeypatch, options):
+    """Every objective of a sparse teacher, soft-capping and the parts run in the Triton sparse kernel,
+    not the PyTorch closed form (their numbers: the tests above on this backend)."""
+    from fastkd.backends import torch as torch_backend
+
+    def closed_form(*args):
+        raise AssertionError("the triton backend ran the PyTorch closed form")
+
+    monkeypatch.setattr(torch_backend, "kd_loss_topk_forward", closed_form)
+    x = logits(4, 33).requires_grad_()
+    indices, values, _ = sparse_teacher((4,), 33, 5)
+    out = fastkd.kd_loss(x, None, torch.tensor([0, 5, -100, 32], device=DEVICE), teacher_topk=(indices, values),
+                         tail="bucket", backend="triton", **options)  # fmt: skip
     loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

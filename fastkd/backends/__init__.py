@@ -41,9 +41,8 @@ runs ``kd_loss_forward`` then ``scale_grad_``, as the cpu, cuda and torch backen
 
 def kernels_cover(options, divergences, softcap: bool = False) -> bool:
     """Whether a kernel that implements ``divergences`` (names), and logit soft-capping when ``softcap``,
-    runs these KD options. What a kernel backend's kernels do not implement yet (in the Triton sparse
-    teacher's kernel, issue 18's objectives: skew KL, skew reverse KL, TVD, alpha-beta, soft-capping; the
-    Triton dense kernel and the C++ kernels have them all, the sparse teacher's every divergence but DKD,
-    which a sparse teacher does not define) runs the PyTorch backend's closed form from that backend
-    (loss and gradient written into the same outputs)."""
+    runs these KD options. What a kernel backend's kernels do not implement (today: DKD and soft-capping
+    in the experimental CUDA kernels; the Triton and C++ kernels run every divergence, the sparse
+    teacher's all but DKD, which a sparse teacher does not define) runs that backend's fallback (the
+    PyTorch backend's closed form, loss and gradient written into the same outputs)."""
     return options.divergence in divergences and (softcap or options.softcap is None)

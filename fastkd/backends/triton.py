@@ -169,47 +169,67 @@ def kd_loss_grad_backward(student: Tensor, teacher: Tensor, target: Tensor | Non
     _kd_launch(student, teacher, target, options, out, "grad", stats, grad, grad_output)
 
 
-def membership_bitmap(indices: Tensor, n_cols: int) -> Tensor:
-    """(N, ceil(V / 32)) int32 words whose bit j % 32 of word j // 32 marks column j as one of the row's
-    indices (N, k). Indices must be distinct within a row (their bits are added); one outside [0, V) sets
-    no bit (its row is NaN in the kernel)."""
+def membership_bitmap(indices: Tensor, n_cols: int, vec: int, shift: Tensor | int = 0) -> Tensor:
+    """(N, ceil((V + vec) / 32)) int32 words whose bit b % 32 of word b // 32, b = j + shift (the row's,
+    in [0, vec)), marks column j as one of the row's indices (N, k) (kernels/kd_loss_topk.py). Indices
+    must be distinct within a row (their bits are added); one outside [0, V) sets no bit (its row is NaN
+    in the kernel)."""
     word = topk_kernels.BITS_PER_WORD
-    bits = torch.zeros(indices.shape[0], triton.cdiv(n_cols, word), dtype=torch.int32, device=indices.device)
+    bits = torch.zeros(indices.shape[0], triton.cdiv(n_cols + vec, word), dtype=torch.int32, device=indices.device)
     idx = indices.long()
     ok = (idx >= 0) & (idx < n_cols)
-    idx = torch.where(ok, idx, 0)
+    pos = torch.where(ok, idx, 0) + (shift[:, None] if isinstance(shift, Tensor) else shift)
     # 1 << 31 is int32's sign bit: formed in int64, it wraps to -2^31 in the cast, the bit pattern wanted.
-    values = torch.where(ok, torch.ones_like(idx) << (idx % word), 0).to(torch.int32)
-    return bits.scatter_add_(1, idx // word, values)
+    values = torch.where(ok, torch.ones_like(pos) << (pos % word), 0).to(torch.int32)
+    return bits.scatter_add_(1, pos // word, values)
 
 
 def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, target: Tensor | None,
                          options: KDOptions, out: KDOutputs) -> None:  # fmt: skip
-    if not kernels_cover(options, kd_math.TOPK_DIVERGENCES) or options.return_parts:
+    if not kernels_cover(options, kd_math.TOPK_DIVERGENCES, softcap=True):
         return torch_backend.kd_loss_topk_forward(student, indices, values, target, options, out)
     n_rows, n_cols = student.shape
     if student.numel() == 0:
         out.rows.zero_()
+        out.parts.zero_()
         return
     need_grad = out.grad.shape[0] > 0
+    parts = options.return_parts
+    has_kd = options.alpha > 0 or parts
     k = indices.shape[1]
     bucket = options.tail == "bucket" and k < n_cols  # with k = V no class is left for the bucket
-    need_rest = options.alpha > 0 and (bucket or options.divergence != "forward_kl")
-    bits = membership_bitmap(indices, n_cols) if need_rest or need_grad else None
+    need_rest = has_kd and (bucket or options.divergence != "forward_kl")
+    vec = reductions.vector_width(student)
+    rows_written = [student] + ([out.grad] if need_grad else [])
+    align, edge = reductions.row_alignment(n_cols, vec, [x.stride(0) for x in rows_written],
+                                           pointers=[x.data_ptr() for x in rows_written])  # fmt: skip
+    rows, block, one_block, slots, k_block, num_warps = topk_kernels.launch_config(n_cols, k, vec)
+    bits = None
+    if need_rest:  # column j at bit j + (the row's start mod vec): a vector of the aligned body in one word
+        shift = torch.arange(n_rows, device=student.device) * student.stride(0) % vec if align == 2 else 0
+        bits = membership_bitmap(indices, n_cols, vec, shift)
+    # In place, the dense pass overwrites x at I before the gradient there reads it: gathered first, unless
+    # the k entries stay in registers.
+    x_top = None
+    if has_kd and need_grad and k > k_block and out.grad.data_ptr() == student.data_ptr():
+        x_top = student.gather(1, indices.long().clamp(0, n_cols - 1))
     t, tt = temperature_arg(options.temperature), temperature_arg(options.teacher_temperature)
-    rows, block, k_block, num_warps = topk_kernels.launch_config(n_cols, k)
     with on_device(student):
         topk_kernels.kd_loss_topk_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            student, indices, values, bits, target, out.rows, out.grad if need_grad else student, t.tensor,
-            tt.tensor, out.scale_tensor, t.inverse, tt.inverse, out.scale, options.alpha, options.beta,
-            options.label_smoothing, options.ignore_index, n_rows, n_cols, k, student.stride(0),
-            indices.stride(0), values.stride(0), 0 if bits is None else bits.stride(0),
+            student, indices, values, x_top, bits, target, out.rows, out.parts if parts else None,
+            out.grad if need_grad else student, t.tensor, tt.tensor, out.scale_tensor, t.inverse, tt.inverse,
+            out.scale, options.alpha, options.skew if options.divergence in SKEWED else options.beta,
+            options.ab_alpha, options.ab_beta, options.label_smoothing, options.softcap or 1.0,
+            options.ignore_index, n_rows, n_cols, k, student.stride(0), indices.stride(0), values.stride(0),
+            0 if x_top is None else x_top.stride(0), 0 if bits is None else bits.stride(0),
             out.grad.stride(0) if need_grad else 0, t.stride, tt.stride,
-            DIVERGENCE=kd_math.DIVERGENCES[options.divergence], BUCKET=bucket, NEED_REST=need_rest,
-            HAS_KD=options.alpha > 0, HAS_CE=target is not None and options.alpha < 1,
-            HAS_TARGET=target is not None, NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad,
-            T_SQUARED=options.temperature_squared, HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None,
-            ROWS=rows, BLOCK=block, K_BLOCK=k_block, num_warps=num_warps,
+            DIVERGENCE=kd_math.divergence_code(options.divergence, options.ab_alpha, options.ab_beta),
+            BUCKET=bucket, NEED_REST=need_rest, HAS_KD=has_kd,
+            HAS_CE=target is not None and (options.alpha < 1 or parts), HAS_TARGET=target is not None,
+            NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad, T_SQUARED=options.temperature_squared,
+            HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None, ROWS=rows, BLOCK=block, ONE_BLOCK=one_block,
+            SLOTS=slots, VEC=vec, ALIGN=align, EDGE=edge, K_BLOCK=k_block, ONE_K=k <= k_block,
+            SOFTCAP=options.softcap is not None, RETURN_PARTS=parts, num_warps=num_warps,
             maxnreg=kd_kernels.LOOP_MAX_REGISTERS,  # without it ptxas spills 8-24 bytes at 64-80
         )  # fmt: skip
 
