@@ -179,7 +179,7 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
         V_ f = vexp2(w_t);
         store(f, tb + j, n);
         t_sum += f;
-        ef += Ops::select(Ops::is_zero(f), zero, f * (w_t - w_s));
+        ef = at::vec::fmadd(f, Ops::select(Ops::is_zero(f), zero, w_t - w_s), ef);  // 0 where p is 0
       }
     });
     ds = hsum(s_sum);
