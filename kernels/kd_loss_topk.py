@@ -67,6 +67,7 @@ from fastkd.kernels.kd_math import (
     row_setup,
     soft_cap,
     soft_cap_grad,
+    store_row_loss,
 )
 from fastkd.kernels.reductions import (
     LN2,
@@ -429,19 +430,8 @@ def kd_loss_topk_fwd_kernel(
     ce = tl.zeros([ROWS, 1], tl.float32)
     if HAS_CE:
         ce = ce_loss(m_s, l2d_1 * LN2, x_y, x_sum, ls_eps, n_cols)
-    kd = kd * LN2
-    loss = tl.zeros([ROWS, 1], tl.float32)
-    if HAS_KD:  # with RETURN_PARTS also where alpha = 0: no 0 x inf in the total
-        loss += tl.where(alpha > 0, kd_weight * kd, 0.0)
-    if HAS_CE:
-        loss += tl.where(alpha < 1, ce_weight * ce, 0.0)
-    tl.store(LOSS + rows[:, None], tl.where(valid, loss * scale, 0.0), mask=ok)
-    if RETURN_PARTS:  # c D and CE, each whatever its weight (CE NaN for a target outside [0, V))
-        parts = PARTS + rows[:, None]
-        c = 1.0 / (inv_t * inv_t) if T_SQUARED else 1.0
-        tl.store(parts, tl.where(valid, c * kd * scale, 0.0), mask=ok)
-        ce = tl.where((y >= 0) & (y < n_cols), ce, float("nan"))
-        tl.store(parts + n_rows, tl.where(valid, ce * scale, 0.0), mask=ok)
+    store_row_loss(LOSS, PARTS, rows, n_rows, ok, valid, kd, ce, kd_weight, ce_weight, alpha, scale, inv_t, y, n_cols,
+                   HAS_KD, HAS_CE, RETURN_PARTS, T_SQUARED)  # fmt: skip
 
 
 def launch_config(n_cols: int, k: int, vec: int) -> tuple[int, int, bool, int, int, int]:

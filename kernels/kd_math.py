@@ -194,6 +194,29 @@ def ce_grad(x, hit, m, l2d, ls_eps, n_cols):
 
 
 @triton.jit
+def store_row_loss(LOSS, PARTS, rows, n_rows, ok, valid, kd, ce, kd_weight, ce_weight, alpha, scale, inv_t, y, n_cols,
+                   HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, RETURN_PARTS: tl.constexpr,
+                   T_SQUARED: tl.constexpr):  # fmt: skip
+    """A tile of rows' loss kd_weight D + ce_weight CE (D given in bits as ``kd``), times the reduction's
+    ``scale``, 0 where not ``valid``, into LOSS (N,); with RETURN_PARTS, c D and CE into PARTS (2, N), each
+    whatever its weight (CE NaN for a target outside [0, V)). A term of weight 0 adds nothing to the total
+    (where alpha is 0 or 1 with RETURN_PARTS: no 0 x inf)."""
+    kd = kd * LN2
+    loss = tl.zeros_like(kd)
+    if HAS_KD:
+        loss += tl.where(alpha > 0, kd_weight * kd, 0.0)
+    if HAS_CE:
+        loss += tl.where(alpha < 1, ce_weight * ce, 0.0)
+    tl.store(LOSS + rows[:, None], tl.where(valid, loss * scale, 0.0), mask=ok)
+    if RETURN_PARTS:
+        parts = PARTS + rows[:, None]
+        c = 1.0 / (inv_t * inv_t) if T_SQUARED else 1.0
+        tl.store(parts, tl.where(valid, c * kd * scale, 0.0), mask=ok)
+        ce = tl.where((y >= 0) & (y < n_cols), ce, float("nan"))
+        tl.store(parts + n_rows, tl.where(valid, ce * scale, 0.0), mask=ok)
+
+
+@triton.jit
 def row_setup(X, Y, SCALE, scale, alpha, inv_t, ignore_index, rows, row_ok, n_cols, stride_x,
               HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, T_SQUARED: tl.constexpr,
               SCALE_GRAD: tl.constexpr, READ_X_Y: tl.constexpr = True):  # fmt: skip
