@@ -106,7 +106,7 @@ integer P in [1, 8] (``ce_power``: the kernel's CE_POW; csrc/cpu/common.h's ce_p
 
     e^(x_j - M) = (e^((x_j - M) / T))^T = e_j^P,
 
-P - 1 to 3 multiplies by squaring (``int_power``: 2 at T = 4) and no exp: d_1 = sum_j e_j^P, and
+at most 4 multiplies by squaring (``int_power``: 2 at T = 4) and no exp: d_1 = sum_j e_j^P, and
 CE's gradient s_j = e_j^P / d_1. The same M serves both (T > 0 keeps the argmax), as does its running
 rescale: d_1 <- d_1 r_s^P with r_s = 2^((M_old - M_new) k_s log2 e), the student's. A -inf entry has
 e_j = 0 and 0^P = 0; NaN stays NaN. Relative error of e_j^P: about P times e_j's (exp2's few ulp and

@@ -129,9 +129,9 @@ def slot_total(v3, SLOTS: tl.constexpr):
 
 @triton.jit
 def int_power(e, P: tl.constexpr):
-    """e^P for P in [1, 8] by squaring: at most 3 multiplies (P = 4: 2; P = 7: 4), no MUFU. Each multiply
-    adds half an ulp of relative error and a relative error r in e becomes about P r in e^P. 0 stays 0,
-    NaN stays NaN."""
+    """e^P for P in [1, 8] by squaring: 0 to 4 multiplies (P = 4: 2; P = 8: 3; P = 7: 4), no MUFU. Each
+    multiply adds half an ulp of relative error and a relative error r in e becomes about P r in e^P.
+    0 stays 0, NaN stays NaN."""
     P_OK: tl.constexpr = P >= 1 and P <= 8
     tl.static_assert(P_OK, "int_power: P in [1, 8]")
     if P == 1:
