@@ -97,11 +97,33 @@ the online sums above -> [every divergence but forward and reverse KL; ensembles
 In bytes per entry, bf16 student and one bf16 teacher: forward/reverse KL 4 + 6 = 10, JSD, skew KL,
 skew reverse KL, TVD, alpha-beta and DKD 14, with ``logit_norm`` 4 more; the minimum (read both, write
 the gradient) is 6. Soft-capping re-caps each entry at each read (a tanh per entry and pass, no
-bytes); ``return_parts`` adds 8 bytes a row. Exps per entry and pass after the log-sum-exps (row_math.h
-counts the C++ kernels'): 2 (q, p), plus 2 for JSD and the skew divergences (log m's exp2 and log2,
-and for the skew divergences one more for p q / m or q / m), 2 or 3 for the alpha-beta divergence,
-none for DKD. The split moves the last pass to the backward, where dL/dloss is known: the same bytes,
-with no read-modify-write of the gradient when dL/dloss != 1.
+bytes); ``return_parts`` adds 8 bytes a row. The split moves the last pass to the backward, where
+dL/dloss is known: the same bytes, with no read-modify-write of the gradient when dL/dloss != 1.
+
+**Exps.** With M the student's row max, u_j = (x_j - M) k_s log2 e and e_j = 2^(u_j) (its exp at T),
+CE's exps at 1 are e^(x_j - M). Without ``logit_norm``, k_s = 1 / T; where T is one number and an
+integer P in [1, 8] (``ce_power``: the kernel's CE_POW; csrc/cpu/common.h's ce_power, the same rule),
+
+    e^(x_j - M) = (e^((x_j - M) / T))^T = e_j^P,
+
+at most 4 multiplies by squaring (``int_power``: 2 at T = 4) and no exp: d_1 = sum_j e_j^P, and
+CE's gradient s_j = e_j^P / d_1. The same M serves both (T > 0 keeps the argmax), as does its running
+rescale: d_1 <- d_1 r_s^P with r_s = 2^((M_old - M_new) k_s log2 e), the student's. A -inf entry has
+e_j = 0 and 0^P = 0; NaN stays NaN. Relative error of e_j^P: about P times e_j's (exp2's few ulp and
+the rounding of k_s log2 e, times |u_j|), plus half an ulp a multiply: at T = 4 about 10 ulp of fp32
+(~1e-6) where CE's own exp2 has a few; every output is still rounded to the tolerance of the dtype.
+A per-row temperature tensor, any other T and ``logit_norm`` (k_s = r_s / T) keep CE's own exp2.
+In the gradient pass q_j = e_j / d_s (1 / d_s once per row), so e_j serves q and s alike.
+MUFU.EX2 per entry (one teacher; a slot is VEC = 16 / element size entries, 8 in bf16, 4 in fp32):
+    log-sum-exps   2 (e, the teacher's) + 2 per slot to rescale (r_s, r_t); + 1 + 1 per slot for CE
+                   without CE_POW
+    gradient       2 (e, p); + 1 for CE without CE_POW
+so forward KL + CE at T = 4 takes 4 + 2 / VEC (4.25 in bf16, 4.5 in fp32) where CE's own exps took
+6 + 3 / VEC. Row sums passes (every divergence but forward and reverse KL) add per entry 2 (q, p),
+plus 2 for JSD and the skew divergences (log m's exp2 and log2, and for the skew divergences one more
+for p q / m or q / m), 2 or 3 for the alpha-beta divergence, none for DKD (row_math.h counts the C++
+kernels'). No exp is taken twice in a pass; the student's e and the teacher's p are taken again in
+the gradient pass, as kept they would move 8 more bytes an entry (fp32 each) through memory.
 
 **Column blocks.** Each step of a pass reads a [ROWS, BLOCK] tile in 16-byte vectors and keeps its
 running values per slot, the VEC entries one thread holds (``reductions.slots``): the steps have no
@@ -125,9 +147,10 @@ from fastkd.kernels.kd_math import (
     DKD,
     FORWARD_KL,
     REVERSE_KL,
-    ce_grad,
+    ce_grad_softmax,
     ce_loss,
     divergence_grad,
+    divergence_terms,
     divergence_tile,
     dkd_grad,
     dkd_row,
@@ -140,6 +163,7 @@ from fastkd.kernels.kd_math import (
 from fastkd.kernels.reductions import (
     LN2,
     LOG2E,
+    int_power,
     lse_empty,
     lse_finish,
     lse_step,
@@ -268,14 +292,17 @@ def _pass_empty(ROWS: tl.constexpr, SLOTS: tl.constexpr):
 
 @triton.jit
 def _pass_rescale(st, ms_to, mt_to, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
-                  HAS_CE: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
-    """The running values of ``st`` rescaled to the larger maxima ms_to, mt_to (module doc)."""
+                  HAS_CE: tl.constexpr, PAIR: tl.constexpr, CE_POW: tl.constexpr):  # fmt: skip
+    """The running values of ``st`` rescaled to the larger maxima ms_to, mt_to (module doc); CE's by
+    r_s^CE_POW (no exp) where CE_POW > 0."""
     ms, ds, d1, xs, mt, dt, e, cs, cq, cp, f = st
     sub_s = safe_max(ms_to)
-    if HAS_CE:
+    if HAS_CE and CE_POW == 0:
         d1 = d1 * tl.exp2((ms - sub_s) * LOG2E)
     if HAS_KD:
         r_s = tl.exp2((ms - sub_s) * ks2)
+        if HAS_CE and CE_POW > 0:
+            d1 = d1 * int_power(r_s, CE_POW)
         if PAIR:
             sub_t = safe_max(mt_to)
             r_t = tl.exp2((mt - sub_t) * kt2)
@@ -294,9 +321,11 @@ def _pass_rescale(st, ms_to, mt_to, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl
 
 @triton.jit
 def _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
-               HAS_CE: tl.constexpr, PAIR: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
+               HAS_CE: tl.constexpr, PAIR: tl.constexpr, CE_POW: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
     """The running values ``st`` ([ROWS, SLOTS]) with the tile x (and the teacher's t, with PAIR) added:
-    one exp2 per entry for each of the student at T, at 1 and the teacher, one per slot to rescale."""
+    one exp2 per entry for each of the student at T, the teacher and (CE_POW = 0) the student at 1, and
+    one per slot for each to rescale; with CE_POW > 0 the student at 1 takes the CE_POW-th powers of the
+    student's exps at T (module doc, "Exps")."""
     x3 = slots(x, SLOTS)
     ms_new = tl.maximum(st[0], slot_max(x3, SLOTS))
     mt_new = st[4]
@@ -304,15 +333,18 @@ def _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.
         t3 = slots(t, SLOTS)
         mt_new = tl.maximum(st[4], slot_max(t3, SLOTS))
     ms, ds, d1, xs, mt, dt, e, cs, cq, cp, f = _pass_rescale(st, ms_new, mt_new, ks2, kt2, DIVERGENCE, NORM, HAS_KD,
-                                                              HAS_CE, PAIR)  # fmt: skip
+                                                              HAS_CE, PAIR, CE_POW)  # fmt: skip
     x_rel = x3 - per_entry(safe_max(ms), SLOTS)
     if HAS_CE:
-        d1 += slot_total(tl.exp2(x_rel * LOG2E), SLOTS)
+        if CE_POW == 0:
+            d1 += slot_total(tl.exp2(x_rel * LOG2E), SLOTS)
         xs += slot_total(tl.where(slots(mask, SLOTS), x3, 0.0), SLOTS)
     if HAS_KD:
         u = x_rel * per_entry(ks2, SLOTS)
         eu = tl.exp2(u)
         ds += slot_total(eu, SLOTS)
+        if HAS_CE and CE_POW > 0:
+            d1 += slot_total(int_power(eu, CE_POW), SLOTS)
         c = tl.zeros_like(u)
         if NORM != NO_NORM:
             c = tl.where(x3 > float("-inf"), x3 - per_entry(mu, SLOTS), 0.0)
@@ -336,12 +368,12 @@ def _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.
 
 @triton.jit
 def _pass_finish(st, ks2, kt2, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
-                 HAS_CE: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+                 HAS_CE: tl.constexpr, PAIR: tl.constexpr, CE_POW: tl.constexpr):  # fmt: skip
     """The rows' values from their slots': [ROWS, SLOTS] -> [ROWS, 1]."""
     ms = tl.max(st[0], 1, keep_dims=True)
     mt = tl.max(st[4], 1, keep_dims=True)
     _, ds, d1, xs, _, dt, e, cs, cq, cp, f = _pass_rescale(st, ms, mt, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE,
-                                                           PAIR)  # fmt: skip
+                                                           PAIR, CE_POW)  # fmt: skip
     return (ms, tl.sum(ds, 1, keep_dims=True), tl.sum(d1, 1, keep_dims=True), tl.sum(xs, 1, keep_dims=True), mt,
             tl.sum(dt, 1, keep_dims=True), tl.sum(e, 1, keep_dims=True), tl.sum(cs, 1, keep_dims=True),
             tl.sum(cq, 1, keep_dims=True), tl.sum(cp, 1, keep_dims=True), tl.sum(f, 1, keep_dims=True))  # fmt: skip
@@ -457,18 +489,22 @@ def _dkd_norm_sums(g_sum, w_a, w_b, l2q_y, c_y, big_a, big_b, pc_rest, qc_rest):
 
 
 @triton.jit
-def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean, kd_scale, ce_scale, beta,
-          ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
-          HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
-    """dL/dx of a tile given the row statistics ([ROWS, 1]; w_a and w_b DKD's, ``dkd_row``), kd_scale =
-    alpha c times the gradient's scale, ce_scale = (1 - alpha) times it, and ``hit``, the entry of the
-    target; and the tile's loss terms (bits). With SOFTCAP, x is the capped tile and dL/dx is taken wrt
-    the raw logits."""
+def _grad(x, l2p, hit, m_s, k_s, l2d_s, inv_d_s, inv_d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean, kd_scale, ce_scale,
+          beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE: tl.constexpr, NORM: tl.constexpr, HAS_KD: tl.constexpr,
+          HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """dL/dx of a tile given the row statistics ([ROWS, 1]; inv_d_s = 1 / d_s and inv_d_1 = 1 / d_1, the
+    student's sum-exps at T and at 1; w_a and w_b DKD's, ``dkd_row``), kd_scale = alpha c times the
+    gradient's scale, ce_scale = (1 - alpha) times it, and ``hit``, the entry of the target; and the
+    tile's loss terms (bits). q = e_s / d_s and s = e_1 / d_1 from the exps e_s = 2^u, u = (x - M) k_s
+    log2 e, and e_1 = e^(x - M), which is e_s^CE_POW where CE_POW > 0 (module doc, "Exps"). With
+    SOFTCAP, x is the capped tile and dL/dx is taken wrt the raw logits."""
     grad = tl.zeros_like(x)
     terms = tl.zeros_like(x)
+    x_rel = x - safe_max(m_s)
     if HAS_KD:
-        q, p, terms, h, g = divergence_tile((x - safe_max(m_s)) * (k_s * LOG2E) - l2d_s, l2p, beta, ab_a, ab_b,
-                                            DIVERGENCE)  # fmt: skip
+        u = x_rel * (k_s * LOG2E)
+        e_s = tl.exp2(u)
+        q, p, terms, h, g = divergence_terms(e_s * inv_d_s, u - l2d_s, l2p, beta, ab_a, ab_b, DIVERGENCE)
         if DIVERGENCE == DKD:
             g = dkd_grad(q, p, hit, qh_sum, w_a, w_b)
         else:
@@ -479,7 +515,11 @@ def _grad(x, l2p, hit, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_m
         # kd_scale 0 (alpha = 0, with RETURN_PARTS): no KD term in the loss, none in the gradient, not 0 x inf
         grad = tl.where(kd_scale != 0, (kd_scale * k_s) * g, 0.0)
     if HAS_CE:
-        grad += ce_scale * ce_grad(x, hit, safe_max(m_s), l2d_1, ls_eps, n_cols)
+        if CE_POW > 0:
+            e_1 = int_power(e_s, CE_POW)
+        else:
+            e_1 = tl.exp2(x_rel * LOG2E)
+        grad += ce_scale * ce_grad_softmax(e_1 * inv_d_1, hit, ls_eps, n_cols)
     return soft_cap_grad(grad, x, cap, SOFTCAP), terms
 
 
@@ -539,6 +579,7 @@ def kd_loss_kernel(
     PHASE: tl.constexpr,
     SOFTCAP: tl.constexpr,  # student and teacher logits capped to cap tanh(z / cap) first
     RETURN_PARTS: tl.constexpr,  # write PARTS (HAS_KD and, with a target, HAS_CE whatever alpha)
+    CE_POW: tl.constexpr,  # 0: CE takes its own exps; P: the P-th powers of the student's (T = P, ce_power)
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -549,6 +590,8 @@ def kd_loss_kernel(
     PAIR: tl.constexpr = HAS_KD and not ENSEMBLE  # one teacher: its row sums online, with the student's
     # The divergences whose row sums need both rows' normalizers first (a pass of their own).
     ROW_SUMS: tl.constexpr = DIVERGENCE != FORWARD_KL and DIVERGENCE != REVERSE_KL
+    CE_POW_OK: tl.constexpr = CE_POW == 0 or (HAS_KD and HAS_CE and NORM == NO_NORM and not HAS_T)
+    tl.static_assert(CE_POW_OK, "CE_POW > 0 needs KD, CE, no logit_norm and one temperature (ce_power)")
     if ALIGN != 0 and ENSEMBLE:
         stride_tk = tl.multiple_of(stride_tk, VEC)
     x_off, head, n_body = row_body(rows64, stride_x, n_cols, VEC, ALIGN)
@@ -641,7 +684,7 @@ def kd_loss_kernel(
         st = _pass_empty(ROWS, SLOTS)
         if ONE_BLOCK:
             st = _pass_step(
-                st, x_b, t_b, body_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS
+                st, x_b, t_b, body_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, CE_POW, SLOTS
             )
         else:
             for start in range(0, n_cols, BLOCK):
@@ -650,10 +693,14 @@ def kd_loss_kernel(
                 t = t_b
                 if PAIR:
                     t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
-                st = _pass_step(st, x, t, mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, SLOTS)
-        st = _pass_finish(st, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR)
+                st = _pass_step(
+                    st, x, t, mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, CE_POW, SLOTS
+                )
+        st = _pass_finish(st, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, CE_POW)
         if EDGE:
-            st = _pass_step(st, x_e, t_e, edge_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, 1)
+            st = _pass_step(
+                st, x_e, t_e, edge_mask, mu, ks2, kt2, DIVERGENCE, NORM, HAS_KD, HAS_CE, PAIR, CE_POW, 1
+            )
         m_s, d_s, d_1, x_sum, m_1, d_t, e, c_sum, c_q, c_p, f = st
         l2d_s = tl.log2(d_s)
         l2d_1 = tl.log2(d_1)
@@ -777,13 +824,15 @@ def kd_loss_kernel(
     ):
         kd_scale = tl.where(valid, kd_weight * grad_scale, 0.0)
         ce_scale = tl.where(valid, ce_weight * grad_scale, 0.0)
+        inv_d_s = tl.exp2(-l2d_s)  # once per row: the pass multiplies
+        inv_d_1 = tl.exp2(-l2d_1)
         kd_acc = tl.zeros([ROWS, SLOTS], tl.float32)
         if ONE_BLOCK:
             l2p = _teacher_log2_prob(t_b, t_body + cols, body_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
                                      cap, ENSEMBLE, SOFTCAP)  # fmt: skip
-            grad, terms = _grad(x_b, l2p, cols == y_body, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean,
-                                kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
-                                HAS_CE, SOFTCAP)  # fmt: skip
+            grad, terms = _grad(x_b, l2p, cols == y_body, m_s, k_s, l2d_s, inv_d_s, inv_d_1, qh_sum, w_a, w_b, mu,
+                                w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE,
+                                NORM, HAS_KD, HAS_CE, CE_POW, SOFTCAP)  # fmt: skip
             kd_acc += slot_sum(tl.where(body_mask, terms, 0.0), SLOTS)
             if NEED_GRAD:
                 tl.store(g_body + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=body_mask)
@@ -796,9 +845,9 @@ def kd_loss_kernel(
                     t = _logits(t_body + start + cols, mask, cap, SOFTCAP)
                 l2p = _teacher_log2_prob(t, t_body + start + cols, mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk,
                                          cap, ENSEMBLE, SOFTCAP)  # fmt: skip
-                grad, terms = _grad(x, l2p, cols == y_body - start, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu,
-                                    w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap,
-                                    DIVERGENCE, NORM, HAS_KD, HAS_CE, SOFTCAP)  # fmt: skip
+                grad, terms = _grad(x, l2p, cols == y_body - start, m_s, k_s, l2d_s, inv_d_s, inv_d_1, qh_sum, w_a,
+                                    w_b, mu, w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols,
+                                    cap, DIVERGENCE, NORM, HAS_KD, HAS_CE, CE_POW, SOFTCAP)  # fmt: skip
                 kd_acc += slot_sum(tl.where(mask, terms, 0.0), SLOTS)
                 if NEED_GRAD:
                     tl.store(
@@ -809,9 +858,9 @@ def kd_loss_kernel(
             l2p_e = _teacher_log2_prob(
                 t_e, t_edge, edge_mask, kt2, m_t, l2d_t, kk, n_teachers, stride_tk, cap, ENSEMBLE, SOFTCAP
             )
-            grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, l2d_1, qh_sum, w_a, w_b, mu, w_norm, g_mean,
-                                kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, NORM, HAS_KD,
-                                HAS_CE, SOFTCAP)  # fmt: skip
+            grad, terms = _grad(x_e, l2p_e, edge == y, m_s, k_s, l2d_s, inv_d_s, inv_d_1, qh_sum, w_a, w_b, mu,
+                                w_norm, g_mean, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE,
+                                NORM, HAS_KD, HAS_CE, CE_POW, SOFTCAP)  # fmt: skip
             kd_row += tl.sum(tl.where(edge_mask, terms, 0.0), 1, keep_dims=True)
             if NEED_GRAD:
                 tl.store(
@@ -869,6 +918,17 @@ def launch_config(n_cols: int, vec: int) -> tuple[int, int, bool, int, int]:
     rows = min(max(1, 1024 // block), 32)
     tile = rows * block
     return rows, block, True, 1, 4 if tile <= 1024 else 8 if tile <= 2048 else 16
+
+
+def ce_power(temperature, logit_norm: str | None, has_kd: bool, has_ce: bool) -> int:
+    """The kernel's CE_POW: T where the temperature is one number T, an integer in [1, 8], with KD and CE
+    both in the loss and no ``logit_norm`` (the student's exps at T are e^((x - max x) / T), and CE's
+    e^(x - max x) their T-th powers); else 0 (CE takes its own exps: a per-row temperature tensor, any
+    other T, or normalized logits, whose scale is not 1 / T). csrc/cpu/common.h's ce_power, the same rule."""
+    if not (has_kd and has_ce) or logit_norm is not None or not isinstance(temperature, int | float):
+        return 0
+    power = round(temperature)
+    return power if power == temperature and 1 <= power <= 8 else 0
 
 
 def loop_max_registers(n_teachers: int, logit_norm: str | None, edge: bool, divergence: str) -> int:

@@ -54,7 +54,13 @@ def _ratio(l2a, l2m):
 
 @triton.jit
 def divergence_tile(l2q, l2p, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr):
-    """(q, p, loss terms, h, g) per entry from log2 q and log2 p (the module doc of ``kernels/kd_loss.py``
+    """``divergence_terms`` with q = 2^(log2 q) (one exp2 per entry)."""
+    return divergence_terms(tl.exp2(l2q), l2q, l2p, beta, ab_a, ab_b, DIVERGENCE)
+
+
+@triton.jit
+def divergence_terms(q, l2q, l2p, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr):
+    """(q, p, loss terms, h, g) per entry from q, log2 q and log2 p (the module doc of ``kernels/kd_loss.py``
     states each divergence). The terms are in bits (a divergence without logs: its value times log2 e).
     The gradient D'_j = dD/du_j (``divergence_grad``) takes g_j = dD/d(log q_j) and its row sum G:
     reverse_kl and jsd g = q h in bits with h as in the module doc (zero for forward_kl, which needs
@@ -62,8 +68,9 @@ def divergence_tile(l2q, l2p, beta, ab_a, ab_b, DIVERGENCE: tl.constexpr):
     skew), ab_a and ab_b the alpha-beta divergence's (AB: both > 0; AB_B0: b = 0; AB_A0: a = 0). The
     terms of a probability 0 are 0; a NaN probability (a NaN logit, a bad temperature) gives NaN terms
     (``!= 0``, not ``> 0``, which would read NaN as 0). DKD's row is not a sum of per-entry terms: its
-    tile gives forward KL's terms and g = p, which the row-sums pass sums off the target (``dkd_row``)."""
-    q = tl.exp2(l2q)
+    tile gives forward KL's terms and g = p, which the row-sums pass sums off the target (``dkd_row``).
+    q comes from the caller (``divergence_tile``: 2^(log2 q); the dense kernel's gradient pass: the
+    student's exps it shares with CE, times 1 / d_s)."""
     p = tl.exp2(l2p)
     zero = tl.zeros_like(q)
     if DIVERGENCE == FORWARD_KL:
@@ -187,9 +194,14 @@ def ce_loss(m, ln_d, x_y, x_sum, ls_eps, n_cols):
 
 @triton.jit
 def ce_grad(x, hit, m, l2d, ls_eps, n_cols):
-    """dCE/dx of a tile: softmax(x) - (1 - eps) [j = y] - eps / V, from the rows' max m and log2 of
-    their sum-exp l2d ([ROWS, 1]); ``hit`` is [j = y]."""
-    s = tl.exp2((x - m) * LOG2E - l2d)
+    """``ce_grad_softmax`` of s = softmax(x) = 2^((x - m) log2 e - l2d), from the rows' max m and log2 of
+    their sum-exp l2d ([ROWS, 1])."""
+    return ce_grad_softmax(tl.exp2((x - m) * LOG2E - l2d), hit, ls_eps, n_cols)
+
+
+@triton.jit
+def ce_grad_softmax(s, hit, ls_eps, n_cols):
+    """dCE/dx of a tile from its softmax s: s - (1 - eps) [j = y] - eps / V; ``hit`` is [j = y]."""
     return s - tl.where(hit, 1.0 - ls_eps, 0.0) - ls_eps / n_cols
 
 

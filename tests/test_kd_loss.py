@@ -126,6 +126,60 @@ def test_widths_by_dtype(backend, width, dtype):
     check(student, teacher, targets(3, width), backend, temperature=2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [1, 7, 1000, 4097, 5003])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 4.0, 8.0, 3.5, "per_row"])
+def test_forward_kl_ce_temperatures(backend, temperature, width, dtype):
+    """Forward KL + CE (label smoothing) where the Triton kernel takes CE's exps e^(x - max x) as the
+    T-th powers of the student's e^((x - max x) / T) (T an integer in [1, 8]) and where CE takes its
+    own (T = 3.5; a per-row tensor of 1, 2, 4, 3.5): one block (1, 7, 1000) and the column loop (4097,
+    5003: rows with an edge), against float64."""
+    student, teacher = logits(4, width, dtype=dtype), logits(4, width, dtype=dtype, seed=1)
+    t = torch.tensor([1.0, 2.0, 4.0, 3.5], device=DEVICE) if temperature == "per_row" else temperature
+    check(student, teacher, targets(4, width), backend, temperature=t, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [1000, 5003])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 4.0, 8.0])
+def test_integer_temperature_as_a_tensor(backend, temperature, width, dtype):
+    """An integer temperature as a number (the Triton kernel: CE's exps as powers of the student's, a
+    relative error of about T ulp) and as a per-row tensor of the same value (CE's own exps): the same
+    loss (within float32's tolerance) and gradient (within the dtype's)."""
+    student, teacher, target = logits(4, width, dtype=dtype), logits(4, width, dtype=dtype, seed=1), targets(4, width)
+    options = {"label_smoothing": 0.1, "reduction": "none"}
+    loss, grad = run(student, teacher, target, backend, temperature=temperature, **options)
+    want_loss, want_grad = run(student, teacher, target, backend, temperature=torch.full((4,), temperature,
+                               device=DEVICE), **options)  # fmt: skip
+    assert_close(loss, want_loss.double(), torch.float32)
+    assert_close(grad, want_grad.double(), dtype, scale=max(finite_max(want_grad), row_weight(student, target,
+                 **options)))  # fmt: skip
+
+
+def test_ce_power_rule():
+    """The Triton kernel's CE_POW: T for one number T that is an integer in [1, 8], with KD and CE and no
+    logit_norm; else 0 (CE's own exps)."""
+    from fastkd.kernels.kd_loss import ce_power
+
+    assert [ce_power(t, None, True, True) for t in (1.0, 2, 3.0, 4.0, 8.0)] == [1, 2, 3, 4, 8]
+    assert [ce_power(t, None, True, True) for t in (3.5, 0.5, 9.0, 16.0, 1.0 + 1e-7)] == [0] * 5
+    assert ce_power(torch.tensor(4.0), None, True, True) == 0 and ce_power(torch.full((3,), 4.0), None, True, True) == 0
+    assert ce_power(4.0, "standardize", True, True) == 0 and ce_power(4.0, "spherical", True, True) == 0
+    assert ce_power(4.0, None, False, True) == 0 and ce_power(4.0, None, True, False) == 0
+
+
+@pytest.mark.parametrize("temperature", [4.0, 3.5])
+@pytest.mark.parametrize("width", [10, 4097])
+def test_nan_student_logit_gives_a_nan_row(backend, temperature, width):
+    """NaN in, NaN out through the student's exps and CE's (powers of them at T = 4, their own at 3.5)."""
+    student, teacher = logits(3, width, seed=60), logits(3, width, seed=61)
+    student[1, 3] = math.nan
+    target = torch.tensor([1, 2, 3], device=DEVICE)
+    loss, grad = run(student, teacher, target, backend, temperature=temperature, reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
+    assert grad[1].isnan().any() and not grad[[0, 2]].isnan().any()
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -101,6 +101,7 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
     )  # fmt: skip
     budget = {} if one_block else {"maxnreg": kd_kernels.loop_max_registers(n_teachers, options.logit_norm, edge,
                                                                            options.divergence)}  # fmt: skip
+    has_kd, has_ce = options.alpha > 0 or parts, target is not None and (options.alpha < 1 or parts)
     with on_device(student):
         kd_kernels.kd_loss_kernel[(triton.cdiv(n_rows, rows),)](
             student, teacher, target, out.rows, out.parts if parts else None, grad if need_grad else student, stats,
@@ -111,14 +112,13 @@ def _kd_launch(student: Tensor, teacher: Tensor, target: Tensor | None, options:
             grad.stride(0) if need_grad else 0, t.stride, tt.stride,
             grad_output.stride(0) if grad_output is not None and grad_output.dim() else 0,
             DIVERGENCE=kd_math.divergence_code(options.divergence, options.ab_alpha, options.ab_beta),
-            NORM=kd_kernels.NORMS[options.logit_norm], HAS_KD=options.alpha > 0 or parts,
-            HAS_CE=target is not None and (options.alpha < 1 or parts), HAS_TARGET=target is not None,
+            NORM=kd_kernels.NORMS[options.logit_norm], HAS_KD=has_kd, HAS_CE=has_ce, HAS_TARGET=target is not None,
             NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad or phase == "grad", T_SQUARED=options.temperature_squared,
             HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None, ENSEMBLE=n_teachers > 1,
             K_BLOCK=triton.next_power_of_2(n_teachers), ROWS=rows, BLOCK=block, ONE_BLOCK=one_block, SLOTS=slots,
             VEC=vec, ALIGN=align, EDGE=edge, PHASE=kd_kernels.PHASES[phase], SOFTCAP=options.softcap is not None,
-            RETURN_PARTS=parts, num_warps=num_warps,
-            **budget,
+            RETURN_PARTS=parts, CE_POW=kd_kernels.ce_power(options.temperature, options.logit_norm, has_kd, has_ce),
+            num_warps=num_warps, **budget,
         )  # fmt: skip
 
 
