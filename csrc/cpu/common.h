@@ -49,45 +49,49 @@ using at::vec::Vectorized;
 template <typename T>
 using Vec = Vectorized<T>;
 
-// 2^n 2^f of float vectors n (integers in [-150, 128], or NaN) and f in about [-1/2, 1/2]: 2^f by a degree-6
-// polynomial 1 + f ln 2 + f^2 Q(f) (Q fitted for the relative error over [-1/2, 1/2]: 3.6e-9 in float64, so
-// float32's rounding, 1.2e-7 evaluated, is all), times 2^n built in the exponent bits. n <= -127 (where the
-// true value is a denormal) makes the scale 0; n = 128 makes it +inf; NaN gives NaN (a NaN polynomial times a
-// 0 scale). 12 vector instructions.
-C10_ALWAYS_INLINE Vec<float> exp2_parts(Vec<float> n, Vec<float> f) {
+// 1.5 2^23: adding it to a float w in [-2^22, 2^22] rounds w to the nearest integer n (ties to even) and
+// leaves n in the low bits of the sum; subtracting it gives n as a float.
+constexpr float ROUND_MAGIC = 12582912.0f;
+
+// 2^n 2^f of float vectors, n an integer in [-127, 128] given as t = n + ROUND_MAGIC, f in about [-1/2, 1/2]:
+// 2^f by a degree-6 polynomial 1 + f ln 2 + f^2 Q(f) (Q fitted for the relative error over [-1/2, 1/2]:
+// 3.6e-9 in float64, so float32's rounding, 1.2e-7 evaluated, is all), times 2^n built in the exponent bits
+// from t's low bits. n = -127 (where the true value is a denormal) makes the scale 0; n = 128 makes it +inf; a
+// NaN f gives NaN. 10 vector instructions.
+C10_ALWAYS_INLINE Vec<float> exp2_parts(Vec<float> t, Vec<float> f) {
   Vec<float> p(1.5252789782e-4f);
   p = at::vec::fmadd(p, f, Vec<float>(1.3390494742e-3f));
   p = at::vec::fmadd(p, f, Vec<float>(9.6187844028e-3f));
   p = at::vec::fmadd(p, f, Vec<float>(5.5503615083e-2f));
   p = at::vec::fmadd(p, f, Vec<float>(2.4022645271e-1f));
   p = at::vec::fmadd(p, f * f, at::vec::fmadd(f, Vec<float>(6.9314718056e-1f), Vec<float>(1.0f)));
-  Vectorized<int32_t> bits = at::vec::maximum(at::vec::convert_to_int_of_same_size(n), Vectorized<int32_t>(-127));
-  bits = (bits + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
+  Vectorized<int32_t> bits = (at::vec::cast<int32_t>(t) + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
   return p * at::vec::cast<float>(bits);
 }
 
-// 2^w for w <= 128 (or NaN), clamped below at -150 (NaN kept): 0 below about -126.5 and at -inf. The kernels
-// exponentiate with log2(e) folded into the row's scale, e^((x - m) k) = 2^((x - m) c), c = k log2(e): 15
-// vector instructions for the exp, where vexp takes 19.
+// 2^w for w <= 128 (or NaN), clamped below at -127 (NaN kept): 0 below -126.5 and at -inf. The kernels
+// exponentiate with log2(e) folded into the row's scale, e^((x - m) k) = 2^((x - m) c), c = k log2(e): 14
+// vector instructions for the exp, where vexp takes 17.
 C10_ALWAYS_INLINE Vec<float> vexp2(Vec<float> w) {
-  Vec<float> wc = at::vec::clamp_min(w, Vec<float>(-150.0f));  // keeps NaN
-  Vec<float> n = wc.round();
-  return exp2_parts(n, wc - n);
+  Vec<float> wc = at::vec::clamp_min(w, Vec<float>(-127.0f));  // keeps NaN
+  Vec<float> t = wc + Vec<float>(ROUND_MAGIC);
+  return exp2_parts(t, wc - (t - Vec<float>(ROUND_MAGIC)));
 }
 
 constexpr double LOG2E = 1.4426950408889634074;
 
-// e^x of a float vector, x clamped to [-104, 88.72] (NaN kept): Cody-Waite reduction x = n ln 2 + r, |r| <=
+// e^x of a float vector, x clamped to [-88, 88.72] (NaN kept): Cody-Waite reduction x = n ln 2 + r, |r| <=
 // ln 2 / 2, with ln 2 in two parts (r exact where x log2(e), rounded, would lose |x| 2^-24), then 2^(r log2(e))
 // as above: within 1.4e-7 relative of exp over [-87, -17] (measured), 0 below about -87.7 and at -inf, +inf from
-// 88.38 (within 0.35 of float's overflow: the kernels exponentiate x - max x <= 0 and log-probabilities). 19
+// 88.38 (within 0.35 of float's overflow: the kernels exponentiate x - max x <= 0 and log-probabilities). 17
 // vector instructions, against Sleef's exp_u10 (Vectorized::exp) at several times that.
 C10_ALWAYS_INLINE Vec<float> vexp(Vec<float> x) {
-  Vec<float> xc = at::vec::clamp(x, Vec<float>(-104.0f), Vec<float>(88.72f));
-  Vec<float> n = (xc * Vec<float>(float(LOG2E))).round();
+  Vec<float> xc = at::vec::clamp(x, Vec<float>(-88.0f), Vec<float>(88.72f));
+  Vec<float> t = at::vec::fmadd(xc, Vec<float>(float(LOG2E)), Vec<float>(ROUND_MAGIC));
+  Vec<float> n = t - Vec<float>(ROUND_MAGIC);
   Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), xc);
   r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
-  return exp2_parts(n, r * Vec<float>(float(LOG2E)));
+  return exp2_parts(t, r * Vec<float>(float(LOG2E)));
 }
 
 inline Vec<double> vexp2(Vec<double> w) { return w.exp2(); }
