@@ -39,8 +39,9 @@ entries one thread reads as a vector of the aligned body (``reductions.row_body`
 wider ones in column blocks with per-slot running values, as in ``kernels/kd_loss.py``):
 
     1. max, sum-exps at T (d) and at 1 (CE), over the bucket (r: with the bitmap, when the bucket or a
-       divergence other than forward KL needs q_R), sum x (label smoothing); 2 exps per entry
-    2. the gradient outside I (2 exps per entry: e at T and CE's at 1)
+       divergence other than forward KL needs q_R), sum x (label smoothing); 2 exps per entry, 1 with
+       CE_POW (below)
+    2. the gradient outside I (2 exps per entry: e at T and CE's at 1; 1 with CE_POW)
 
 and over the k entries (one tile held in registers when k <= ``MAX_K_BLOCK``, else three loops): the
 teacher's normalizer; the loss terms and G (gathering x at I); the gradient at I. In bytes per entry for
@@ -48,6 +49,20 @@ a bf16 row wider than one block: 2 + 2 + 2 (write) = 6, plus 1/8 for the bitmap 
 a row held in registers 4 (+ 1/8). With ``inplace_grad`` (the gradient written over x) and k above
 ``MAX_K_BLOCK`` the launcher gathers x at I first (``XT``), as the dense pass overwrites it.
 Indices must be distinct within a row; one outside [0, V) makes its row NaN.
+
+**Exps** (``kernels/kd_loss.py``'s module doc, "Exps", states the rule and its error). With m the
+student's row max, e_l = 2^((x_l - m) ks2), ks2 = log2(e) / T, is its exp at T, and CE's exp at 1 is
+e^(x_l - m) = e_l^T. Where T is one number and an integer P in [1, 8] with KD and CE in the loss
+(``kd_loss.ce_power``, the same rule as the dense kernel's: the kernel's CE_POW), CE takes no exp of its
+own: d_1 = sum_l e_l^P (``reductions.int_power``: at most 4 multiplies), rescaled as the running max grows
+by rescale^P, rescale = 2^((m_old - m_new) ks2) being d's; CE's softmax in the gradient is e_l^P / d_1
+(``kd_math.ce_grad_softmax``, 1 / d_1 once per row; log2 d_1 still gives CE's loss). At I one exp2 an
+entry, e_l, gives q_l = e_l / d and CE's e_l^P alike. A -inf entry has e_l = 0 and 0^P = 0; NaN stays NaN.
+CE_POW = 0 (a per-row temperature tensor, any other T, no KD or no CE term) keeps CE's own exp2 at 1.
+MUFU.EX2 per entry of the student row: without CE_POW 2 + 2 per slot (pass 1: e, CE's, and their
+rescales) and 2 (pass 2); with CE_POW 1 + 1 per slot and 1: forward KL + CE at T = 4 takes 2 + 1 / VEC
+where CE's own exps took 4 + 2 / VEC (a slot is VEC = 16 / element size entries; one block: 1 slot a row),
+plus the k entries' few (the teacher's normalizer, the terms and the gradient at I).
 """
 
 from __future__ import annotations
@@ -60,8 +75,10 @@ from fastkd.kernels.kd_loss import launch_config as dense_launch_config
 from fastkd.kernels.kd_math import (
     FORWARD_KL,
     ce_grad,
+    ce_grad_softmax,
     ce_loss,
     divergence_grad,
+    divergence_terms,
     divergence_tile,
     grad_factor,
     row_setup,
@@ -72,6 +89,7 @@ from fastkd.kernels.kd_math import (
 from fastkd.kernels.reductions import (
     LN2,
     LOG2E,
+    int_power,
     per_entry,
     row_body,
     row_edge,
@@ -111,10 +129,12 @@ def _stats_empty(ROWS: tl.constexpr, SLOTS: tl.constexpr):
 
 @triton.jit
 def _stats_step(st, x, top, mask, ks2, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, NEED_REST: tl.constexpr,
-                SLOTS: tl.constexpr):  # fmt: skip
+                CE_POW: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
     """The running values ``st`` ([ROWS, SLOTS]) with the tile x added: the max, d = sum 2^((x - max) k)
     at the rows' scale ks2 ([ROWS, 1], log2 e / T), r the same over the entries not in ``top``, d_1 at
-    T = 1 and sum x; one exp2 per entry at T and one at 1, one per slot each to rescale."""
+    T = 1 and sum x; one exp2 per entry at T and (CE_POW = 0) one at 1, one per slot each to rescale.
+    With CE_POW > 0, d_1 sums the CE_POW-th powers of the exps at T and rescales by their rescale's
+    (module doc, "Exps")."""
     m, d, d_1, r, x_sum = st
     x3 = slots(x, SLOTS)
     m_new = tl.maximum(m, slot_max(x3, SLOTS))
@@ -126,20 +146,27 @@ def _stats_step(st, x, top, mask, ks2, HAS_KD: tl.constexpr, HAS_CE: tl.constexp
         d = d * rescale + slot_total(e, SLOTS)
         if NEED_REST:
             r = r * rescale + slot_total(tl.where(slots(top, SLOTS), 0.0, e), SLOTS)
+        if HAS_CE and CE_POW > 0:
+            d_1 = d_1 * int_power(rescale, CE_POW) + slot_total(int_power(e, CE_POW), SLOTS)
     if HAS_CE:
-        d_1 = d_1 * tl.exp2((m - sub) * LOG2E) + slot_total(tl.exp2(x_rel * LOG2E), SLOTS)
+        if CE_POW == 0:
+            d_1 = d_1 * tl.exp2((m - sub) * LOG2E) + slot_total(tl.exp2(x_rel * LOG2E), SLOTS)
         x_sum += slot_total(tl.where(slots(mask, SLOTS), x3, 0.0), SLOTS)
     return m_new, d, d_1, r, x_sum
 
 
 @triton.jit
-def _stats_finish(st, ks2):
+def _stats_finish(st, ks2, CE_POW: tl.constexpr):
     """The rows' values from their slots': [ROWS, SLOTS] -> [ROWS, 1]."""
     m, d, d_1, r, x_sum = st
     m_row = tl.max(m, 1, keep_dims=True)
     sub = safe_max(m_row)
     rescale = tl.exp2((m - sub) * ks2)
-    return (m_row, tl.sum(d * rescale, 1, keep_dims=True), tl.sum(d_1 * tl.exp2((m - sub) * LOG2E), 1, keep_dims=True),
+    if CE_POW > 0:
+        rescale_1 = int_power(rescale, CE_POW)
+    else:
+        rescale_1 = tl.exp2((m - sub) * LOG2E)
+    return (m_row, tl.sum(d * rescale, 1, keep_dims=True), tl.sum(d_1 * rescale_1, 1, keep_dims=True),
             tl.sum(r * rescale, 1, keep_dims=True), tl.sum(x_sum, 1, keep_dims=True))  # fmt: skip
 
 
@@ -184,10 +211,12 @@ def _terms_step(st, x_top, l2p, kmask, m_s, ks2, l2d_s, beta, ab_a, ab_b, DIVERG
 
 
 @triton.jit
-def _grad_rest(x, hit, m_s, ks2, l2d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps, n_cols, cap, HAS_KD: tl.constexpr,
-               HAS_CE: tl.constexpr, NEED_REST: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+def _grad_rest(x, hit, m_s, ks2, l2d_1, inv_d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps, n_cols, cap,
+               HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, NEED_REST: tl.constexpr, CE_POW: tl.constexpr,
+               SOFTCAP: tl.constexpr):  # fmt: skip
     """dL/dx of a tile by the formula of the columns outside I (module doc): kd_scale (w_q e + w_r e / r)
-    with w_q = -f G / d and w_r = f g_R, plus CE's; ``hit`` marks the target."""
+    with w_q = -f G / d and w_r = f g_R, plus CE's; ``hit`` marks the target. CE's softmax is
+    e^CE_POW / d_1 (inv_d_1 = 1 / d_1) where CE_POW > 0, else 2^((x - m) log2 e - log2 d_1)."""
     grad = tl.zeros_like(x)
     if HAS_KD:
         e = tl.exp2((x - m_s) * ks2)
@@ -196,21 +225,34 @@ def _grad_rest(x, hit, m_s, ks2, l2d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_ep
             g += w_r * (e / tl.where(r_s > 0, r_s, 1.0))
         grad = kd_scale * g
     if HAS_CE:
-        grad += ce_scale * ce_grad(x, hit, m_s, l2d_1, ls_eps, n_cols)
+        if CE_POW > 0:
+            grad += ce_scale * ce_grad_softmax(int_power(e, CE_POW) * inv_d_1, hit, ls_eps, n_cols)
+        else:
+            grad += ce_scale * ce_grad(x, hit, m_s, l2d_1, ls_eps, n_cols)
     return soft_cap_grad(grad, x, cap, SOFTCAP)
 
 
 @triton.jit
-def _grad_top(x_top, l2p, hit, m_s, ks2, l2d_s, l2d_1, g_sum, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols,
-              cap, DIVERGENCE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
-              SOFTCAP: tl.constexpr):  # fmt: skip
-    """dL/dx at a step of the k entries: kd_scale (g_l - q_l G) (``kd_math.divergence_grad``) plus CE's."""
+def _grad_top(x_top, l2p, hit, m_s, ks2, l2d_s, inv_d_s, l2d_1, inv_d_1, g_sum, kd_scale, ce_scale, beta, ab_a, ab_b,
+              ls_eps, n_cols, cap, DIVERGENCE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
+              CE_POW: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """dL/dx at a step of the k entries: kd_scale (g_l - q_l G) (``kd_math.divergence_grad``) plus CE's.
+    With CE_POW > 0 one exp2 an entry, e = 2^((x - m) ks2), serves both: q = e / d_s (inv_d_s = 1 / d_s)
+    and CE's softmax e^CE_POW / d_1."""
     grad = tl.zeros_like(x_top)
     if HAS_KD:
-        q, p, _, h, g = divergence_tile((x_top - m_s) * ks2 - l2d_s, l2p, beta, ab_a, ab_b, DIVERGENCE)
+        u = (x_top - m_s) * ks2
+        if CE_POW > 0:
+            e = tl.exp2(u)
+            q, p, _, h, g = divergence_terms(e * inv_d_s, u - l2d_s, l2p, beta, ab_a, ab_b, DIVERGENCE)
+        else:
+            q, p, _, h, g = divergence_tile(u - l2d_s, l2p, beta, ab_a, ab_b, DIVERGENCE)
         grad = kd_scale * divergence_grad(q, p, h, g, g_sum, beta, DIVERGENCE)
     if HAS_CE:
-        grad += ce_scale * ce_grad(x_top, hit, m_s, l2d_1, ls_eps, n_cols)
+        if CE_POW > 0:
+            grad += ce_scale * ce_grad_softmax(int_power(e, CE_POW) * inv_d_1, hit, ls_eps, n_cols)
+        else:
+            grad += ce_scale * ce_grad(x_top, hit, m_s, l2d_1, ls_eps, n_cols)
     return soft_cap_grad(grad, x_top, cap, SOFTCAP)
 
 
@@ -271,7 +313,10 @@ def kd_loss_topk_fwd_kernel(
     ONE_K: tl.constexpr,  # k <= K_BLOCK: the k entries held in registers
     SOFTCAP: tl.constexpr,  # the student's logits capped to cap tanh(z / cap) first
     RETURN_PARTS: tl.constexpr,
+    CE_POW: tl.constexpr,  # 0: CE takes its own exps; P: the P-th powers of the student's (T = P, ce_power)
 ):
+    CE_POW_OK: tl.constexpr = CE_POW == 0 or (HAS_KD and HAS_CE and not HAS_T)
+    tl.static_assert(CE_POW_OK, "CE_POW > 0 needs KD, CE and one temperature (kd_loss.ce_power)")
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -309,7 +354,7 @@ def kd_loss_topk_fwd_kernel(
         top = no_top
         if NEED_REST:
             top = _in_top(BITS, bits_row, base + groups, ok & (groups < n_body), GROUP)
-        st = _stats_step(st, x_b, top, body_mask, ks2, HAS_KD, HAS_CE, NEED_REST, SLOTS)
+        st = _stats_step(st, x_b, top, body_mask, ks2, HAS_KD, HAS_CE, NEED_REST, CE_POW, SLOTS)
     else:
         for start in range(0, n_cols, BLOCK):
             mask = ok & (start + cols < n_body)
@@ -317,18 +362,20 @@ def kd_loss_topk_fwd_kernel(
             top = no_top
             if NEED_REST:
                 top = _in_top(BITS, bits_row, base + start + groups, ok & (start + groups < n_body), GROUP)
-            st = _stats_step(st, x, top, mask, ks2, HAS_KD, HAS_CE, NEED_REST, SLOTS)
-    st = _stats_finish(st, ks2)
+            st = _stats_step(st, x, top, mask, ks2, HAS_KD, HAS_CE, NEED_REST, CE_POW, SLOTS)
+    st = _stats_finish(st, ks2, CE_POW)
     if EDGE:
         x_e = _logits(X + rows64[:, None] * stride_x + edge, edge_mask, cap, SOFTCAP)
         top_e = edge < 0
         if NEED_REST:
             top_e = _in_top(BITS, bits_row, edge + (base - head), edge_mask, 1)
-        st = _stats_step(st, x_e, top_e, edge_mask, ks2, HAS_KD, HAS_CE, NEED_REST, 1)
+        st = _stats_step(st, x_e, top_e, edge_mask, ks2, HAS_KD, HAS_CE, NEED_REST, CE_POW, 1)
     m_s, d_s, d_1, r_s, x_sum = st
     m_s = safe_max(m_s)
     l2d_s = tl.log2(d_s)
     l2d_1 = tl.log2(d_1)
+    inv_d_s = 1.0 / d_s
+    inv_d_1 = 1.0 / d_1
 
     # The k entries: the teacher's normalizer lse_t over I (and the bucket); then the loss terms and G
     # over I and the bucket R.
@@ -394,37 +441,38 @@ def kd_loss_topk_fwd_kernel(
         # Every column by the formula of those outside I, then (after a barrier) the k columns of I.
         y_body = tl.where((y >= head) & (y < head + n_body), y - head, -1)  # the target in the body
         if ONE_BLOCK:
-            grad = _grad_rest(x_b, cols == y_body, m_s, ks2, l2d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps, n_cols,
-                              cap, HAS_KD, HAS_CE, NEED_REST, SOFTCAP)  # fmt: skip
+            grad = _grad_rest(x_b, cols == y_body, m_s, ks2, l2d_1, inv_d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps,
+                              n_cols, cap, HAS_KD, HAS_CE, NEED_REST, CE_POW, SOFTCAP)  # fmt: skip
             tl.store(g_body + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=body_mask)
         else:
             for start in range(0, n_cols, BLOCK):
                 mask = ok & (start + cols < n_body)
                 x = _logits(x_body + start + cols, mask, cap, SOFTCAP)
-                grad = _grad_rest(x, cols == y_body - start, m_s, ks2, l2d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps,
-                                  n_cols, cap, HAS_KD, HAS_CE, NEED_REST, SOFTCAP)  # fmt: skip
+                grad = _grad_rest(x, cols == y_body - start, m_s, ks2, l2d_1, inv_d_1, w_q, w_r, r_s, kd_scale,
+                                  ce_scale, ls_eps, n_cols, cap, HAS_KD, HAS_CE, NEED_REST, CE_POW,
+                                  SOFTCAP)  # fmt: skip
                 tl.store(g_body + start + cols, tl.where(valid, grad, 0.0).to(G.dtype.element_ty), mask=mask)
         if EDGE:
-            grad = _grad_rest(x_e, edge == y, m_s, ks2, l2d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps, n_cols, cap,
-                              HAS_KD, HAS_CE, NEED_REST, SOFTCAP)  # fmt: skip
+            grad = _grad_rest(x_e, edge == y, m_s, ks2, l2d_1, inv_d_1, w_q, w_r, r_s, kd_scale, ce_scale, ls_eps,
+                              n_cols, cap, HAS_KD, HAS_CE, NEED_REST, CE_POW, SOFTCAP)  # fmt: skip
             tl.store(G + rows64[:, None] * stride_g + edge, tl.where(valid, grad, 0.0).to(G.dtype.element_ty),
                      mask=edge_mask)  # fmt: skip
         if HAS_KD:
             tl.debug_barrier()  # the dense stores at I land before the gather's (and, in place, x_top was read)
             g_row = G + rows64[:, None] * stride_g
             if ONE_K:
-                grad = _grad_top(x_top, (v * inv_tt - lse_t) * LOG2E, idx == y, m_s, ks2, l2d_s, l2d_1, g_sum, kd_scale,
-                                 ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, HAS_KD, HAS_CE,
-                                 SOFTCAP)  # fmt: skip
+                grad = _grad_top(x_top, (v * inv_tt - lse_t) * LOG2E, idx == y, m_s, ks2, l2d_s, inv_d_s, l2d_1,
+                                 inv_d_1, g_sum, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE,
+                                 HAS_KD, HAS_CE, CE_POW, SOFTCAP)  # fmt: skip
                 tl.store(g_row + idx, grad.to(G.dtype.element_ty), mask=kmask & k_ok)
             else:
                 for kstart in range(0, k, K_BLOCK):
                     idx_k, v_k, kmask_k, ok_k, x_k = _k_block(IDX, VAL, XT, x_row, rows64, stride_idx, stride_val,
                                                               stride_xt, kstart, kk, k, valid, n_cols, cap,
                                                               SOFTCAP)  # fmt: skip
-                    grad = _grad_top(x_k, (v_k * inv_tt - lse_t) * LOG2E, idx_k == y, m_s, ks2, l2d_s, l2d_1, g_sum,
-                                     kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap, DIVERGENCE, HAS_KD,
-                                     HAS_CE, SOFTCAP)  # fmt: skip
+                    grad = _grad_top(x_k, (v_k * inv_tt - lse_t) * LOG2E, idx_k == y, m_s, ks2, l2d_s, inv_d_s, l2d_1,
+                                     inv_d_1, g_sum, kd_scale, ce_scale, beta, ab_a, ab_b, ls_eps, n_cols, cap,
+                                     DIVERGENCE, HAS_KD, HAS_CE, CE_POW, SOFTCAP)  # fmt: skip
                     tl.store(g_row + idx_k, grad.to(G.dtype.element_ty), mask=kmask_k & ok_k)
 
     ce = tl.zeros([ROWS, 1], tl.float32)

@@ -196,6 +196,7 @@ def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, targe
     need_grad = out.grad.shape[0] > 0
     parts = options.return_parts
     has_kd = options.alpha > 0 or parts
+    has_ce = target is not None and (options.alpha < 1 or parts)
     k = indices.shape[1]
     bucket = options.tail == "bucket" and k < n_cols  # with k = V no class is left for the bucket
     need_rest = has_kd and (bucket or options.divergence != "forward_kl")
@@ -225,11 +226,12 @@ def kd_loss_topk_forward(student: Tensor, indices: Tensor, values: Tensor, targe
             out.grad.stride(0) if need_grad else 0, t.stride, tt.stride,
             DIVERGENCE=kd_math.divergence_code(options.divergence, options.ab_alpha, options.ab_beta),
             BUCKET=bucket, NEED_REST=need_rest, HAS_KD=has_kd,
-            HAS_CE=target is not None and (options.alpha < 1 or parts), HAS_TARGET=target is not None,
+            HAS_CE=has_ce, HAS_TARGET=target is not None,
             NEED_GRAD=need_grad, SCALE_GRAD=out.scale_grad, T_SQUARED=options.temperature_squared,
             HAS_T=t.tensor is not None, HAS_TT=tt.tensor is not None, ROWS=rows, BLOCK=block, ONE_BLOCK=one_block,
             SLOTS=slots, VEC=vec, ALIGN=align, EDGE=edge, K_BLOCK=k_block, ONE_K=k <= k_block,
             SOFTCAP=options.softcap is not None, RETURN_PARTS=parts, num_warps=num_warps,
+            CE_POW=kd_kernels.ce_power(options.temperature, None, has_kd, has_ce),  # its scale is 1 / T: no logit_norm
             maxnreg=kd_kernels.LOOP_MAX_REGISTERS,  # without it ptxas spills 8-24 bytes at 64-80
         )  # fmt: skip
 
