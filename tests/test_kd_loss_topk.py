@@ -106,6 +106,54 @@ def test_dtypes(backend, mode, dtype):
           values_are=values_are, tail=tail, temperature=2.0)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [1, 7, 1000, 5003])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 3.5, "per_row"])
+@pytest.mark.parametrize("mode", [MODES[0], MODES[5]], ids="-".join)
+def test_ce_temperatures(backend, mode, temperature, width, dtype):
+    """KD + CE (label smoothing) where the Triton kernel takes CE's exps e^(x - max x) as the T-th powers of
+    the student's e^((x - max x) / T) (T an integer in [1, 8]) and where CE takes its own (T = 3.5; a
+    per-row tensor of 1, 2, 4, 3.5): forward KL (no bucket) and JSD with the bucket (r summed beside d_1),
+    one block (1, 7, 1000) and the column loop (5003: rows with an edge), against float64."""
+    divergence, values_are, tail = mode
+    k = min(width, 5)
+    indices, values, _ = sparse_teacher((4,), width, k, values_are, dtype=dtype)
+    t = torch.tensor([1.0, 2.0, 4.0, 3.5], device=DEVICE) if temperature == "per_row" else temperature
+    check(logits(4, width, dtype=dtype), (indices, values), targets(4, width), backend, divergence=divergence,
+          values_are=values_are, tail=tail, temperature=t, alpha=0.6, label_smoothing=0.1)  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
+def test_integer_temperature_as_a_tensor(backend, temperature):
+    """An integer temperature as a number (the Triton kernel: CE's exps as powers of the student's) and as
+    a per-row tensor of the same value (CE's own exps): the same loss and gradient within float32's
+    tolerance."""
+    student, target = logits(4, 1000), targets(4, 1000)
+    indices, values, _ = sparse_teacher((4,), 1000, 64)
+    options = {"tail": "bucket", "label_smoothing": 0.1, "reduction": "none"}
+    loss, grad = run(student, (indices, values), target, backend, temperature=temperature, **options)
+    want_loss, want_grad = run(student, (indices, values), target, backend,
+                               temperature=torch.full((4,), temperature, device=DEVICE), **options)  # fmt: skip
+    assert_close(loss, want_loss.double(), torch.float32)
+    assert_close(grad, want_grad.double(), torch.float32, scale=max(finite_max(want_grad), row_weight(student, target,
+                 **options)))  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [4.0, 3.5])
+def test_nan_student_logit_gives_a_nan_row(backend, temperature):
+    """NaN in, NaN out through the student's exps and CE's (powers of them at T = 4, their own at 3.5), at
+    I and outside it."""
+    indices, values, _ = sparse_teacher((3,), 50, 6)
+    student = logits(3, 50, seed=60)
+    student[1, indices[1, 0]] = float("nan")
+    student[2, (indices[2] + 1) % 50] = float("nan")  # (some of them) outside I
+    target = torch.tensor([1, 2, 3], device=DEVICE)
+    loss, grad = run(student, (indices, values), target, backend, temperature=temperature, reduction="none",
+                     tail="bucket")  # fmt: skip
+    assert loss[1:].isnan().all() and not loss[0].isnan()
+    assert grad[1].isnan().any() and grad[2].isnan().any() and not grad[0].isnan().any()
+
+
 @pytest.mark.parametrize("width", [4097, 70001])
 def test_wide_rows_and_one_row(backend, width):
     indices, values, _ = sparse_teacher((2,), width, 16)
