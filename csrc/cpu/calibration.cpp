@@ -1,8 +1,8 @@
 // Calibration statistics and the temperature fit's Newton derivatives (kernels/calibration.py's module
-// doc): per row, in acc_t, a max pass and one pass of exps over the logits (one exp per entry; the Brier
-// score's sum of p^2 is the sum of the exps squared), or no exp for probabilities at T = 1. The rows'
-// values are kept (N of each, no N x C) and summed in float64 in row order afterwards: the same result
-// on every run and for every thread count.
+// doc): per row, in acc_t, a max pass and one pass of exps over the logits (one exp per entry, base 2 with
+// log2(e) folded into 1/T: common.h's vexp2; the Brier score's sum of p^2 is the sum of the exps
+// squared), or no exp for probabilities at T = 1. The rows' values are kept (N of each, no N x C) and
+// summed in float64 in row order afterwards: the same result on every run and for every thread count.
 #include "ops.h"
 
 namespace fastkd {
@@ -42,12 +42,12 @@ void calibration_kernel(const at::Tensor& logits, const Target& target, int64_t 
         const acc_t m = row_max(x, C);
         if (mode == NEWTON) {
           const acc_t u = temp.inverse(i);
-          const V_ vm(m), vu(u);
+          const V_ vm(m), vc(u * acc_t(LOG2E));
           acc_t* e = ebuf.data();
           V_ dsum(acc_t(0)), s1(acc_t(0));
           for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
             V_ xs = load(x + j, n) - vm;
-            V_ ej = vexp(xs * vu);
+            V_ ej = vexp2(xs * vc);
             store(ej, e + j, n);
             dsum += ej;
             s1 += Ops::select(Ops::is_zero(ej), zero, ej * xs);
@@ -82,10 +82,10 @@ void calibration_kernel(const at::Tensor& logits, const Target& target, int64_t 
           continue;
         }
         const acc_t u = temp.inverse(i);
-        const V_ vm(m), vu(u);
+        const V_ vm(m), vc(u * acc_t(LOG2E));
         V_ dsum(acc_t(0)), d2sum(acc_t(0));
         for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-          V_ ej = vexp((load(x + j, n) - vm) * vu);
+          V_ ej = vexp2((load(x + j, n) - vm) * vc);
           dsum += ej;
           d2sum += ej * ej;
         });

@@ -31,9 +31,11 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <fastkd/row_math.h>
@@ -49,15 +51,29 @@ using at::vec::Vectorized;
 template <typename T>
 using Vec = Vectorized<T>;
 
-// 1.5 2^23: adding it to a float w in [-2^22, 2^22] rounds w to the nearest integer n (ties to even) and
-// leaves n in the low bits of the sum; subtracting it gives n as a float.
-constexpr float ROUND_MAGIC = 12582912.0f;
+// 1.5 2^23 + 127: adding it to a float w in [-2^22, 2^22] rounds w to the nearest integer n (ties to even)
+// and leaves n + 127, the biased exponent of 2^n, in the sum's low bits (above them only bit 22, which a
+// shift by 23 drops); subtracting it gives n as a float.
+constexpr float ROUND_MAGIC = 12583039.0f;
+
+// The float 2^n of t = n + ROUND_MAGIC, n an integer in [-127, 128]: t's low bits shifted into the exponent
+// field (0 at n = -127, +inf at n = 128). One shift by an immediate (ATen's Vectorized shifts by a vector,
+// which holds a register for the count).
+C10_ALWAYS_INLINE Vec<float> exp2_int(Vec<float> t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+#else
+  return at::vec::cast<float>(at::vec::cast<int32_t>(t) << Vectorized<int32_t>(23));
+#endif
+}
 
 // 2^n 2^f of float vectors, n an integer in [-127, 128] given as t = n + ROUND_MAGIC, f in about [-1/2, 1/2]:
 // 2^f by a degree-6 polynomial 1 + f ln 2 + f^2 Q(f) (Q fitted for the relative error over [-1/2, 1/2]:
-// 3.6e-9 in float64, so float32's rounding, 1.2e-7 evaluated, is all), times 2^n built in the exponent bits
-// from t's low bits. n = -127 (where the true value is a denormal) makes the scale 0; n = 128 makes it +inf; a
-// NaN f gives NaN. 10 vector instructions.
+// 3.6e-9 in float64, so float32's rounding, 1.2e-7 evaluated, is all), times 2^n (exp2_int). n = -127 (where
+// the true value is a denormal) makes the scale 0; n = 128 makes it +inf; a NaN f gives NaN. 9 vector
+// instructions.
 C10_ALWAYS_INLINE Vec<float> exp2_parts(Vec<float> t, Vec<float> f) {
   Vec<float> p(1.5252789782e-4f);
   p = at::vec::fmadd(p, f, Vec<float>(1.3390494742e-3f));
@@ -65,13 +81,12 @@ C10_ALWAYS_INLINE Vec<float> exp2_parts(Vec<float> t, Vec<float> f) {
   p = at::vec::fmadd(p, f, Vec<float>(5.5503615083e-2f));
   p = at::vec::fmadd(p, f, Vec<float>(2.4022645271e-1f));
   p = at::vec::fmadd(p, f * f, at::vec::fmadd(f, Vec<float>(6.9314718056e-1f), Vec<float>(1.0f)));
-  Vectorized<int32_t> bits = (at::vec::cast<int32_t>(t) + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
-  return p * at::vec::cast<float>(bits);
+  return p * exp2_int(t);
 }
 
 // 2^w for w <= 128 (or NaN), clamped below at -127 (NaN kept): 0 below -126.5 and at -inf. The kernels
-// exponentiate with log2(e) folded into the row's scale, e^((x - m) k) = 2^((x - m) c), c = k log2(e): 14
-// vector instructions for the exp, where vexp takes 17.
+// exponentiate with log2(e) folded into the row's scale, e^((x - m) k) = 2^((x - m) c), c = k log2(e): 13
+// vector instructions for the exp, where vexp takes 16.
 C10_ALWAYS_INLINE Vec<float> vexp2(Vec<float> w) {
   Vec<float> wc = at::vec::clamp_min(w, Vec<float>(-127.0f));  // keeps NaN
   Vec<float> t = wc + Vec<float>(ROUND_MAGIC);
@@ -83,7 +98,7 @@ constexpr double LOG2E = 1.4426950408889634074;
 // e^x of a float vector, x clamped to [-88, 88.72] (NaN kept): Cody-Waite reduction x = n ln 2 + r, |r| <=
 // ln 2 / 2, with ln 2 in two parts (r exact where x log2(e), rounded, would lose |x| 2^-24), then 2^(r log2(e))
 // as above: within 1.4e-7 relative of exp over [-87, -17] (measured), 0 below about -87.7 and at -inf, +inf from
-// 88.38 (within 0.35 of float's overflow: the kernels exponentiate x - max x <= 0 and log-probabilities). 17
+// 88.38 (within 0.35 of float's overflow: the kernels exponentiate x - max x <= 0 and log-probabilities). 16
 // vector instructions, against Sleef's exp_u10 (Vectorized::exp) at several times that.
 C10_ALWAYS_INLINE Vec<float> vexp(Vec<float> x) {
   Vec<float> xc = at::vec::clamp(x, Vec<float>(-88.0f), Vec<float>(88.72f));
@@ -159,6 +174,23 @@ inline T hsum(Vec<T> v) {
   T s = T(0);
   for (int64_t i = 0; i < Vec<T>::size(); ++i) s += a[i];
   return s;
+}
+
+// The S sums over a row of V entries that f(j, n, sums) adds into for each vector (for_each_vec's order),
+// as scalars. The vector sums are locals here, held in registers: a lambda's accumulators captured by
+// reference stay in memory, since every vector store is a may_alias store the compiler must assume writes
+// them (a load and a store per sum and vector, on the loop's critical path).
+template <typename T, int S, typename F>
+C10_ALWAYS_INLINE std::array<T, S> row_sums(int64_t V, const F& f) {
+  constexpr int64_t W = Vec<T>::size();
+  std::array<Vec<T>, S> sums;
+  sums.fill(Vec<T>(T(0)));
+  int64_t j = 0;
+  for (; j + W <= V; j += W) f(j, W, sums);
+  if (j < V) f(j, V - j, sums);
+  std::array<T, S> out;
+  for (int i = 0; i < S; ++i) out[i] = hsum(sums[i]);
+  return out;
 }
 
 template <typename T>
@@ -279,15 +311,34 @@ inline int ce_power(T temperature, int64_t norm) {
   return norm == NO_NORM && p == temperature && p >= T(1) && p <= T(8) ? int(p) : 0;
 }
 
-// e^p by squaring, p >= 1.
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> vpow(Vec<T> e, int p) {
-  Vec<T> r = (p & 1) ? e : Vec<T>(T(1));
-  for (p >>= 1; p; p >>= 1) {
-    e = e * e;
-    if (p & 1) r = r * e;
+// e^P by squaring, P >= 1 known at compile time (with_power): a multiply per bit, nothing else.
+template <int P, typename T>
+C10_ALWAYS_INLINE Vec<T> vpow(Vec<T> e) {
+  static_assert(P >= 1, "vpow: P >= 1");
+  if constexpr (P == 1) {
+    return e;
+  } else if constexpr (P % 2 == 0) {
+    return vpow<P / 2>(e * e);
+  } else {
+    return e * vpow<P / 2>(e * e);
   }
-  return r;
+}
+
+// f(std::integral_constant<int, p>{}) for ce_power's p in [0, 8]: the loops that raise to CE's power
+// compiled once per power (at a power known only at run time, each vector would loop over its bits).
+template <typename F>
+inline void with_power(int p, const F& f) {
+  switch (p) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});  // 0: CE has its own exps
+  }
 }
 
 // The rows [0, n) over the threads of at::parallel_for, in blocks of ``grain`` rows that the threads take

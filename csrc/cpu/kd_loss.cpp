@@ -91,6 +91,41 @@ T dkd_terms(const KDParams<T>& P, int64_t y, const T* es, T inv_ds, T* gb, const
   return D;
 }
 
+// Pass 2 over a row, base 2 with log2(e) in the scales: es = 2^(w_s), w_s = (x - mx) cs; CE's exps, as
+// es^CE_POW (CE_POW > 1; es itself at 1) or its own e1 = e^(x - mx) (CE_POW = 0, with ce_exps); with ONLINE
+// (forward KL of one teacher t), tb = 2^(w_t), w_t = (t - mt) ct, and E_f = sum tb (w_t - w_s) (0 where tb
+// is 0) in log2 units. Returns {d_s, CE's d_1 (CE_POW > 1 or 0), d_t, E_f}, sums over the row.
+template <int CE_POW, bool ONLINE, typename T>
+std::array<T, 4> exps_pass(const T* x, const T* t, int64_t V, T mx, T cs, T mt, T ct, bool ce_exps, T* es, T* e1,
+                           T* tb) {
+  using V_ = Vec<T>;
+  using Ops = VecOps<T>;
+  const V_ vmx(mx), vcs(cs), vmt(mt), vct(ct), zero(T(0));
+  return row_sums<T, 4>(V, [&](int64_t j, int64_t n, auto& s) {
+    V_ z = load(x + j, n) - vmx;
+    V_ w_s = z * vcs;
+    V_ e = vexp2(w_s);
+    store(e, es + j, n);
+    s[0] += e;
+    if constexpr (CE_POW > 1) {
+      s[1] += vpow<CE_POW>(e);
+    } else if constexpr (CE_POW == 0) {
+      if (ce_exps) {
+        V_ e_1 = vexp(z);
+        store(e_1, e1 + j, n);
+        s[1] += e_1;
+      }
+    }
+    if constexpr (ONLINE) {
+      V_ w_t = (load(t + j, n) - vmt) * vct;
+      V_ f = vexp2(w_t);
+      store(f, tb + j, n);
+      s[2] += f;
+      s[3] = at::vec::fmadd(f, Ops::select(Ops::is_zero(f), zero, w_t - w_s), s[3]);  // 0 where p is 0
+    }
+  });
+}
+
 // g = kd(j) + ce(j) over the row, a vector at a time: the row's gradient written once.
 template <typename T, typename KD, typename CE>
 inline void write_grad(T* g, int64_t V, const KD& kd, const CE& ce) {
@@ -159,72 +194,55 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
     }
     // pass 2: the exps (the student's, CE's, and with ``online`` the teacher's and E_f), base 2 with log2(e)
     // folded into the scales: e^(u_s) = 2^(w_s), w_s = (x - max x) k_s log2(e)
-    const V_ vks(k_s), vcs(k_s * T(LOG2E)), vmt(mt[0]), vkt(kt[0]), vct(kt[0] * T(LOG2E));
-    V_ s_sum(T(0)), s1_sum(T(0)), t_sum(T(0)), ef(T(0));
-    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-      V_ z = load(x + j, n) - vmx;
-      V_ w_s = z * vcs;
-      V_ e = vexp2(w_s);
-      store(e, es + j, n);
-      s_sum += e;
-      if (ce_pow > 1) {
-        s1_sum += vpow(e, ce_pow);
-      } else if (ce_exps) {
-        V_ e_1 = vexp(z);
-        store(e_1, e1 + j, n);
-        s1_sum += e_1;
-      }
+    const V_ vks(k_s), vmt(mt[0]);
+    with_power(ce_pow, [&](auto power) {
+      constexpr int CE_POW = decltype(power)::value;
+      const auto pass = online ? exps_pass<CE_POW, true, T> : exps_pass<CE_POW, false, T>;
+      const auto sums = pass(x, t[0], V, mx, k_s * T(LOG2E), mt[0], kt[0] * T(LOG2E), ce_exps, es, e1, tb);
+      ds = sums[0];
+      d1 = CE_POW == 1 ? ds : sums[1];
       if (online) {
-        V_ w_t = (load(t[0] + j, n) - vmt) * vct;
-        V_ f = vexp2(w_t);
-        store(f, tb + j, n);
-        t_sum += f;
-        ef = at::vec::fmadd(f, Ops::select(Ops::is_zero(f), zero, w_t - w_s), ef);  // 0 where p is 0
+        dt[0] = sums[2];
+        D = T(1 / LOG2E) * sums[3] / dt[0] - std::log(dt[0]) + std::log(ds);
+        G = T(-1);
       }
     });
-    ds = hsum(s_sum);
-    d1 = ce_pow == 1 ? ds : hsum(s1_sum);
-    if (online) {
-      dt[0] = hsum(t_sum);
-      D = T(1 / LOG2E) * hsum(ef) / dt[0] - std::log(dt[0]) + std::log(ds);
-      G = T(-1);
-    } else {
+    if (!online) {
       for (int64_t k = 0; k < K; ++k) {
         const V_ vmtk(mt[k]), vctk(kt[k] * T(LOG2E));
+        const T* tk_row = t[k];
         T* tk = tb + k * V;
-        V_ tk_sum(T(0));
-        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-          V_ f = vexp2((load(t[k] + j, n) - vmtk) * vctk);
+        dt[k] = row_sums<T, 1>(V, [&](int64_t j, int64_t n, auto& s) {
+          V_ f = vexp2((load(tk_row + j, n) - vmtk) * vctk);
           store(f, tk + j, n);
-          tk_sum += f;
-        });
-        dt[k] = hsum(tk_sum);
+          s[0] += f;
+        })[0];
       }
       // pass 3: the divergence's terms, g into gb
       const T ln_ds = std::log(ds);
       const V_ inv_ds(T(1) / ds), vln_ds(ln_ds);
       const auto dc = divergence_constants<V_, T>(P.divergence, P.beta, P.skew, P.ab_alpha, P.ab_beta,
                                                   std::numeric_limits<T>::min());
-      V_ d_sum(T(0)), g_sum(T(0));
       const bool dkd = P.divergence == DKD;  // p into gb, its cross terms into tb, for dkd_terms below
+      std::array<T, 2> sums;  // D, G
       if (K == 1) {
         const V_ inv_dt(T(1) / dt[0]);
         const T ln_dt = std::log(dt[0]);
-        const V_ vln_dt(ln_dt), c(ln_dt - ln_ds);
-        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+        const V_ vln_dt(ln_dt), c(ln_dt - ln_ds), vkt(kt[0]);
+        sums = row_sums<T, 2>(V, [&](int64_t j, int64_t n, auto& s) {
           V_ us = (load(x + j, n) - vmx) * vks, ut = (load(t[0] + j, n) - vmt) * vkt;
           V_ q = V_::loadu(es + j, n) * inv_ds, p = V_::loadu(tb + j, n) * inv_dt;
           V_ d, gj;
           divergence_term<Ops>(dc, p, q, ut - vln_dt, us - vln_ds, (ut - us) - c, &d, &gj);
-          d_sum += d;
-          g_sum += gj;
+          s[0] += d;
+          s[1] += gj;
           store(gj, gb + j, n);
           if (dkd) store(d, tb + j, n);
         });
       } else {
         c10::SmallVector<T, 4> inv_dtk(K);
         for (int64_t k = 0; k < K; ++k) inv_dtk[k] = T(1) / (dt[k] * T(K));
-        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+        sums = row_sums<T, 2>(V, [&](int64_t j, int64_t n, auto& s) {
           V_ p(T(0));
           for (int64_t k = 0; k < K; ++k) p += V_::loadu(tb + k * V + j, n) * V_(inv_dtk[k]);
           V_ us = (load(x + j, n) - vmx) * vks;
@@ -232,25 +250,23 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
           V_ lp = vlog(p), lq = us - vln_ds;
           V_ d, gj;
           divergence_term<Ops>(dc, p, q, lp, lq, lp - lq, &d, &gj);
-          d_sum += d;
-          g_sum += gj;
+          s[0] += d;
+          s[1] += gj;
           store(gj, gb + j, n);
           if (dkd) store(d, tb + j, n);  // the teachers' exps at j are read above
         });
       }
-      D = hsum(d_sum);
-      G = hsum(g_sum);
+      D = sums[0];
+      G = sums[1];
       if (dkd) D = dkd_terms(P, y, es, T(1) / ds, gb, tb, &G);
     }
     *kd_part = kd_weight(T(1), temperature, P.t_squared) * D;
   } else if (P.has_ce) {
-    V_ s1_sum(T(0));
-    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    d1 = row_sums<T, 1>(V, [&](int64_t j, int64_t n, auto& s) {
       V_ e = vexp(load(x + j, n) - vmx);
       store(e, e1 + j, n);
-      s1_sum += e;
-    });
-    d1 = hsum(s1_sum);
+      s[0] += e;
+    })[0];
   }
   if (P.has_ce) *ce_part = w_ce * cross_entropy(P.eps, V, mx, x_y, std::log(d1), sum_x);
   if (!P.need_grad) return;
@@ -263,13 +279,15 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   auto with_ce = [&](const auto& kd) {
     if (!ce_grad) {
       write_grad(g, V, kd, [&](int64_t, int64_t) { return zero; });
-    } else if (ce_pow > 0) {
-      write_grad(g, V, kd, [&](int64_t j, int64_t n) {
-        return at::vec::fmadd(vpow(V_::loadu(es + j, n), ce_pow), ce_scale, ce_off);
-      });
-    } else {
-      write_grad(g, V, kd, [&](int64_t j, int64_t n) { return at::vec::fmadd(V_::loadu(e1 + j, n), ce_scale, ce_off); });
+      return;
     }
+    with_power(ce_pow, [&](auto power) {
+      constexpr int CE_POW = decltype(power)::value;
+      write_grad(g, V, kd, [&](int64_t j, int64_t n) {
+        if constexpr (CE_POW > 0) return at::vec::fmadd(vpow<CE_POW>(V_::loadu(es + j, n)), ce_scale, ce_off);
+        else return at::vec::fmadd(V_::loadu(e1 + j, n), ce_scale, ce_off);
+      });
+    });
   };
   const T kd_w = kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale;
   const V_ w(kd_w);

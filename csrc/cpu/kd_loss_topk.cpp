@@ -61,24 +61,26 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
   T ds = T(0), d1 = T(0);
   {
     const V_ vks(k_s);
-    V_ s_sum(T(0)), s1_sum(T(0));
     const bool kd_exps = P.has_kd, ce_exps = P.has_ce && ce_pow == 0;
-    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-      V_ z = load(x + j, n) - vmx;
-      if (kd_exps) {
-        V_ e = vexp(z * vks);
-        store(e, es + j, n);
-        s_sum += e;
-        if (ce_pow > 1) s1_sum += vpow(e, ce_pow);
-      }
-      if (ce_exps) {
-        V_ e = vexp(z);
-        store(e, e1 + j, n);
-        s1_sum += e;
-      }
+    with_power(ce_pow, [&](auto power) {
+      constexpr int CE_POW = decltype(power)::value;
+      const auto sums = row_sums<T, 2>(V, [&](int64_t j, int64_t n, auto& s) {
+        V_ z = load(x + j, n) - vmx;
+        if (kd_exps) {
+          V_ e = vexp(z * vks);
+          store(e, es + j, n);
+          s[0] += e;
+          if constexpr (CE_POW > 1) s[1] += vpow<CE_POW>(e);
+        }
+        if (ce_exps) {
+          V_ e = vexp(z);
+          store(e, e1 + j, n);
+          s[1] += e;
+        }
+      });
+      ds = sums[0];
+      d1 = CE_POW == 1 ? ds : sums[1];
     });
-    ds = hsum(s_sum);
-    d1 = ce_pow == 1 ? ds : hsum(s1_sum);
   }
   const T gscale = P.scale_grad ? P.scale : T(1);
   if (P.has_kd && !in_range) {  // an unchecked index outside [0, V): a NaN row
@@ -90,9 +92,7 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
       saved[c] = es[idx[c]];
       es[idx[c]] = T(0);
     }
-    V_ r_sum(T(0));
-    for_each_vec<T>(V, [&](int64_t j, int64_t n) { r_sum += V_::loadu(es + j, n); });
-    const T rest = hsum(r_sum);
+    const T rest = row_sums<T, 1>(V, [&](int64_t j, int64_t n, auto& s) { s[0] += V_::loadu(es + j, n); })[0];
     for (int64_t c = k - 1; c >= 0; --c) es[idx[c]] = saved[c];
     const T ln_ds = std::log(ds);
     for (int64_t c = 0; c < k; ++c) lq[c] = (x[idx[c]] - mx) * k_s - ln_ds;
@@ -143,9 +143,14 @@ void topk_row(const TopkParams<T>& P, const T* x, const int64_t* idx, const T* v
     if (P.need_grad && P.alpha < T(1)) {
       const T wc = w_ce * (T(1) - P.alpha) * gscale;
       const V_ vw(wc), inv(T(1) / d1), off(P.eps / T(V));
-      for_each_vec<T>(V, [&](int64_t j, int64_t n) {
-        V_ e = ce_pow > 0 ? vpow(V_::loadu(es + j, n), ce_pow) : V_::loadu(e1 + j, n);
-        store(V_::loadu(g + j, n) + vw * (e * inv - off), g + j, n);
+      with_power(ce_pow, [&](auto power) {
+        constexpr int CE_POW = decltype(power)::value;
+        for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+          V_ e;
+          if constexpr (CE_POW > 0) e = vpow<CE_POW>(V_::loadu(es + j, n));
+          else e = V_::loadu(e1 + j, n);
+          store(V_::loadu(g + j, n) + vw * (e * inv - off), g + j, n);
+        });
       });
       if (y >= 0 && y < V) g[y] -= wc * (T(1) - P.eps);
     }
