@@ -128,6 +128,10 @@ def test_named_checks_in_cpp():
         ops.calibration(x, torch.zeros(4), 0, None, 1.0, False, False, -100, 15, torch.empty(3, dtype=torch.float64),
                         torch.empty(15, dtype=torch.int64), torch.empty(15, dtype=torch.int64),
                         torch.empty(15, dtype=torch.float64), torch.empty(0), torch.empty(0, dtype=torch.int8))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"fastkd_cpu: teacher must be \(K >= 1, N, V\)"):  # no teacher row to read
+        ops.kd_loss_fwd(x, torch.empty(0, 4, 6), None, None, 1.0, None, 1.0, None, 1.0, True, 0.5, 0.5, 0.1, 1.0, 0.0,
+                        1.0, 8.0, 0.0, 0.0, 1.0, -100, 0, 0, True, False, torch.empty(4), torch.empty_like(x),
+                        torch.empty(0))  # fmt: skip
 
 
 @needs_ext

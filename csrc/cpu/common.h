@@ -210,6 +210,17 @@ inline T row_max(const T* x, int64_t V) {
   return hmax(m);
 }
 
+// row_max of two rows of V entries, in one loop.
+template <typename T>
+inline std::array<T, 2> row_max2(const T* x, const T* y, int64_t V) {
+  Vec<T> mx(neg_inf<T>()), my(neg_inf<T>());
+  for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    mx = at::vec::clamp_min(mx, load(x + j, n));
+    my = at::vec::clamp_min(my, load(y + j, n));
+  });
+  return {hmax(mx), hmax(my)};
+}
+
 // The first index of the row's maximum, NaN counted as the maximum (torch.argmax's rule).
 template <typename T>
 inline int64_t row_argmax(const T* x, int64_t V) {

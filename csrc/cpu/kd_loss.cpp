@@ -146,7 +146,9 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   T* gb = work + 2 * V;  // g = dD/d(log q)
   T* tb = work + 3 * V;  // teacher k's e^(u_tk) at tb + k V; p of an ensemble at tb
 
-  const T mx = row_max(x, V);
+  // max x, and the first teacher's max in the same read where it is needed
+  const auto maxes = P.has_kd ? row_max2(x, t[0], V) : std::array<T, 2>{row_max(x, V), T(0)};
+  const T mx = maxes[0];
   const T x_y = (y >= 0 && y < V) ? x[y] : T(0);  // read first: g may be x itself (inplace_grad)
   const V_ vmx(mx);
   *kd_part = T(0);
@@ -184,7 +186,7 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
       k_s = r_s * inv_t;
     }
     for (int64_t k = 0; k < K; ++k) {
-      mt[k] = row_max(t[k], V);
+      mt[k] = k == 0 ? maxes[1] : row_max(t[k], V);
       T r_t = T(1), kappa_t = T(0);
       if (P.norm != NO_NORM) {
         Moments<T> mo = live_moments(t[k], V, mt[k]);
@@ -278,12 +280,12 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   const V_ ce_scale(wc / d1), ce_off(-wc * P.eps / T(V));
   auto with_ce = [&](const auto& kd) {
     if (!ce_grad) {
-      write_grad(g, V, kd, [&](int64_t, int64_t) { return zero; });
+      write_grad(g, V, kd, [=](int64_t, int64_t) { return zero; });
       return;
     }
     with_power(ce_pow, [&](auto power) {
       constexpr int CE_POW = decltype(power)::value;
-      write_grad(g, V, kd, [&](int64_t j, int64_t n) {
+      write_grad(g, V, kd, [=](int64_t j, int64_t n) {
         if constexpr (CE_POW > 0) return at::vec::fmadd(vpow<CE_POW>(V_::loadu(es + j, n)), ce_scale, ce_off);
         else return at::vec::fmadd(V_::loadu(e1 + j, n), ce_scale, ce_off);
       });
@@ -292,32 +294,31 @@ void kd_row(const KDParams<T>& P, const T* x, const T* const* t, int64_t y, T te
   const T kd_w = kd_weight(P.alpha, temperature, P.t_squared) * k_s * gscale;
   const V_ w(kd_w);
   if (!kd_grad) {
-    with_ce([&](int64_t, int64_t) { return zero; });
+    with_ce([=](int64_t, int64_t) { return zero; });
   } else if (online) {
     const V_ q_scale(kd_w / ds), p_scale(kd_w / dt[0]);
-    with_ce([&](int64_t j, int64_t n) {
+    with_ce([=](int64_t j, int64_t n) {
       return at::vec::fmsub(V_::loadu(es + j, n), q_scale, V_::loadu(tb + j, n) * p_scale);
     });
   } else if (P.norm == NO_NORM) {
     const V_ qG(kd_w * G / ds);
-    with_ce([&](int64_t j, int64_t n) { return at::vec::fnmadd(V_::loadu(es + j, n), qG, V_::loadu(gb + j, n) * w); });
+    with_ce([=](int64_t j, int64_t n) { return at::vec::fnmadd(V_::loadu(es + j, n), qG, V_::loadu(gb + j, n) * w); });
   } else {  // through the normalization: e - c W - mean(e - c W), 0 at -inf entries
     const V_ vmean(mean_y), qG(G / ds);
-    V_ e_sum(T(0)), ec_sum(T(0)), c_sum(T(0));
-    for_each_vec<T>(V, [&](int64_t j, int64_t n) {
+    const auto sums = row_sums<T, 3>(V, [&](int64_t j, int64_t n, auto& s) {  // e, e c, c
       V_ xj = load(x + j, n);
       V_ dead = Ops::is_neg_inf(xj);
       V_ c = Ops::select(dead, zero, xj - vmx - vmean);
       V_ e = Ops::select(dead, zero, V_::loadu(gb + j, n) - V_::loadu(es + j, n) * qG);
       store(e, gb + j, n);
-      e_sum += e;
-      ec_sum += e * c;
-      c_sum += c;
+      s[0] += e;
+      s[1] += e * c;
+      s[2] += c;
     });
-    const T W = kappa > T(0) ? r_s * hsum(ec_sum) / kappa : T(0);
-    const T e_mean = (hsum(e_sum) - hsum(c_sum) * W) / std::max(live_n, T(1));
+    const T W = kappa > T(0) ? r_s * sums[1] / kappa : T(0);
+    const T e_mean = (sums[0] - sums[2] * W) / std::max(live_n, T(1));
     const V_ vW(W), vem(e_mean);
-    with_ce([&](int64_t j, int64_t n) {
+    with_ce([=](int64_t j, int64_t n) {
       V_ xj = load(x + j, n);
       return Ops::select(Ops::is_neg_inf(xj), zero, w * (V_::loadu(gb + j, n) - (xj - vmx - vmean) * vW - vem));
     });
@@ -374,9 +375,10 @@ void kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, const c10
                  double label_smoothing, double norm_scale, int64_t ignore_index, int64_t divergence, int64_t norm,
                  bool temperature_squared, bool return_parts, at::Tensor rows, at::Tensor grad, at::Tensor parts) {
   check_rows(student, "student");
-  TORCH_CHECK(teacher.dim() == 3 && teacher.size(1) == student.size(0) && teacher.size(2) == student.size(1) &&
+  TORCH_CHECK(teacher.dim() == 3 && teacher.size(0) >= 1 && teacher.size(1) == student.size(0) &&
+                  teacher.size(2) == student.size(1) &&
                   (teacher.size(2) <= 1 || teacher.stride(2) == 1),
-              "fastkd_cpu: teacher must be (K, N, V) with a unit column stride, got ", teacher.sizes());
+              "fastkd_cpu: teacher must be (K >= 1, N, V) with a unit column stride, got ", teacher.sizes());
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "fastkd_cpu: teacher must have the student's dtype");
   TORCH_CHECK(teacher.device().is_cpu(), "fastkd_cpu: teacher must be a CPU tensor");
   check_target(target, student.size(0));
