@@ -132,6 +132,9 @@ def test_named_checks_in_cpp():
         ops.kd_loss_fwd(x, torch.empty(0, 4, 6), None, None, 1.0, None, 1.0, None, 1.0, True, 0.5, 0.5, 0.1, 1.0, 0.0,
                         1.0, 8.0, 0.0, 0.0, 1.0, -100, 0, 0, True, False, torch.empty(4), torch.empty_like(x),
                         torch.empty(0))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"fastkd_cpu: teacher must be \(K >= 1, N, C\)"):
+        ops.fidelity(x, torch.empty(0, 4, 6), None, 1.0, torch.zeros((), dtype=torch.int64),
+                     torch.zeros((), dtype=torch.float64))  # fmt: skip
 
 
 @needs_ext

@@ -44,15 +44,14 @@ void calibration_kernel(const at::Tensor& logits, const Target& target, int64_t 
           const acc_t u = temp.inverse(i);
           const V_ vm(m), vc(u * acc_t(LOG2E));
           acc_t* e = ebuf.data();
-          V_ dsum(acc_t(0)), s1(acc_t(0));
-          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+          const auto sums = row_sums<acc_t, 2>(C, [&](int64_t j, int64_t n, auto& s) {  // d, sum e (x - m)
             V_ xs = load(x + j, n) - vm;
             V_ ej = vexp2(xs * vc);
             store(ej, e + j, n);
-            dsum += ej;
-            s1 += Ops::select(Ops::is_zero(ej), zero, ej * xs);
+            s[0] += ej;
+            s[1] += Ops::select(Ops::is_zero(ej), zero, ej * xs);
           });
-          const acc_t d = hsum(dsum), mean = hsum(s1) / d;
+          const acc_t d = sums[0], mean = sums[1] / d;
           const V_ vmean(mean);
           V_ s2(acc_t(0));
           for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {

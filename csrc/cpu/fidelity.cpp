@@ -31,10 +31,11 @@ void fidelity_kernel(const at::Tensor& student, const at::Tensor& teacher, const
         for (int64_t k = 0; k < K; ++k) t[k] = as_acc(tp + k * st0 + i * st1, C, tbuf.data() + k * C);
         const acc_t u = temp.inverse(i);
         const V_ vu(u);
-        const acc_t ms = row_max(s, C);
+        const auto maxes = row_max2(s, t[0], C);  // the student's and the first teacher's, in one read
+        const acc_t ms = maxes[0];
         const V_ vms(ms);
         if (K == 1) {
-          mt[0] = row_max(t[0], C);
+          mt[0] = maxes[1];
           const V_ vmt(mt[0]);
           V_ ds(acc_t(0)), dt(acc_t(0)), e(acc_t(0));
           for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
@@ -55,27 +56,25 @@ void fidelity_kernel(const at::Tensor& student, const at::Tensor& teacher, const
         for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { ds += vexp((load(s + j, n) - vms) * vu); });
         const acc_t ln_ds = std::log(hsum(ds));
         for (int64_t k = 0; k < K; ++k) {
-          mt[k] = row_max(t[k], C);
+          mt[k] = k == 0 ? maxes[1] : row_max(t[k], C);
           const V_ vmt(mt[k]);
           acc_t* ek = ebuf.data() + k * C;
-          V_ dt(acc_t(0));
-          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
-            V_ et = vexp((load(t[k] + j, n) - vmt) * vu);
+          const acc_t* tk = t[k];
+          const acc_t dt = row_sums<acc_t, 1>(C, [&](int64_t j, int64_t n, auto& sum) {
+            V_ et = vexp((load(tk + j, n) - vmt) * vu);
             store(et, ek + j, n);
-            dt += et;
-          });
-          inv_dt[k] = acc_t(1) / (hsum(dt) * acc_t(K));
+            sum[0] += et;
+          })[0];
+          inv_dt[k] = acc_t(1) / (dt * acc_t(K));
         }
         const V_ vln_ds(ln_ds);
-        V_ total(acc_t(0));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+        rkl[i] = row_sums<acc_t, 1>(C, [&](int64_t j, int64_t n, auto& total) {
           V_ p(acc_t(0));
           for (int64_t k = 0; k < K; ++k) p += V_::loadu(ebuf.data() + k * C + j, n) * V_(inv_dt[k]);
           V_ lpj = vlog(p);
           store(lpj, lp + j, n);
-          total += kl_term<Ops>(p, lpj, (load(s + j, n) - vms) * vu - vln_ds);
-        });
-        rkl[i] = hsum(total);
+          total[0] += kl_term<Ops>(p, lpj, (load(s + j, n) - vms) * vu - vln_ds);
+        })[0];
         const bool nan_row = rkl[i] != rkl[i];
         ragree[i] = first_index_of_max(s, C, ms, nan_row) == first_index_of_max(lp, C, row_max(lp, C), nan_row);
       }
@@ -94,9 +93,10 @@ void fidelity_kernel(const at::Tensor& student, const at::Tensor& teacher, const
 void fidelity(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& t, double t_value,
               at::Tensor agree, at::Tensor kl) {
   check_rows(student, "student");
-  TORCH_CHECK(teacher.dim() == 3 && teacher.size(1) == student.size(0) && teacher.size(2) == student.size(1) &&
-                  (teacher.size(2) <= 1 || teacher.stride(2) == 1) && teacher.scalar_type() == student.scalar_type(),
-              "fastkd_cpu: teacher must be (K, N, C) of the student's dtype with a unit column stride, got ",
+  TORCH_CHECK(teacher.dim() == 3 && teacher.size(0) >= 1 && teacher.size(1) == student.size(0) &&
+                  teacher.size(2) == student.size(1) && (teacher.size(2) <= 1 || teacher.stride(2) == 1) &&
+                  teacher.scalar_type() == student.scalar_type(),
+              "fastkd_cpu: teacher must be (K >= 1, N, C) of the student's dtype with a unit column stride, got ",
               teacher.sizes());
   TORCH_CHECK(agree.scalar_type() == at::kLong && agree.dim() == 0 && kl.scalar_type() == at::kDouble && kl.dim() == 0,
               "fastkd_cpu: agree must be a 0-d int64 tensor and kl a 0-d float64 tensor");

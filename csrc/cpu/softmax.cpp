@@ -30,13 +30,12 @@ void softmax_fwd_kernel(const at::Tensor& x, const Temperature<acc_t>& temp, boo
           m = acc_t(float(m));  // the shift the float32 stats record, so the backward's p is this one
         }
         const V vm(m), vk(k);
-        V sum(acc_t(0));
-        for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+        const acc_t d = row_sums<acc_t, 1>(C, [&](int64_t j, int64_t n, auto& s) {
           V e = vexp((load(row + j, n) - vm) * vk);
-          sum += e;
+          s[0] += e;
           if (!log) store(e, out + j, n);
-        });
-        const acc_t d = hsum(sum), ln_d = std::log(d);
+        })[0];
+        const acc_t ln_d = std::log(d);
         if (log) {
           const V vl(ln_d);
           for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) { store((load(row + j, n) - vm) * vk - vl, out + j, n); });
@@ -92,37 +91,33 @@ void softmax_bwd_kernel(const at::Tensor& grad, const at::Tensor& saved, const T
         acc_t* p = pbuf.data();
         const acc_t k = temp.inverse(i);
         const V vk(k);
-        V c(acc_t(0));
         if (!need_dt) {  // p from the output y
-          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+          const V vc(row_sums<acc_t, 1>(C, [&](int64_t j, int64_t n, auto& c) {
             V gj = load0(g + j, n);
             V pj = log ? vexp(load(s + j, n)) : load0(s + j, n);
             store(pj, p + j, n);
-            c += log ? gj : gj * pj;
-          });
-          const V vc(hsum(c));
+            c[0] += log ? gj : gj * pj;
+          })[0]);
           for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
             store(softmax_grad(log, load0(g + j, n), V::loadu(p + j, n), vc) * vk, out + j, n);
           });
         } else {  // p = e^(u - ln d), u = (x - m) k, from the logits and the forward's (m, ln d)
           const V vm(static_cast<acc_t>(stp[2 * i])), vl(static_cast<acc_t>(stp[2 * i + 1]));
-          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+          const V vc(row_sums<acc_t, 1>(C, [&](int64_t j, int64_t n, auto& c) {
             V gj = load0(g + j, n);
             V pj = vexp((load(s + j, n) - vm) * vk - vl);
             store(pj, p + j, n);
-            c += log ? gj : gj * pj;
-          });
-          const V vc(hsum(c));
-          V udu(acc_t(0));
-          for_each_vec<acc_t>(C, [&](int64_t j, int64_t n) {
+            c[0] += log ? gj : gj * pj;
+          })[0]);
+          const acc_t udu = row_sums<acc_t, 1>(C, [&](int64_t j, int64_t n, auto& sum) {
             V xj = load(s + j, n);
             V du = softmax_grad(log, load0(g + j, n), V::loadu(p + j, n), vc);
             if (need_dx) store(du * vk, out + j, n);
             V u = (xj - vm) * vk;  // -inf entries (constants of T) and the padding lanes add nothing
-            udu += Ops::select(Ops::is_neg_inf(xj), V(acc_t(0)), u * du);
-          });
+            sum[0] += Ops::select(Ops::is_neg_inf(xj), V(acc_t(0)), u * du);
+          })[0];
           const acc_t m = acc_t(stp[2 * i]);
-          dtp[i] = m == neg_inf<acc_t>() ? NAN : float(-k * hsum(udu));  // all -inf: no distribution
+          dtp[i] = m == neg_inf<acc_t>() ? NAN : float(-k * udu);  // all -inf: no distribution
         }
         if (need_dx) finish_out(out, dxp + i * sdx, C);
       }
